@@ -1,0 +1,89 @@
+"""Writes a run's validation results: ``metrics.json``, ``subjects.csv`` and a closing table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+from rich.console import Console
+from rich.table import Table
+
+from metrics import PER_SUBJECT_KEYS
+
+
+def subject_table(rows: dict, subject_names: list[str], class_names: list[str]) -> list[dict[str, object]]:
+    """One dict per subject: ``subject`` then each per-subject key (``key/<class>`` per class
+    when there are several foreground classes, the class mean under ``key``). The
+    ``volume_expected_ml`` columns appear only when some expected volume is known."""
+    has_expected = not bool(rows["volume_expected_ml"].isnan().all())
+    keys = [k for k in PER_SUBJECT_KEYS if k != "volume_expected_ml" or has_expected]
+    table = []
+    for i, index in enumerate(rows["subject_index"].tolist()):
+        row: dict[str, object] = {"subject": subject_names[index]}
+        for key in keys:
+            values = rows[key][i].tolist()
+            finite = [v for v in values if not math.isnan(v)]
+            row[key] = sum(finite) / len(finite) if finite else math.nan
+            if len(class_names) > 1:
+                row.update({f"{key}/{name}": v for name, v in zip(class_names, values)})
+        table.append(row)
+    return table
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so readers never see half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class ResultsWriter(pl.Callback):
+    """After every validation epoch (rank zero, not the sanity check) write into ``output_dir``:
+
+    * ``metrics.json``: ``epoch``, ``global_step``, ``num_subjects`` and every ``val/…`` key;
+    * ``subjects.csv``: one row per validation subject (see :func:`subject_table`).
+
+    The files always hold the latest epoch, so the final ones are the final validation.
+    At the end of training a table of the main metrics is printed.
+    """
+
+    def __init__(self, output_dir: str, print_table: bool = True) -> None:
+        self.output_dir = Path(output_dir)
+        self.print_table = print_table
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or pl_module.validation_rows is None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        rows = pl_module.validation_rows
+        metrics = {
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "num_subjects": len(rows["subject_index"]),
+            **{f"val/{k}": v for k, v in pl_module.validation_summary.items()},
+        }
+        write_atomically(self.output_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True) + "\n")
+        names = trainer.datamodule.val_subject_names
+        table = subject_table(rows, names, pl_module.class_names)
+        tmp = self.output_dir / "subjects.csv.tmp"
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+        os.replace(tmp, self.output_dir / "subjects.csv")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        summary = pl_module.validation_summary
+        if not self.print_table or not trainer.is_global_zero or summary is None:
+            return
+        table = Table(title=f"Validation after epoch {trainer.current_epoch} ({self.output_dir})")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in summary.items():
+            if "/" not in key:
+                table.add_row(f"val/{key}", f"{value:.4f}")
+        Console().print(table)

@@ -1,0 +1,150 @@
+"""The segmentation LightningModule: patch training, whole-volume validation per subject."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchio as tio
+from torch import nn
+
+from lightning_modules.sliding_window import SlidingWindow
+from lightning_modules.unet import UNet3D
+from metrics import SubjectSegmentationMetrics, summarize
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+class SegmentationModule(pl.LightningModule):
+    """3D U-Net trained with a pluggable loss; validated on whole volumes every epoch.
+
+    Args:
+        loss: called as ``loss(logits (B, C, W, H, D), label (B, 1, W, H, D))``.
+        in_channels, num_classes: image channels; classes including background.
+        features: channels per U-Net stage.
+        deep_supervision: also supervise the coarser decoder outputs (nnU-Net weights
+            ``1/2^i``, normalised), with nearest-neighbour downsampled labels.
+        optimizer: ``params → Optimizer`` (a Hydra partial).
+        scheduler: ``optimizer → LRScheduler`` (a Hydra partial), stepped every optimiser
+            step; ``total_iters``/``T_max`` are filled with the run's total steps.
+        sliding_window: :class:`SlidingWindow` settings for validation.
+        class_names: names of the foreground classes, for per-class metric keys.
+
+    After each validation epoch ``validation_rows`` holds the per-subject rows (CPU tensors,
+    see :mod:`metrics.subject_metrics`) and ``validation_summary`` the logged values.
+    """
+
+    def __init__(
+        self,
+        loss: nn.Module,
+        in_channels: int,
+        num_classes: int,
+        features: Sequence[int] = (8, 16, 32, 64),
+        deep_supervision: bool = False,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        sliding_window: Mapping[str, Any] | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
+        self.net = UNet3D(in_channels, num_classes, features, deep_supervision)
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        window = dict(sliding_window or {"patch_size": (32, 32, 32)})
+        window["patch_size"] = tuple(int(p) for p in window["patch_size"])
+        self.sliding_window = SlidingWindow(**window)
+        if any(p % self.net.size_divisor for p in self.sliding_window.patch_size):
+            raise ValueError(
+                f"patch size {self.sliding_window.patch_size} must be divisible by {self.net.size_divisor} "
+                f"for a U-Net with {len(self.net.features)} stages (model.features)"
+            )
+        self.class_names = list(class_names or [f"class{c}" for c in range(1, num_classes)])
+        if len(self.class_names) != num_classes - 1:
+            raise ValueError(f"{len(self.class_names)} class names for {num_classes - 1} foreground classes")
+        self.val_metrics = SubjectSegmentationMetrics(num_classes)
+        self.validation_rows: dict[str, torch.Tensor] | None = None
+        self.validation_summary: dict[str, float] | None = None
+        self.run_config: dict | None = None  # the resolved run config, stored in checkpoints
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, C, W, H, D)`` for images ``(B, in_channels, W, H, D)``."""
+        return self.net(x)
+
+    # --- training ---------------------------------------------------------------------
+    def compute_loss(self, output: torch.Tensor | list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        if isinstance(output, torch.Tensor):
+            return self.loss(output, target)
+        weights = torch.tensor([0.5**i for i in range(len(output))])
+        weights = weights / weights.sum()
+        total = output[0].new_zeros(())
+        for weight, logits in zip(weights.tolist(), output):
+            if logits.shape[2:] != target.shape[2:]:
+                scaled = F.interpolate(target.float(), size=logits.shape[2:], mode="nearest").to(target.dtype)
+            else:
+                scaled = target
+            total = total + weight * self.loss(logits, scaled)
+        return total
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        image = batch["image"][tio.DATA]
+        label = batch["label"][tio.DATA]
+        loss = self.compute_loss(self.net(image), label)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
+
+    # --- validation -------------------------------------------------------------------
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, tio.Subject):  # whole subjects: tensors move in validation_step
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Whole-volume class probabilities ``(C, W, H, D)`` on the module's device."""
+        return self.sliding_window(image.to(self.device, non_blocking=True).float(), self.net)
+
+    def validation_step(self, subject: tio.Subject, batch_idx: int) -> None:
+        probabilities = self.predict_probabilities(subject["image"][tio.DATA])
+        self.val_metrics.update(
+            probabilities,
+            subject["label"][tio.DATA],
+            subject["label"].spacing,
+            int(subject["subject_index"]),
+            subject.get("expected_volume_ml"),
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        rows = self.val_metrics.compute()
+        self.val_metrics.reset()
+        summary = summarize(rows, self.class_names)
+        for key, value in summary.items():
+            self.log(f"val/{key}", value, prog_bar=key == "dice", sync_dist=True)
+        self.validation_rows = {key: value.detach().cpu() for key, value in rows.items()}
+        self.validation_summary = summary
+
+    # --- optimisation -----------------------------------------------------------------
+    def configure_optimizers(self):
+        factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-3))
+        optimizer = factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        accepted = inspect.signature(self.scheduler_factory).parameters
+        length = {name: total_steps for name in ("total_iters", "T_max") if name in accepted}
+        scheduler = self.scheduler_factory(optimizer, **length)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_config is not None:
+            checkpoint["run_config"] = self.run_config

@@ -1,0 +1,7 @@
+"""Segmentation losses: all take logits ``(B, C, D, H, W)`` and a label map or soft target."""
+
+from losses.compound import CompoundLoss
+from losses.cross_entropy import CrossEntropyLoss
+from losses.soft_dice import SoftDiceLoss
+
+__all__ = ["CompoundLoss", "CrossEntropyLoss", "SoftDiceLoss"]

@@ -1,0 +1,107 @@
+"""Per-subject Dice and volumes, accumulated on the model's device and DDP-safe.
+
+For each validation subject and foreground class ``c`` (classes ``1..C−1``):
+
+* ``dice``: hard Dice of the argmax prediction, ``2|P∩R| / (|P| + |R|)``; NaN when both
+  are empty (nnU-Net's convention; such subjects are skipped by the means);
+* ``volume_ref_ml``: reference label volume; ``volume_pred_ml``: argmax volume;
+* ``volume_pred_soft_ml``: soft volume ``Σ p_c × voxel volume``;
+* ``volume_expected_ml``: ``Σ q_c × voxel volume`` where the label distribution ``q`` is
+  known (synthetic and probabilistic data), NaN elsewhere.
+
+Volumes are in millilitres: voxel count × ``prod(spacing_mm)`` / 1000. The states are lists
+concatenated across processes (``dist_reduce_fx="cat"``); ``compute`` orders the rows by
+subject index and keeps each subject once, so padding duplicates never count twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torchmetrics import Metric
+
+PER_SUBJECT_KEYS = ("dice", "volume_ref_ml", "volume_pred_ml", "volume_pred_soft_ml", "volume_expected_ml")
+
+
+class SubjectSegmentationMetrics(Metric):
+    """Collects one row per subject; see the module docstring for the columns."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, num_classes: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if num_classes < 2:
+            raise ValueError("num_classes must be >= 2")
+        self.num_classes = num_classes
+        self.add_state("subject_index", default=[], dist_reduce_fx="cat")
+        for key in PER_SUBJECT_KEYS:
+            self.add_state(key, default=[], dist_reduce_fx="cat")
+
+    def update(
+        self,
+        probabilities: torch.Tensor,
+        label: torch.Tensor,
+        spacing_mm: Sequence[float],
+        subject_index: int,
+        expected_volume_ml: Sequence[float] | torch.Tensor | None = None,
+    ) -> None:
+        """Add one subject.
+
+        Args:
+            probabilities: ``(C, W, H, D)`` class probabilities on the device.
+            label: ``(W, H, D)`` or ``(1, W, H, D)`` integer reference.
+            spacing_mm: voxel spacing in mm.
+            subject_index: the subject's unique index.
+            expected_volume_ml: ``C − 1`` expected volumes in ml, or None if unknown.
+        """
+        if probabilities.shape[0] != self.num_classes:
+            raise ValueError(f"expected {self.num_classes} class channels, got {probabilities.shape[0]}")
+        label = label.reshape(probabilities.shape[1:]).to(probabilities.device)
+        device = probabilities.device
+        voxel_ml = math.prod(float(s) for s in spacing_mm) / 1000.0
+        classes = torch.arange(1, self.num_classes, device=device).view(-1, 1)
+        prediction = probabilities.argmax(0).reshape(1, -1) == classes  # (C-1, N)
+        reference = label.reshape(1, -1) == classes
+        n_pred = prediction.sum(1, dtype=torch.float64)
+        n_ref = reference.sum(1, dtype=torch.float64)
+        n_both = (prediction & reference).sum(1, dtype=torch.float64)
+        denominator = n_pred + n_ref
+        dice = torch.where(denominator > 0, 2 * n_both / denominator.clamp_min(1), torch.nan)
+        soft = probabilities[1:].reshape(self.num_classes - 1, -1).sum(1, dtype=torch.float64)
+        if expected_volume_ml is None:
+            expected = torch.full((self.num_classes - 1,), torch.nan, dtype=torch.float64, device=device)
+        else:
+            expected = torch.as_tensor(expected_volume_ml, dtype=torch.float64, device=device).reshape(-1)
+        self.subject_index.append(torch.tensor([subject_index], device=device))
+        self.dice.append(dice[None])
+        self.volume_ref_ml.append((n_ref * voxel_ml)[None])
+        self.volume_pred_ml.append((n_pred * voxel_ml)[None])
+        self.volume_pred_soft_ml.append((soft * voxel_ml)[None])
+        self.volume_expected_ml.append(expected[None])
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """Per-subject rows: ``subject_index`` ``(N,)`` and each key ``(N, C − 1)``, float64."""
+        if not self.subject_index:
+            raise RuntimeError("no subject was added before compute()")
+
+        def cat(state) -> torch.Tensor:
+            return torch.cat(state) if isinstance(state, list) else state
+
+        index = cat(self.subject_index)
+        unique, first = _first_occurrences(index)
+        rows = {"subject_index": unique}
+        for key in PER_SUBJECT_KEYS:
+            rows[key] = cat(getattr(self, key))[first]
+        return rows
+
+
+def _first_occurrences(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted unique values of ``index`` and the position of each one's first occurrence."""
+    order = torch.argsort(index, stable=True)
+    sorted_index = index[order]
+    keep = torch.ones_like(sorted_index, dtype=torch.bool)
+    keep[1:] = sorted_index[1:] != sorted_index[:-1]
+    return sorted_index[keep], order[keep]

@@ -1,0 +1,1 @@
+"""Theory: the volumes that losses imply under known label uncertainty."""
