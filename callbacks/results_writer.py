@@ -80,7 +80,7 @@ class ResultsWriter(pl.Callback):
         summary = pl_module.validation_summary
         if not self.print_table or not trainer.is_global_zero or summary is None:
             return
-        table = Table(title=f"Validation after epoch {trainer.current_epoch} ({self.output_dir})")
+        table = Table(title=f"Validation after {trainer.current_epoch} epochs ({self.output_dir})")
         table.add_column("metric")
         table.add_column("value", justify="right")
         for key, value in summary.items():

@@ -42,7 +42,8 @@ class SyntheticCase:
     """One generated subject.
 
     ``image`` float32 ``(W, H, D)``; ``label`` int64 ``(W, H, D)``; ``probabilities``
-    float32 ``(C, W, H, D)`` = ``q`` per class (background first).
+    float32 ``(C, W, H, D)`` = ``q`` per class (background first); ``sigma_mm`` and ``kind``
+    the uncertainty model the label was drawn from.
     """
 
     image: np.ndarray
@@ -50,6 +51,8 @@ class SyntheticCase:
     probabilities: np.ndarray
     spacing_mm: tuple[float, float, float]
     structures: list[Structure]
+    sigma_mm: float
+    kind: str
 
     @property
     def voxel_volume_ml(self) -> float:
@@ -58,6 +61,13 @@ class SyntheticCase:
     def expected_volume_ml(self) -> np.ndarray:
         """``Σ q × voxel volume`` per foreground class, shape ``(C − 1,)``."""
         return self.probabilities[1:].reshape(len(self.probabilities) - 1, -1).sum(1) * self.voxel_volume_ml
+
+    def draw_labels(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        """``count`` further label draws from the same uncertainty model, ``(count, W, H, D)``."""
+        shape = self.label.shape
+        return np.stack(
+            [sample_label(rng, shape, self.spacing_mm, self.structures, self.sigma_mm, self.kind) for _ in range(count)]
+        )
 
 
 def distances_mm(shape: tuple[int, int, int], spacing_mm: tuple[float, float, float], centre_mm) -> np.ndarray:
@@ -93,7 +103,7 @@ def place_structures(
         radius = float(rng.uniform(*radius_mm))
         low, high = radius + margin, extent - radius - margin
         if np.any(high <= low):
-            high = np.maximum(high, low + 1e-3)
+            continue
         centre = rng.uniform(low, high)
         if all(
             np.linalg.norm(centre - np.array(s.centre_mm)) > radius + s.radius_mm + 2 * margin for s in structures
@@ -186,4 +196,4 @@ def generate_case(
         probabilities[s.label] += q_s
     probabilities[1:] = np.clip(probabilities[1:], 0.0, 1.0)
     probabilities[0] = np.clip(1.0 - probabilities[1:].sum(0), 0.0, 1.0)
-    return SyntheticCase(image.astype(np.float32), label, probabilities, spacing_mm, structures)
+    return SyntheticCase(image.astype(np.float32), label, probabilities, spacing_mm, structures, sigma_mm, kind)

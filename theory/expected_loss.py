@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
+
+from datamodules.synthetic_volumes import SyntheticCase
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -47,3 +50,23 @@ def optimal_probabilities(
         value.backward()
         optimiser.step()
     return torch.softmax(logits.detach(), dim=0)
+
+
+def implied_relative_volume_bias(
+    case: SyntheticCase,
+    loss: LossFn,
+    num_draws: int = 32,
+    seed: int = 0,
+    steps: int = 400,
+) -> np.ndarray:
+    """Relative bias ``(Σ p* − Σ q) / Σ q`` per foreground class of the expected-loss optimum.
+
+    ``p*`` minimises the loss averaged over ``num_draws`` label draws of ``case`` (the same
+    geometry and uncertainty model); ``Σ q`` is the case's expected volume. Shape ``(C − 1,)``.
+    """
+    draws = torch.from_numpy(case.draw_labels(np.random.default_rng(seed), num_draws))
+    num_classes = case.probabilities.shape[0]
+    optimum = optimal_probabilities(loss, draws, num_classes, steps=steps)
+    soft = optimum[1:].reshape(num_classes - 1, -1).sum(1).double().numpy() * case.voxel_volume_ml
+    expected = case.expected_volume_ml()
+    return (soft - expected) / expected

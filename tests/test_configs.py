@@ -1,0 +1,122 @@
+"""Every config option composes and instantiates; bad choices fail with Hydra's clear errors."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
+from hydra.utils import instantiate
+
+from conftest import CONFIG_DIR, TINY, compose_config
+from datamodules import SegmentationDataModule
+from lightning_modules import SegmentationModule
+
+GROUPS = ["data", "model", "loss", "trainer", "logger", "callbacks", "experiment"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert options(group), f"configs/{group}/ is empty"
+
+
+def build_model(cfg, datamodule):
+    return instantiate(cfg.model, loss=instantiate(cfg.loss), in_channels=datamodule.in_channels,
+                       num_classes=datamodule.num_classes, class_names=datamodule.class_names,
+                       sliding_window=datamodule.sliding_window_settings())
+
+
+@pytest.mark.parametrize("loss", options("loss"))
+@pytest.mark.parametrize("model", options("model"))
+def test_losses_and_models_instantiate(loss, model, tmp_path):
+    cfg = compose_config([f"loss={loss}", f"model={model}", "data.patch_size=[32,32,32]"], tmp_path)
+    datamodule = instantiate(cfg.data)
+    module = build_model(cfg, datamodule)
+    assert isinstance(module, SegmentationModule)
+    assert list(module.net.features) == list(cfg.model.features)
+
+
+@pytest.mark.parametrize("data", options("data"))
+def test_data_instantiates(data, tmp_path):
+    cfg = compose_config([f"data={data}"], tmp_path)
+    datamodule = instantiate(cfg.data)
+    assert isinstance(datamodule, SegmentationDataModule)
+    assert datamodule.patch_size == tuple(cfg.data.patch_size)
+    assert len(datamodule.augmentation.transforms) == 4
+
+
+@pytest.mark.parametrize("logger", options("logger"))
+def test_loggers_instantiate(logger, tmp_path):
+    cfg = compose_config([f"logger={logger}"], tmp_path)
+    for node in (cfg.get("logger") or {}).values():
+        assert instantiate(node) is not None
+
+
+@pytest.mark.parametrize("trainer", ["default", "cpu"])
+def test_cpu_trainers_instantiate(trainer, tmp_path):
+    cfg = compose_config([f"trainer={trainer}"], tmp_path)
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert trainer.max_epochs == cfg.trainer.max_epochs
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_all_trainers_compose(trainer, tmp_path):
+    cfg = compose_config([f"trainer={trainer}"], tmp_path)
+    assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
+    assert cfg.trainer.use_distributed_sampler is False  # the datamodule shards subjects itself
+
+
+@pytest.mark.parametrize("callbacks", options("callbacks"))
+def test_callbacks_instantiate(callbacks, tmp_path):
+    cfg = compose_config([f"callbacks={callbacks}"], tmp_path)
+    for node in (cfg.get("callbacks") or {}).values():
+        assert instantiate(node) is not None
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiments_compose_and_instantiate(experiment, tmp_path):
+    cfg = compose_config([f"experiment={experiment}"], tmp_path)
+    datamodule = instantiate(cfg.data)
+    build_model(cfg, datamodule)
+
+
+def test_documented_keys_override(tmp_path):
+    cfg = compose_config(
+        ["seed=7", "trainer.max_epochs=3", "trainer.accelerator=cpu", "trainer.devices=1",
+         "trainer.precision=bf16-mixed", "model.features=[4,8,16]", "data.patch_size=[16,16,8]",
+         "data.batch_size=3", "data.samples_per_volume=5", "data.num_workers=0", "ckpt_path=/x/last.ckpt",
+         "data.uncertainty=0"],
+        tmp_path,
+    )
+    assert (cfg.seed, cfg.trainer.max_epochs, cfg.trainer.precision, cfg.ckpt_path) == (7, 3, "bf16-mixed", "/x/last.ckpt")
+    datamodule = instantiate(cfg.data)
+    assert (datamodule.patch_size, datamodule.batch_size, datamodule.samples_per_volume) == ((16, 16, 8), 3, 5)
+    assert datamodule.num_workers == 0
+
+
+def test_unknown_option_lists_the_choices():
+    with pytest.raises(MissingConfigException) as error:
+        compose_config(["loss=nosuch"])
+    message = str(error.value)
+    assert "nosuch" in message and "softdice_batch" in message and "ce_softdice" in message
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(ConfigCompositionException, match="max_epoch"):
+        compose_config(["trainer.max_epoch=3"])
+
+
+def test_patch_not_divisible_by_the_unet_is_a_clear_error(tmp_path):
+    cfg = compose_config(TINY + ["model.features=[4,8,16,32]", "data.patch_size=[12,16,16]"], tmp_path)
+    datamodule = instantiate(cfg.data)
+    with pytest.raises(InstantiationException, match="divisible by 8"):
+        build_model(cfg, datamodule)
+
+
+def test_readme_lists_every_option():
+    readme = (Path(CONFIG_DIR).parent / "README.md").read_text()
+    for group in GROUPS:
+        for option in options(group):
+            assert f"`{option}`" in readme, f"README.md does not mention {group}={option}"

@@ -1,0 +1,87 @@
+"""The TorchIO pipeline: queue patches, sampler foreground fraction, whole-volume validation."""
+
+import pytest
+import torch
+import torchio as tio
+
+from datamodules import SyntheticDataModule
+from datamodules.segmentation import ShardSampler, resolve_num_workers
+
+SMALL = dict(num_train=4, num_val=2, shape=(32, 32, 16), radius_mm=(4.0, 6.0), num_structures=1,
+             num_workers=0, augmentation=None)
+
+
+def centre_labels(datamodule, epochs: int = 1) -> torch.Tensor:
+    loader = datamodule.train_dataloader()
+    centres = []
+    for _ in range(epochs):
+        for batch in loader:
+            label = batch["label"][tio.DATA]
+            w, h, d = (s // 2 for s in label.shape[2:])
+            centres.append(label[:, 0, w, h, d])
+    return torch.cat(centres)
+
+
+@pytest.mark.parametrize("probability", [0.33, 0.8])
+def test_label_sampler_foreground_fraction(probability):
+    dm = SyntheticDataModule(**SMALL, patch_size=(16, 16, 8), samples_per_volume=50, batch_size=10,
+                             foreground_probability=probability)
+    dm.setup()
+    centres = centre_labels(dm, epochs=2)
+    assert len(centres) == 2 * 4 * 50
+    assert (centres > 0).float().mean().item() == pytest.approx(probability, abs=0.06)
+
+
+def test_uniform_sampler_follows_the_foreground_share():
+    dm = SyntheticDataModule(**SMALL, patch_size=(16, 16, 8), samples_per_volume=50, batch_size=10,
+                             sampler="uniform")
+    dm.setup()
+    centres = centre_labels(dm)
+    assert (centres > 0).float().mean().item() < 0.2  # small spheres: rarely hit uniformly
+
+
+def test_queue_batches_and_epoch_length():
+    dm = SyntheticDataModule(**SMALL, patch_size=(16, 16, 8), samples_per_volume=3, batch_size=2)
+    dm.setup()
+    batches = list(dm.train_dataloader())
+    assert sum(len(b["image"][tio.DATA]) for b in batches) == 4 * 3
+    assert batches[0]["image"][tio.DATA].shape == (2, 1, 16, 16, 8)
+    assert batches[0]["label"][tio.DATA].dtype == torch.int64
+
+
+def test_training_volumes_smaller_than_the_patch_are_padded():
+    small = {**SMALL, "shape": (24, 24, 8), "radius_mm": (3.0, 4.0)}
+    dm = SyntheticDataModule(**small, patch_size=(32, 32, 16), samples_per_volume=1, batch_size=1)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"][tio.DATA].shape == (1, 1, 32, 32, 16)
+
+
+def test_validation_yields_whole_normalised_subjects():
+    dm = SyntheticDataModule(**SMALL, patch_size=(16, 16, 8))
+    dm.setup()
+    subjects = list(dm.val_dataloader())
+    assert [s["subject_index"] for s in subjects] == [0, 1]
+    assert [s["name"] for s in subjects] == dm.val_subject_names == ["synthetic_004", "synthetic_005"]
+    image = subjects[0]["image"][tio.DATA]
+    assert image.shape == (1, 32, 32, 16)  # the whole volume, not a patch
+    assert image.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert subjects[0]["label"].spacing == (1.0, 1.0, 2.0)
+    assert len(subjects[0]["expected_volume_ml"]) == 1
+
+
+def test_shard_sampler_covers_every_item_once():
+    shards = [list(ShardSampler(7, rank, 3)) for rank in range(3)]
+    assert sorted(i for shard in shards for i in shard) == list(range(7))
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="data.sampler"):
+        SyntheticDataModule(sampler="weighted")
+    with pytest.raises(ValueError, match="foreground_probability"):
+        SyntheticDataModule(foreground_probability=1.5)
+    with pytest.raises(ValueError, match="uncertainty_kind"):
+        SyntheticDataModule(uncertainty_kind="rater")
+    with pytest.raises(ValueError, match="num_workers"):
+        resolve_num_workers(-1)
+    assert resolve_num_workers("auto") >= 0

@@ -1,0 +1,58 @@
+"""Synthetic volumes: known probability maps, expected volumes and both uncertainty kinds."""
+
+import numpy as np
+import pytest
+
+from datamodules.synthetic_volumes import Structure, generate_case, sample_label, structure_probabilities
+
+SHAPE, SPACING = (24, 24, 12), (1.0, 1.0, 2.0)
+STRUCTURE = [Structure((12.0, 12.0, 12.0), 6.0, 1)]
+
+
+def test_without_uncertainty_the_label_is_the_sphere():
+    case = generate_case(np.random.default_rng(0), SHAPE, SPACING, 1, (5.0, 7.0), sigma_mm=0.0)
+    q = case.probabilities[1]
+    assert set(np.unique(q)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(case.label, q.astype(np.int64))
+    assert case.expected_volume_ml()[0] == pytest.approx(case.label.sum() * 0.002)
+
+
+@pytest.mark.parametrize("kind", ["boundary", "voxel"])
+def test_label_frequency_matches_q(kind):
+    rng = np.random.default_rng(1)
+    sigma = 1.5
+    q = structure_probabilities(SHAPE, SPACING, STRUCTURE, sigma)[0]
+    draws = np.stack([sample_label(rng, SHAPE, SPACING, STRUCTURE, sigma, kind) for _ in range(2000)])
+    frequency = draws.mean(0)
+    assert np.abs(frequency - q).max() < 0.1
+    # the mean drawn volume is the expected volume Σ q
+    assert draws.sum((1, 2, 3)).mean() == pytest.approx(q.sum(), rel=0.04)  # boundary: ~1.7 % standard error
+
+
+def test_kinds_differ_in_correlation():
+    rng = np.random.default_rng(2)
+    boundary = sample_label(rng, SHAPE, SPACING, STRUCTURE, 2.0, "boundary")
+    voxel = sample_label(rng, SHAPE, SPACING, STRUCTURE, 2.0, "voxel")
+    # a boundary draw is a ball (no holes); a voxel draw is speckled near the edge
+    q = structure_probabilities(SHAPE, SPACING, STRUCTURE, 2.0)[0]
+    band = (q > 0.2) & (q < 0.8)
+    radii = np.sqrt(sum(((np.indices(SHAPE)[i] * SPACING[i]) - 12.0) ** 2 for i in range(3)))
+    inside = boundary[band].astype(bool)
+    assert radii[band][inside].max() < radii[band][~inside].min() + 1e-6
+    assert 0.2 < voxel[band].mean() < 0.8
+
+
+def test_generation_is_seeded_and_multiclass():
+    a = generate_case(np.random.default_rng([0, 3]), SHAPE, SPACING, 3, (3.0, 4.0), num_classes=3)
+    b = generate_case(np.random.default_rng([0, 3]), SHAPE, SPACING, 3, (3.0, 4.0), num_classes=3)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.label, b.label)
+    assert a.probabilities.shape == (3, *SHAPE)
+    np.testing.assert_allclose(a.probabilities.sum(0), 1.0, atol=1e-5)
+    assert set(np.unique(a.label)) <= {0, 1, 2}
+    assert len(a.expected_volume_ml()) == 2
+
+
+def test_impossible_geometry_is_a_clear_error():
+    with pytest.raises(ValueError, match="no structure"):
+        generate_case(np.random.default_rng(0), (8, 8, 4), SPACING, 1, (30.0, 40.0))

@@ -1,0 +1,108 @@
+"""End-to-end runs of train.py: output files, resume from last.ckpt, the CLI and multirun."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, compose_config
+from train import train
+
+EXPECTED_METRICS = [
+    "val/dice", "val/volume_bias_ml", "val/abs_volume_error_ml", "val/relative_volume_bias",
+    "val/soft_volume_bias_ml", "val/expected_volume_bias_ml", "val/soft_expected_volume_bias_ml",
+]
+
+
+def read_subjects(path):
+    with open(path / "subjects.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("loss", ["ce", "softdice", "softdice_batch", "ce_softdice"])
+def test_run_writes_metrics_and_subjects(loss, tmp_path):
+    summary = train(compose_config(TINY + [f"loss={loss}"], tmp_path))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in EXPECTED_METRICS:
+        assert key in metrics and key in summary
+        assert metrics[key] == pytest.approx(summary[key], nan_ok=True)
+    assert metrics["num_subjects"] == 2
+    rows = read_subjects(tmp_path)
+    assert [r["subject"] for r in rows] == ["synthetic_004", "synthetic_005"]
+    assert list(rows[0]) == ["subject", "dice", "volume_ref_ml", "volume_pred_ml", "volume_pred_soft_ml",
+                             "volume_expected_ml"]
+    bias = sum(float(r["volume_pred_ml"]) - float(r["volume_ref_ml"]) for r in rows) / len(rows)
+    assert metrics["val/volume_bias_ml"] == pytest.approx(bias, abs=1e-9)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert any(p.name.startswith("best-") for p in (tmp_path / "checkpoints").iterdir())
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+
+
+def test_multiclass_run_reports_per_class(tmp_path):
+    train(compose_config(TINY + ["data.num_classes=3", "data.num_structures=2", "data.radius_mm=[3,4]"], tmp_path))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"val/dice/structure1", "val/dice/structure2", "val/volume_bias_ml/structure2"} <= set(metrics)
+    assert "dice/structure2" in read_subjects(tmp_path)[0]
+
+
+def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(tmp_path):
+    straight = tmp_path / "straight"
+    train(compose_config(TINY + ["trainer.max_epochs=2"], straight))
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    train(compose_config(TINY + ["trainer.max_epochs=1"], first))
+    last = first / "checkpoints" / "last.ckpt"
+    train(compose_config(TINY + ["trainer.max_epochs=2", f"ckpt_path={last}"], resumed))
+    straight_metrics = json.loads((straight / "metrics.json").read_text())
+    resumed_metrics = json.loads((resumed / "metrics.json").read_text())
+    assert resumed_metrics["epoch"] == straight_metrics["epoch"] == 1
+    assert resumed_metrics["global_step"] == straight_metrics["global_step"] == 2 * 4 * 2 // 2
+    checkpoint = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == straight_metrics["global_step"]
+    assert checkpoint["run_config"]["ckpt_path"] == str(last)
+
+
+def test_last_checkpoint_is_the_latest_epoch_even_without_improvement(tmp_path):
+    # "best" = lowest Dice: after epoch 0 it rarely improves, yet last.ckpt must follow every epoch
+    train(compose_config(TINY + ["trainer.max_epochs=3", "callbacks.model_checkpoint.mode=min"], tmp_path))
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (checkpoint["epoch"], checkpoint["global_step"]) == (2, 3 * 4)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        train(compose_config(TINY + [f"ckpt_path={tmp_path}/nope.ckpt"], tmp_path))
+
+
+def run_cli(*args, cwd):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_cli_run_writes_the_run_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(*TINY, "loss=softdice", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert "val/dice" in result.stdout  # the closing table
+    for name in [".hydra/config.yaml", "metrics.json", "subjects.csv", "checkpoints/last.ckpt", "csv/metrics.csv"]:
+        assert (run_dir / name).is_file(), name
+
+
+def test_cli_multirun_sweeps_losses(tmp_path):
+    run_cli("-m", *TINY, "loss=ce,softdice", "paths.log_dir=" + str(tmp_path / "logs"), cwd=tmp_path)
+    sweeps = list((tmp_path / "logs" / "train" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir())
+    assert [j.name for j in jobs] == ["0", "1"]
+    for job in jobs:
+        assert (job / "metrics.json").is_file() and (job / "subjects.csv").is_file()
+
+
+def test_bad_option_on_the_cli_fails_with_the_choices(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "loss=nosuch"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Available options in 'loss'" in result.stderr and "softdice_batch" in result.stderr

@@ -1,0 +1,55 @@
+"""The U-Net's shapes and checks, and whole-volume sliding-window inference."""
+
+import pytest
+import torch
+
+from lightning_modules import SlidingWindow, UNet3D, sliding_window_probabilities
+
+
+def test_unet_shapes_and_deep_supervision():
+    net = UNet3D(in_channels=2, num_classes=3, features=[4, 8, 16])
+    x = torch.randn(2, 2, 16, 8, 12)
+    assert net(x).shape == (2, 3, 16, 8, 12)
+    net.deep_supervision = True
+    shapes = [tuple(o.shape) for o in net(x)]
+    assert shapes == [(2, 3, 16, 8, 12), (2, 3, 8, 4, 6)]
+    net.eval()
+    assert net(x).shape == (2, 3, 16, 8, 12)  # inference returns full resolution only
+
+
+def test_unet_rejects_indivisible_input():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        UNet3D(1, 2, [4, 8, 16])(torch.randn(1, 1, 10, 8, 8))
+
+
+def channel_logits(x: torch.Tensor) -> torch.Tensor:
+    """A 'network' whose probabilities are known per voxel: logits (x, -x)."""
+    return torch.cat([x, -x], dim=1)
+
+
+@pytest.mark.parametrize("weighting", ["hann", "gaussian", "constant"])
+@pytest.mark.parametrize("shape", [(40, 36, 20), (10, 12, 7)])  # larger and smaller than the patch
+def test_sliding_window_reproduces_a_voxelwise_model(weighting, shape):
+    image = torch.randn(1, *shape)
+    output = sliding_window_probabilities(image, channel_logits, (16, 16, 16), 0.5, 3, weighting)
+    assert output.shape == (2, *shape)
+    torch.testing.assert_close(output, torch.softmax(channel_logits(image[None])[0], 0), atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_blends_overlapping_patches():
+    calls = []
+
+    def predictor(patches):
+        calls.append(len(patches))
+        return torch.randn(len(patches), 2, *patches.shape[2:])
+
+    probs = SlidingWindow((8, 8, 8), overlap=0.5, batch_size=4)(torch.zeros(1, 16, 16, 8), predictor)
+    assert sum(calls) == 3 * 3 * 1  # stride 4 over 16 voxels: 3 positions per axis
+    torch.testing.assert_close(probs.sum(0), torch.ones(16, 16, 8))
+
+
+def test_sliding_window_settings_are_validated():
+    with pytest.raises(ValueError, match="weighting"):
+        SlidingWindow((8, 8, 8), weighting="triangle")
+    with pytest.raises(ValueError, match="overlap"):
+        SlidingWindow((8, 8, 8), overlap=1.0)
