@@ -95,7 +95,8 @@ def place_structures(
 ) -> list[Structure]:
     """Non-overlapping spheres fully inside the field of view (rejection sampling)."""
     extent = np.array(shape) * np.array(spacing_mm)
-    margin = 3.0 * sigma_mm + 1.0
+    margin = sigma_mm + 1.0  # to the field of view's edge; q's tails beyond it are cut off
+    gap = 4.0 * sigma_mm + 2.0  # between two spheres' surfaces, so their q barely overlap
     structures: list[Structure] = []
     for _ in range(200 * max(num_structures, 1)):
         if len(structures) == num_structures:
@@ -106,7 +107,7 @@ def place_structures(
             continue
         centre = rng.uniform(low, high)
         if all(
-            np.linalg.norm(centre - np.array(s.centre_mm)) > radius + s.radius_mm + 2 * margin for s in structures
+            np.linalg.norm(centre - np.array(s.centre_mm)) > radius + s.radius_mm + gap for s in structures
         ):
             label = 1 + len(structures) % (num_classes - 1)
             structures.append(Structure(tuple(float(c) for c in centre), radius, label))
