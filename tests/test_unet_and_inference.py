@@ -53,3 +53,24 @@ def test_sliding_window_settings_are_validated():
         SlidingWindow((8, 8, 8), weighting="triangle")
     with pytest.raises(ValueError, match="overlap"):
         SlidingWindow((8, 8, 8), overlap=1.0)
+
+
+def test_matches_torchio_grid_aggregator_with_hann_weighting():
+    """Our device-side blending reproduces TorchIO's GridSampler + GridAggregator('hann')."""
+    import torchio as tio
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 40, 36, 24, generator=generator)
+    net = torch.nn.Conv3d(1, 3, kernel_size=3, padding=1)
+
+    def predict(patches):
+        return net(patches)
+
+    ours = sliding_window_probabilities(image, predict, (16, 16, 16), overlap=0.5, batch_size=4, weighting="hann")
+    sampler = tio.GridSampler(tio.Subject(image=tio.ScalarImage(tensor=image)), (16, 16, 16), (8, 8, 8))
+    aggregator = tio.GridAggregator(sampler, overlap_mode="hann")
+    with torch.no_grad():
+        for batch in tio.SubjectsLoader(sampler, batch_size=4):
+            probabilities = torch.softmax(predict(batch["image"][tio.DATA]), dim=1)
+            aggregator.add_batch(probabilities, batch[tio.LOCATION])
+    torch.testing.assert_close(ours, aggregator.get_output_tensor(), atol=1e-5, rtol=1e-5)
