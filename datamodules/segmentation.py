@@ -216,6 +216,8 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         assert self.val_subjects is not None, "call setup() first"
         dataset = tio.SubjectsDataset(self.val_subjects, transform=preprocessing(self.normalization))
         rank, world_size = distributed_context()
+        if len(dataset) < world_size:
+            raise ValueError(f"{len(dataset)} validation subjects cannot be shared by {world_size} processes")
         return DataLoader(
             dataset,
             batch_size=1,

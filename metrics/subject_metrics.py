@@ -84,11 +84,11 @@ class SubjectSegmentationMetrics(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Per-subject rows: ``subject_index`` ``(N,)`` and each key ``(N, C − 1)``, float64."""
-        if not self.subject_index:
-            raise RuntimeError("no subject was added before compute()")
-
-        def cat(state) -> torch.Tensor:
+        def cat(state) -> torch.Tensor:  # a list before a distributed sync, a tensor after it
             return torch.cat(state) if isinstance(state, list) else state
+
+        if isinstance(self.subject_index, list) and not self.subject_index:
+            raise RuntimeError("no subject was added before compute()")
 
         index = cat(self.subject_index)
         unique, first = _first_occurrences(index)
