@@ -15,6 +15,7 @@ import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
 
 
 def instantiate_all(group: DictConfig | None) -> list:
@@ -46,6 +47,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams(run_config)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):  # flush and close the run, so sweeps start fresh ones
+            logger.experiment.finish()
     return {f"val/{k}": v for k, v in (model.validation_summary or {}).items()}
 
 

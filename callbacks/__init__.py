@@ -1,5 +1,6 @@
-"""Lightning callbacks: result files, tables."""
+"""Lightning callbacks: result files, tables and validation pictures."""
 
 from callbacks.results_writer import ResultsWriter
+from callbacks.validation_figures import ValidationFigures
 
-__all__ = ["ResultsWriter"]
+__all__ = ["ResultsWriter", "ValidationFigures"]

@@ -16,6 +16,32 @@ from lightning_modules.sliding_window import SlidingWindow
 from lightning_modules.unet import UNet3D
 from metrics import SubjectSegmentationMetrics, summarize
 
+def preview_slices(subject: tio.Subject, probabilities: torch.Tensor) -> dict:
+    """Axial and coronal slices (numpy) through the reference's largest foreground extent.
+
+    ``image`` (first channel), ``label`` and ``prediction`` as foreground masks (any class),
+    ``probability`` = 1 − p(background); ``aspect`` is the displayed height/width ratio.
+    """
+    image = subject["image"][tio.DATA][0].float()
+    label = subject["label"][tio.DATA][0] > 0
+    prediction = probabilities.argmax(0).cpu() > 0
+    foreground = (1 - probabilities[0]).cpu()
+    sx, sy, sz = subject["label"].spacing
+    axial = int(label.sum((0, 1)).argmax()) if label.any() else image.shape[2] // 2
+    coronal = int(label.sum((0, 2)).argmax()) if label.any() else image.shape[1] // 2
+
+    def plane(index: tuple, aspect: float) -> dict:
+        return {"image": image[index].numpy(), "label": label[index].numpy(), "prediction": prediction[index].numpy(),
+                "probability": foreground[index].numpy(), "aspect": aspect}
+
+    return {
+        "name": subject["name"],
+        "index": int(subject["subject_index"]),
+        "axial": plane((slice(None), slice(None), axial), sy / sx),
+        "coronal": plane((slice(None), coronal, slice(None)), sz / sx),
+    }
+
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
@@ -34,6 +60,7 @@ class SegmentationModule(pl.LightningModule):
             step; ``total_iters``/``T_max`` are filled with the run's total steps.
         sliding_window: :class:`SlidingWindow` settings for validation.
         class_names: names of the foreground classes, for per-class metric keys.
+        preview_subjects: keep slices of this many validation subjects for pictures.
 
     After each validation epoch ``validation_rows`` holds the per-subject rows (CPU tensors,
     see :mod:`metrics.subject_metrics`) and ``validation_summary`` the logged values.
@@ -50,6 +77,7 @@ class SegmentationModule(pl.LightningModule):
         scheduler: SchedulerFactory | None = None,
         sliding_window: Mapping[str, Any] | None = None,
         class_names: Sequence[str] | None = None,
+        preview_subjects: int = 2,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
@@ -71,6 +99,9 @@ class SegmentationModule(pl.LightningModule):
         self.val_metrics = SubjectSegmentationMetrics(num_classes)
         self.validation_rows: dict[str, torch.Tensor] | None = None
         self.validation_summary: dict[str, float] | None = None
+        self.preview_subjects = int(preview_subjects)
+        self.validation_previews: list[dict] = []
+        self._previews: list[dict] = []
         self.run_config: dict | None = None  # the resolved run config, stored in checkpoints
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +154,8 @@ class SegmentationModule(pl.LightningModule):
             int(subject["subject_index"]),
             subject.get("expected_volume_ml"),
         )
+        if int(subject["subject_index"]) < self.preview_subjects:
+            self._previews.append(preview_slices(subject, probabilities))
 
     def on_validation_epoch_end(self) -> None:
         rows = self.val_metrics.compute()
@@ -132,6 +165,7 @@ class SegmentationModule(pl.LightningModule):
             self.log(f"val/{key}", value, prog_bar=key == "dice", sync_dist=True)
         self.validation_rows = {key: value.detach().cpu() for key, value in rows.items()}
         self.validation_summary = summary
+        self.validation_previews, self._previews = sorted(self._previews, key=lambda p: p["index"]), []
 
     # --- optimisation -----------------------------------------------------------------
     def configure_optimizers(self):
