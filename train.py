@@ -17,12 +17,27 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
+from datamodules import SegmentationDataModule
+from lightning_modules import SegmentationModule
+
 
 def instantiate_all(group: DictConfig | None) -> list:
     """Instantiate every ``_target_`` entry of a callbacks/logger group (null entries skipped)."""
     if not group:
         return []
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def build_model(cfg: DictConfig, datamodule: SegmentationDataModule) -> SegmentationModule:
+    """The configured model and loss, shaped by what the data provides (channels, classes, patch)."""
+    return instantiate(
+        cfg.model,
+        loss=instantiate(cfg.loss),
+        in_channels=datamodule.in_channels,
+        num_classes=datamodule.num_classes,
+        class_names=datamodule.class_names,
+        sliding_window=datamodule.sliding_window_settings(),
+    )
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -32,14 +47,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
     datamodule = instantiate(cfg.data)
-    model = instantiate(
-        cfg.model,
-        loss=instantiate(cfg.loss),
-        in_channels=datamodule.in_channels,
-        num_classes=datamodule.num_classes,
-        class_names=datamodule.class_names,
-        sliding_window=datamodule.sliding_window_settings(),
-    )
+    model = build_model(cfg, datamodule)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     model.run_config = run_config
     loggers = instantiate_all(cfg.get("logger"))

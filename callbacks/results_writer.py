@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -69,12 +70,11 @@ class ResultsWriter(pl.Callback):
         write_atomically(self.output_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True) + "\n")
         names = trainer.datamodule.val_subject_names
         table = subject_table(rows, names, pl_module.class_names)
-        tmp = self.output_dir / "subjects.csv.tmp"
-        with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
-        os.replace(tmp, self.output_dir / "subjects.csv")
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+        write_atomically(self.output_dir / "subjects.csv", text.getvalue())
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         summary = pl_module.validation_summary

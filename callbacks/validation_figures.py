@@ -62,17 +62,17 @@ def volumes_figure(rows: dict) -> plt.Figure:
     figure, (scatter, bland) = plt.subplots(1, 2, figsize=(11, 4.5))
     high = float(max(reference.max(), hard.max(), soft.max(), 1e-6)) * 1.05
     scatter.plot([0, high], [0, high], color="gray", linestyle="--", linewidth=1)
-    scatter.scatter(reference, hard, label="argmax", s=18)
-    scatter.scatter(reference, soft, label="soft (Σp)", s=18, marker="x")
+    scatter.scatter(reference, hard, label="argmax", s=18, color="C0")
+    scatter.scatter(reference, soft, label="soft (Σp)", s=18, marker="x", color="C1")
     scatter.set(xlabel="reference volume (ml)", ylabel="predicted volume (ml)", title="Predicted vs reference")
     scatter.legend()
-    for values, name, marker in ((hard, "argmax", "o"), (soft, "soft", "x")):
+    for values, name, marker, colour in ((hard, "argmax", "o", "C0"), (soft, "soft", "x", "C1")):
         delta, mean = values - reference, (values + reference) / 2
         bias, sd = float(delta.mean()), float(delta.std(ddof=1)) if len(delta) > 1 else 0.0
-        line = bland.scatter(mean, delta, marker=marker, s=18, label=f"{name}: bias {bias:+.3f} ml").get_facecolor()
-        bland.axhline(bias, color=line[0] if len(line) else None, linewidth=1)
+        bland.scatter(mean, delta, marker=marker, s=18, color=colour, label=f"{name}: bias {bias:+.3f} ml")
+        bland.axhline(bias, color=colour, linewidth=1)
         for limit in (bias - 1.96 * sd, bias + 1.96 * sd):
-            bland.axhline(limit, color=line[0] if len(line) else None, linewidth=0.8, linestyle=":")
+            bland.axhline(limit, color=colour, linewidth=0.8, linestyle=":")
     bland.axhline(0, color="gray", linewidth=0.8)
     bland.set(xlabel="mean of predicted and reference (ml)", ylabel="predicted − reference (ml)", title="Bland–Altman")
     bland.legend(fontsize=8)

@@ -64,10 +64,8 @@ class SyntheticCase:
 
     def draw_labels(self, rng: np.random.Generator, count: int) -> np.ndarray:
         """``count`` further label draws from the same uncertainty model, ``(count, W, H, D)``."""
-        shape = self.label.shape
-        return np.stack(
-            [sample_label(rng, shape, self.spacing_mm, self.structures, self.sigma_mm, self.kind) for _ in range(count)]
-        )
+        distances = structure_distances(self.label.shape, self.spacing_mm, self.structures)
+        return np.stack([sample_label(rng, distances, self.structures, self.sigma_mm, self.kind) for _ in range(count)])
 
 
 def distances_mm(shape: tuple[int, int, int], spacing_mm: tuple[float, float, float], centre_mm) -> np.ndarray:
@@ -119,40 +117,39 @@ def place_structures(
     return structures
 
 
-def structure_probabilities(
-    shape: tuple[int, int, int], spacing_mm, structures: list[Structure], sigma_mm: float
-) -> np.ndarray:
-    """``q`` per structure, shape ``(K, W, H, D)``."""
-    return np.stack(
-        [
-            foreground_probability(distances_mm(shape, spacing_mm, s.centre_mm), s.radius_mm, sigma_mm)
-            for s in structures
-        ]
-    )
+def structure_distances(shape: tuple[int, int, int], spacing_mm, structures: list[Structure]) -> np.ndarray:
+    """Distance in mm from every voxel to each structure's centre, shape ``(K, W, H, D)``."""
+    return np.stack([distances_mm(shape, spacing_mm, s.centre_mm) for s in structures])
+
+
+def structure_probabilities(distances: np.ndarray, structures: list[Structure], sigma_mm: float) -> np.ndarray:
+    """``q`` per structure, shape ``(K, W, H, D)``, from :func:`structure_distances`."""
+    return np.stack([foreground_probability(d, s.radius_mm, sigma_mm) for d, s in zip(distances, structures)])
 
 
 def sample_label(
     rng: np.random.Generator,
-    shape: tuple[int, int, int],
-    spacing_mm,
+    distances: np.ndarray,
     structures: list[Structure],
     sigma_mm: float,
     kind: str,
-    per_structure_q: np.ndarray | None = None,
 ) -> np.ndarray:
-    """One draw of the label map (int64, ``shape``) under the uncertainty model."""
+    """One draw of the label map (int64, ``(W, H, D)``) under the uncertainty model.
+
+    ``distances`` is :func:`structure_distances` of the case (computed once, reused per draw).
+    """
     if kind not in UNCERTAINTY_KINDS:
         raise ValueError(f"unknown uncertainty kind {kind!r}; choose one of {UNCERTAINTY_KINDS}")
+    shape = distances.shape[1:]
     label = np.zeros(shape, dtype=np.int64)
     if kind == "boundary":
-        for s in structures:
+        for d, s in zip(distances, structures):
             shift = rng.normal(0.0, sigma_mm) if sigma_mm > 0 else 0.0
-            label[distances_mm(shape, spacing_mm, s.centre_mm) < s.radius_mm + shift] = s.label
+            label[d < s.radius_mm + shift] = s.label
         return label
-    q = structure_probabilities(shape, spacing_mm, structures, sigma_mm) if per_structure_q is None else per_structure_q
     u = rng.random(shape, dtype=np.float32)
     cumulative = np.zeros(shape, dtype=np.float32)
-    for s, q_s in zip(structures, q):
+    for s, q_s in zip(structures, structure_probabilities(distances, structures, sigma_mm)):
         inside = (u >= cumulative) & (u < cumulative + q_s)
         label[inside] = s.label
         cumulative += q_s
@@ -184,14 +181,15 @@ def generate_case(
     shape = tuple(int(s) for s in shape)
     spacing_mm = tuple(float(s) for s in spacing_mm)
     structures = place_structures(rng, shape, spacing_mm, num_structures, radius_mm, num_classes, sigma_mm)
-    q = structure_probabilities(shape, spacing_mm, structures, sigma_mm)
+    distances = structure_distances(shape, spacing_mm, structures)
+    q = structure_probabilities(distances, structures, sigma_mm)
     edge = float(np.hypot(sigma_mm, image_blur_mm))
     image = np.zeros(shape, dtype=np.float32)
-    for s in structures:
-        image += s.label * foreground_probability(distances_mm(shape, spacing_mm, s.centre_mm), s.radius_mm, edge)
+    for d, s in zip(distances, structures):
+        image += s.label * foreground_probability(d, s.radius_mm, edge)
     gain, offset = rng.uniform(0.8, 1.2), rng.uniform(-0.2, 0.2)
     image = gain * image + offset + rng.normal(0.0, noise_std, shape).astype(np.float32)
-    label = sample_label(rng, shape, spacing_mm, structures, sigma_mm, kind, per_structure_q=q)
+    label = sample_label(rng, distances, structures, sigma_mm, kind)
     probabilities = np.zeros((num_classes, *shape), dtype=np.float32)
     for s, q_s in zip(structures, q):
         probabilities[s.label] += q_s

@@ -21,18 +21,24 @@ def preview_slices(subject: tio.Subject, probabilities: torch.Tensor) -> dict:
 
     ``image`` (first channel), ``label`` and ``prediction`` as foreground masks (any class),
     ``probability`` = 1 − p(background); ``aspect`` is the displayed height/width ratio.
+    Only the two slices leave the device.
     """
-    image = subject["image"][tio.DATA][0].float()
+    image = subject["image"][tio.DATA][0]
     label = subject["label"][tio.DATA][0] > 0
-    prediction = probabilities.argmax(0).cpu() > 0
-    foreground = (1 - probabilities[0]).cpu()
     sx, sy, sz = subject["label"].spacing
-    axial = int(label.sum((0, 1)).argmax()) if label.any() else image.shape[2] // 2
-    coronal = int(label.sum((0, 2)).argmax()) if label.any() else image.shape[1] // 2
+    has_label = bool(label.any())
+    axial = int(label.sum((0, 1)).argmax()) if has_label else image.shape[2] // 2
+    coronal = int(label.sum((0, 2)).argmax()) if has_label else image.shape[1] // 2
 
     def plane(index: tuple, aspect: float) -> dict:
-        return {"image": image[index].numpy(), "label": label[index].numpy(), "prediction": prediction[index].numpy(),
-                "probability": foreground[index].numpy(), "aspect": aspect}
+        p = probabilities[(slice(None), *index)]
+        return {
+            "image": image[index].float().numpy(),
+            "label": label[index].numpy(),
+            "prediction": (p.argmax(0) > 0).cpu().numpy(),
+            "probability": (1 - p[0]).cpu().numpy(),
+            "aspect": aspect,
+        }
 
     return {
         "name": subject["name"],
@@ -112,15 +118,14 @@ class SegmentationModule(pl.LightningModule):
     def compute_loss(self, output: torch.Tensor | list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         if isinstance(output, torch.Tensor):
             return self.loss(output, target)
-        weights = torch.tensor([0.5**i for i in range(len(output))])
-        weights = weights / weights.sum()
-        total = output[0].new_zeros(())
-        for weight, logits in zip(weights.tolist(), output):
+        weights = [0.5**i for i in range(len(output))]
+        total = 0.0
+        for weight, logits in zip(weights, output):
             if logits.shape[2:] != target.shape[2:]:
                 scaled = F.interpolate(target.float(), size=logits.shape[2:], mode="nearest").to(target.dtype)
             else:
                 scaled = target
-            total = total + weight * self.loss(logits, scaled)
+            total = total + weight / sum(weights) * self.loss(logits, scaled)
         return total
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -169,8 +174,9 @@ class SegmentationModule(pl.LightningModule):
 
     # --- optimisation -----------------------------------------------------------------
     def configure_optimizers(self):
-        factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-3))
-        optimizer = factory(self.parameters())
+        if self.optimizer_factory is None:
+            raise ValueError("training needs an optimizer (model.optimizer in the config)")
+        optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)

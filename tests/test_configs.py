@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from conftest import CONFIG_DIR, TINY, compose_config
 from datamodules import SegmentationDataModule
 from lightning_modules import SegmentationModule
+from train import build_model
 
 GROUPS = ["data", "model", "loss", "trainer", "logger", "callbacks", "experiment"]
 
@@ -20,12 +21,6 @@ def options(group: str) -> list[str]:
 def test_every_group_has_options():
     for group in GROUPS:
         assert options(group), f"configs/{group}/ is empty"
-
-
-def build_model(cfg, datamodule):
-    return instantiate(cfg.model, loss=instantiate(cfg.loss), in_channels=datamodule.in_channels,
-                       num_classes=datamodule.num_classes, class_names=datamodule.class_names,
-                       sliding_window=datamodule.sliding_window_settings())
 
 
 @pytest.mark.parametrize("loss", options("loss"))

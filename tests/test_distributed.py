@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import ROOT, TINY, compose_config
+from train import build_model
 
 
 @pytest.mark.slow
@@ -33,8 +34,7 @@ def test_ddp_cpu_training_matches_single_process_validation(tmp_path):
     # the same checkpoint validated by one process gives the same per-subject numbers
     cfg = compose_config(overrides, tmp_path / "single")
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model, loss=instantiate(cfg.loss), in_channels=1, num_classes=2,
-                        class_names=datamodule.class_names, sliding_window=datamodule.sliding_window_settings())
+    model = build_model(cfg, datamodule)
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     model.load_state_dict(checkpoint["state_dict"])
     pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).validate(

@@ -3,10 +3,17 @@
 import numpy as np
 import pytest
 
-from datamodules.synthetic_volumes import Structure, generate_case, sample_label, structure_probabilities
+from datamodules.synthetic_volumes import (
+    Structure,
+    generate_case,
+    sample_label,
+    structure_distances,
+    structure_probabilities,
+)
 
 SHAPE, SPACING = (24, 24, 12), (1.0, 1.0, 2.0)
 STRUCTURE = [Structure((12.0, 12.0, 12.0), 6.0, 1)]
+DISTANCES = structure_distances(SHAPE, SPACING, STRUCTURE)
 
 
 def test_without_uncertainty_the_label_is_the_sphere():
@@ -21,8 +28,8 @@ def test_without_uncertainty_the_label_is_the_sphere():
 def test_label_frequency_matches_q(kind):
     rng = np.random.default_rng(1)
     sigma = 1.5
-    q = structure_probabilities(SHAPE, SPACING, STRUCTURE, sigma)[0]
-    draws = np.stack([sample_label(rng, SHAPE, SPACING, STRUCTURE, sigma, kind) for _ in range(2000)])
+    q = structure_probabilities(DISTANCES, STRUCTURE, sigma)[0]
+    draws = np.stack([sample_label(rng, DISTANCES, STRUCTURE, sigma, kind) for _ in range(2000)])
     frequency = draws.mean(0)
     assert np.abs(frequency - q).max() < 0.1
     # the mean drawn volume is the expected volume Σ q
@@ -31,10 +38,10 @@ def test_label_frequency_matches_q(kind):
 
 def test_kinds_differ_in_correlation():
     rng = np.random.default_rng(2)
-    boundary = sample_label(rng, SHAPE, SPACING, STRUCTURE, 2.0, "boundary")
-    voxel = sample_label(rng, SHAPE, SPACING, STRUCTURE, 2.0, "voxel")
+    boundary = sample_label(rng, DISTANCES, STRUCTURE, 2.0, "boundary")
+    voxel = sample_label(rng, DISTANCES, STRUCTURE, 2.0, "voxel")
     # a boundary draw is a ball (no holes); a voxel draw is speckled near the edge
-    q = structure_probabilities(SHAPE, SPACING, STRUCTURE, 2.0)[0]
+    q = structure_probabilities(DISTANCES, STRUCTURE, 2.0)[0]
     band = (q > 0.2) & (q < 0.8)
     radii = np.sqrt(sum(((np.indices(SHAPE)[i] * SPACING[i]) - 12.0) ** 2 for i in range(3)))
     inside = boundary[band].astype(bool)
