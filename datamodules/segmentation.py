@@ -1,15 +1,16 @@
-"""The TorchIO datamodule every data source builds on.
+"""The datamodule every data source builds on.
 
-Training: ``SubjectsDataset`` (preprocessing + augmentation) → ``Queue`` (patches from a
-uniform or label sampler) → ``SubjectsLoader`` (batches of patches, ``num_workers=0`` as a
-Queue requires). Validation: whole subjects, one per step, never patches; the
-LightningModule runs sliding-window inference on each.
+A data source provides :class:`~datamodules.cases.Case` objects (arrays in memory or in the
+preprocessing cache). Training: :class:`~datamodules.patch_stream.PatchBatches` reads,
+normalises and augments patches in ``num_workers`` processes (subjects sharded across DDP
+ranks). Validation: whole subjects as TorchIO ``Subject`` objects, one per step, never
+patches; the LightningModule runs sliding-window inference on each.
 
-Every subject carries ``image`` (ScalarImage, ``in_channels`` channels), ``label`` (LabelMap,
-integers in ``[0, num_classes)``) and the attributes ``name`` (str) and
-``expected_volume_ml`` (list of ``num_classes − 1`` floats, NaN where unknown).
-Validation subjects also carry ``subject_index`` (their position in the validation list),
-which the metrics use to count every subject exactly once across processes.
+Validation subjects carry ``image`` (ScalarImage, ``in_channels`` channels, normalised),
+``label`` (LabelMap, integers in ``[0, num_classes)``) and the attributes ``name`` (str),
+``expected_volume_ml`` (``num_classes − 1`` floats, NaN where unknown) and ``subject_index``
+(their position in the validation list), which the metrics use to count every subject
+exactly once across processes.
 """
 
 from __future__ import annotations
@@ -17,18 +18,26 @@ from __future__ import annotations
 import abc
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torchio as tio
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from datamodules.cases import Case, Intensity
+from datamodules.patch_stream import PatchBatches
 from datamodules.transforms import augmentation as compose_augmentation
-from datamodules.transforms import preprocessing
+
+# PatchBatches gives every worker its own batches, so its __len__ is exact; Lightning's
+# generic warning about IterableDataset lengths does not apply.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 SAMPLERS = ("label", "uniform")
+NORMALISATIONS = ("zscore", "ct", "none")
 
 
 def resolve_num_workers(num_workers: int | str) -> int:
@@ -66,21 +75,51 @@ def distributed_context() -> tuple[int, int]:
     return 0, 1
 
 
+def ct_intensity(cases: Sequence[Case]) -> Intensity:
+    """nnU-Net's CT scheme: clip to the 0.5–99.5 percentiles of the training foreground
+    intensities, then z-score with their mean and standard deviation (per channel)."""
+    samples = [c.foreground_samples for c in cases if c.foreground_samples is not None and c.foreground_samples.size]
+    if not samples:
+        raise ValueError("data.normalization=ct needs foreground voxels in the training labels; none found")
+    pooled = np.concatenate(samples, axis=1).astype(np.float64)
+    lower, upper = np.percentile(pooled, [0.5, 99.5], axis=1)
+    clipped = np.clip(pooled, lower[:, None], upper[:, None])
+    return Intensity(clipped.mean(1), np.maximum(clipped.std(1), 1e-8), lower, upper)
+
+
+class SubjectList(Dataset):
+    """Whole validation subjects, built from their cases when loaded."""
+
+    def __init__(self, cases: Sequence[Case], num_classes: int) -> None:
+        self.cases, self.num_classes = list(cases), num_classes
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> tio.Subject:
+        subject = self.cases[index].to_subject(self.num_classes)
+        subject["subject_index"] = index
+        return subject
+
+
 class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
-    """Patch-based training and whole-volume validation on TorchIO subjects.
+    """Patch-based training and whole-volume validation.
 
     Args:
         patch_size: training (and sliding-window) patch size in voxels ``(W, H, D)``.
         batch_size: patches per training step.
-        samples_per_volume: patches drawn from a subject each time it enters the queue.
-        queue_length: maximum patches held by the queue (raised to ``samples_per_volume``).
-        num_workers: worker processes loading and augmenting subjects, or ``"auto"``.
-        sampler: ``"label"`` (patch centres drawn by class) or ``"uniform"``.
+        samples_per_volume: patches drawn from each subject per epoch.
+        num_workers: processes reading and augmenting patches, or ``"auto"``.
+        sampler: ``"label"`` (nnU-Net's foreground oversampling) or ``"uniform"``.
         foreground_probability: with the label sampler, the probability that a patch is
-            centred on a foreground voxel (nnU-Net oversamples 33 %), split evenly over the
-            foreground classes.
-        augmentation: named TorchIO transforms applied to training subjects, in order.
-        normalization: ``"zscore"`` (per subject) or ``"none"``.
+            centred on a foreground voxel (nnU-Net: 33 %), the class chosen uniformly among
+            those present; other patches are placed uniformly.
+        augmentation: named TorchIO transforms applied to training patches, in order.
+        augmentation_context: extra context read on each side of a training patch before
+            augmentation, as a fraction of the patch, cropped afterwards (so rotations and
+            zooms see image, not padding).
+        normalization: ``"zscore"`` (per subject and channel, nnU-Net's MRI scheme), ``"ct"``
+            (clip + z-score with training-foreground statistics) or ``"none"``.
         val_patch_overlap: sliding-window overlap as a fraction of the patch (0 ≤ f < 1).
         val_batch_size: patches per forward pass during sliding-window inference.
         val_weighting: sliding-window blending: ``"hann"``, ``"gaussian"`` or ``"constant"``.
@@ -92,11 +131,11 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         patch_size: Sequence[int] = (32, 32, 32),
         batch_size: int = 2,
         samples_per_volume: int = 8,
-        queue_length: int = 64,
         num_workers: int | str = "auto",
         sampler: str = "label",
         foreground_probability: float = 0.33,
         augmentation: Mapping[str, tio.Transform | None] | None = None,
+        augmentation_context: float = 0.0,
         normalization: str = "zscore",
         val_patch_overlap: float = 0.5,
         val_batch_size: int = 2,
@@ -112,22 +151,27 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
             raise ValueError(f"data.foreground_probability must be in [0, 1], got {foreground_probability}")
         if batch_size < 1 or samples_per_volume < 1:
             raise ValueError("data.batch_size and data.samples_per_volume must be >= 1")
+        if normalization not in NORMALISATIONS:
+            raise ValueError(f"data.normalization must be one of {NORMALISATIONS}, got {normalization!r}")
+        if augmentation_context < 0:
+            raise ValueError(f"data.augmentation_context must be >= 0, got {augmentation_context}")
         self.patch_size = tuple(int(p) for p in patch_size)
         self.batch_size = int(batch_size)
         self.samples_per_volume = int(samples_per_volume)
-        self.queue_length = max(int(queue_length), self.samples_per_volume)
         self.num_workers = resolve_num_workers(num_workers)
         self.sampler_name = sampler
-        self.foreground_probability = float(foreground_probability)
+        self.foreground_probability = float(foreground_probability) if sampler == "label" else 0.0
         self.augmentation = compose_augmentation(augmentation)
+        self.augmentation_context = float(augmentation_context)
         self.normalization = normalization
         self.val_patch_overlap = float(val_patch_overlap)
         self.val_batch_size = int(val_batch_size)
         self.val_weighting = val_weighting
         self.pin_memory = pin_memory
-        self.train_subjects: list[tio.Subject] | None = None
-        self.val_subjects: list[tio.Subject] | None = None
-        self._subject_sampler: DistributedSampler | None = None
+        self.train_cases: list[Case] | None = None
+        self.val_cases: list[Case] | None = None
+        self.intensity: Intensity | None = None  # dataset-wide mapping (ct), None = per subject
+        self._patches: PatchBatches | None = None
 
     # --- what a data source provides -------------------------------------------------
     @property
@@ -146,19 +190,31 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         return [f"class{c}" for c in range(1, self.num_classes)]
 
     @abc.abstractmethod
-    def load_subjects(self) -> tuple[list[tio.Subject], list[tio.Subject]]:
-        """Training and validation subjects (see the module docstring for their keys)."""
+    def load_cases(self) -> tuple[list[Case], list[Case]]:
+        """Training and validation cases."""
 
     # --- Lightning hooks --------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self.train_subjects is not None:
+        if self.train_cases is not None:
             return
-        train, val = self.load_subjects()
+        train, val = self.load_cases()
         if not train or not val:
             raise ValueError(f"need at least one training and one validation subject, got {len(train)} and {len(val)}")
-        for index, subject in enumerate(val):
-            subject["subject_index"] = index
-        self.train_subjects, self.val_subjects = train, val
+        if self.normalization == "ct":
+            self.intensity = ct_intensity(train)
+        for case in [*train, *val]:
+            case.intensity = self.case_intensity(case)
+        self.train_cases, self.val_cases = train, val
+
+    def case_intensity(self, case: Case) -> Intensity:
+        """The intensity mapping of ``case`` under this module's normalisation."""
+        if self.normalization == "zscore":
+            scale = np.maximum(case.channel_std, 1e-8)
+            return Intensity(case.channel_mean, scale, np.full_like(scale, -np.inf), np.full_like(scale, np.inf))
+        if self.normalization == "ct":
+            assert self.intensity is not None, "call setup() first"
+            return self.intensity
+        return Intensity.identity(len(case.channel_mean))
 
     def sliding_window_settings(self) -> dict:
         """Keyword arguments of ``lightning_modules.SlidingWindow`` for validation inference."""
@@ -171,53 +227,43 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
 
     @property
     def val_subject_names(self) -> list[str]:
-        assert self.val_subjects is not None, "call setup() first"
-        return [s["name"] for s in self.val_subjects]
-
-    def label_probabilities(self) -> dict[int, float]:
-        """Patch-centre probability per class for the label sampler."""
-        foreground = self.foreground_probability / (self.num_classes - 1)
-        probabilities = {0: 1.0 - self.foreground_probability}
-        probabilities.update({c: foreground for c in range(1, self.num_classes)})
-        return probabilities
-
-    def patch_sampler(self) -> tio.data.PatchSampler:
-        if self.sampler_name == "uniform":
-            return tio.UniformSampler(self.patch_size)
-        return tio.LabelSampler(self.patch_size, label_name="label", label_probabilities=self.label_probabilities())
+        assert self.val_cases is not None, "call setup() first"
+        return [c.name for c in self.val_cases]
 
     def train_dataloader(self) -> DataLoader:
-        assert self.train_subjects is not None, "call setup() first"
-        transform = tio.Compose([preprocessing(self.normalization, self.patch_size), self.augmentation])
-        dataset = tio.SubjectsDataset(self.train_subjects, transform=transform)
+        assert self.train_cases is not None, "call setup() first"
         rank, world_size = distributed_context()
-        self._subject_sampler = None
+        subject_sampler = None
         if world_size > 1:
-            if len(dataset) < world_size:
-                raise ValueError(f"{len(dataset)} training subjects cannot be shared by {world_size} processes")
-            self._subject_sampler = DistributedSampler(
-                dataset, num_replicas=world_size, rank=rank, shuffle=True, drop_last=True
+            if len(self.train_cases) < world_size:
+                raise ValueError(f"{len(self.train_cases)} training subjects cannot be shared by {world_size} processes")
+            subject_sampler = DistributedSampler(
+                range(len(self.train_cases)), num_replicas=world_size, rank=rank, shuffle=True, drop_last=True
             )
-        queue = tio.Queue(
-            dataset,
-            max_length=self.queue_length,
+        self._patches = PatchBatches(
+            self.train_cases,
+            patch_size=self.patch_size,
+            batch_size=self.batch_size,
             samples_per_volume=self.samples_per_volume,
-            sampler=self.patch_sampler(),
-            subject_sampler=self._subject_sampler,
-            num_workers=self.num_workers,
-            shuffle_subjects=self._subject_sampler is None,
-            shuffle_patches=True,
-            start_background=False,
+            foreground_probability=self.foreground_probability,
+            augmentation=self.augmentation if len(self.augmentation) else None,
+            context=[math.ceil(self.augmentation_context * p) for p in self.patch_size] if len(self.augmentation) else 0,
+            seed=torch.initial_seed() % 2**32,
+            subject_sampler=subject_sampler,
         )
-        pin = self.pin_memory and torch.cuda.is_available()
-        return tio.SubjectsLoader(queue, batch_size=self.batch_size, num_workers=0, pin_memory=pin)
+        return DataLoader(
+            self._patches,
+            batch_size=None,  # PatchBatches yields whole batches
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+        )
 
     def val_dataloader(self) -> DataLoader:
-        assert self.val_subjects is not None, "call setup() first"
-        dataset = tio.SubjectsDataset(self.val_subjects, transform=preprocessing(self.normalization))
+        assert self.val_cases is not None, "call setup() first"
         rank, world_size = distributed_context()
-        if len(dataset) < world_size:
-            raise ValueError(f"{len(dataset)} validation subjects cannot be shared by {world_size} processes")
+        if len(self.val_cases) < world_size:
+            raise ValueError(f"{len(self.val_cases)} validation subjects cannot be shared by {world_size} processes")
+        dataset = SubjectList(self.val_cases, self.num_classes)
         return DataLoader(
             dataset,
             batch_size=1,
@@ -227,6 +273,6 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         )
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle the subjects' split across processes (call at each epoch start)."""
-        if self._subject_sampler is not None:
-            self._subject_sampler.set_epoch(epoch)
+        """Reshuffle patches and the subjects' split across processes (each epoch start)."""
+        if self._patches is not None:
+            self._patches.set_epoch(epoch)

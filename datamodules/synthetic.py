@@ -5,20 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
-import torchio as tio
 
+from datamodules.cases import Case, in_memory_case
 from datamodules.segmentation import SegmentationDataModule
 from datamodules.synthetic_volumes import UNCERTAINTY_KINDS, SyntheticCase, generate_case
 
 
-def case_to_subject(case: SyntheticCase, name: str) -> tio.Subject:
-    """A TorchIO subject with ``image``, ``label`` and the known expected volumes."""
-    affine = np.diag([*case.spacing_mm, 1.0])
-    return tio.Subject(
-        image=tio.ScalarImage(tensor=torch.from_numpy(case.image)[None], affine=affine),
-        label=tio.LabelMap(tensor=torch.from_numpy(case.label)[None], affine=affine),
-        name=name,
+def synthetic_case(case: SyntheticCase, name: str, num_classes: int) -> Case:
+    """The generated arrays as a :class:`Case`, with their known expected volumes."""
+    return in_memory_case(
+        name,
+        case.image[None],
+        case.label,
+        np.diag([*case.spacing_mm, 1.0]),
+        num_classes,
         expected_volume_ml=[float(v) for v in case.expected_volume_ml()],
     )
 
@@ -89,8 +89,9 @@ class SyntheticDataModule(SegmentationDataModule):
         """Case ``index`` (training cases first, then validation), seeded by ``(seed, index)``."""
         return generate_case(np.random.default_rng([self.seed, index]), **self.case_kwargs)
 
-    def load_subjects(self) -> tuple[list[tio.Subject], list[tio.Subject]]:
-        subjects = [
-            case_to_subject(self.generate(i), f"synthetic_{i:03d}") for i in range(self.num_train + self.num_val)
+    def load_cases(self) -> tuple[list[Case], list[Case]]:
+        cases = [
+            synthetic_case(self.generate(i), f"synthetic_{i:03d}", self.num_classes)
+            for i in range(self.num_train + self.num_val)
         ]
-        return subjects[: self.num_train], subjects[self.num_train :]
+        return cases[: self.num_train], cases[self.num_train :]

@@ -1,0 +1,141 @@
+"""Training batches read patch by patch from each case's (memory-mapped) arrays.
+
+Why not TorchIO's ``Queue``: it loads, normalises and augments *whole* subjects in its
+workers and then cuts patches, so a 96³ patch from a 256³ ``.nii.gz`` costs a full
+decompression and a whole-volume augmentation. Here a patch reads only its own bytes from
+the preprocessing cache (or an in-memory array), is normalised, then augmented with the
+configured TorchIO transforms; ``benchmarks/pipeline.py`` measures the difference against a
+plain Queue. The semantics follow the Queue's: every epoch each of this process's subjects
+contributes ``samples_per_volume`` patches, shuffled across subjects, and subjects (not
+patches) are sharded across processes by a ``DistributedSampler``.
+
+Patch centres (nnU-Net's oversampling): with probability ``foreground_probability`` on a
+voxel of a foreground class chosen uniformly among those present (patches that fit inside
+the volume preferred), otherwise uniformly over the volume. Every batch is drawn from its
+own seed ``(seed, epoch, rank, batch index)``, so the stream is reproducible and independent
+of the number of workers, and different on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torchio as tio
+from torch.utils.data import DistributedSampler, IterableDataset, get_worker_info
+
+from datamodules.cases import Case, read_window
+
+
+class PatchBatches(IterableDataset):
+    """Yields ``{"image": {"data": (B, C, *patch)}, "label": {"data": (B, 1, *patch)}}``.
+
+    Args:
+        cases: the training cases (all of them; ``subject_sampler`` picks this rank's).
+        patch_size: ``(W, H, D)`` voxels.
+        batch_size, samples_per_volume: patches per batch; per subject per epoch.
+        foreground_probability: share of patches centred on foreground (0 = uniform).
+        augmentation: TorchIO transform applied to each patch (with its context margin).
+        context: voxels read on each side of a patch before augmentation and cropped after,
+            so that rotations and zooms see real image instead of padding.
+        seed: base seed of the stream.
+        subject_sampler: this rank's subjects under DDP (``set_epoch`` is forwarded).
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[Case],
+        patch_size: Sequence[int],
+        batch_size: int,
+        samples_per_volume: int,
+        foreground_probability: float,
+        augmentation: tio.Transform | None,
+        context: int | Sequence[int] = 0,
+        seed: int = 0,
+        subject_sampler: DistributedSampler | None = None,
+    ) -> None:
+        self.cases = list(cases)
+        self.patch_size = np.asarray(patch_size, dtype=int)
+        self.batch_size = int(batch_size)
+        self.samples_per_volume = int(samples_per_volume)
+        self.foreground_probability = float(foreground_probability)
+        self.augmentation = augmentation
+        self.context = np.broadcast_to(np.asarray(context, dtype=int), (3,)).copy()
+        self.seed = int(seed)
+        self.subject_sampler = subject_sampler
+        self.rank = subject_sampler.rank if subject_sampler is not None else 0
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if self.subject_sampler is not None:
+            self.subject_sampler.set_epoch(epoch)
+
+    def subjects(self) -> list[int]:
+        """This rank's subject indices for the current epoch."""
+        if self.subject_sampler is not None:
+            return list(self.subject_sampler)
+        return list(range(len(self.cases)))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.subjects()) * self.samples_per_volume / self.batch_size)
+
+    def __iter__(self):
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        jobs = np.repeat(self.subjects(), self.samples_per_volume)
+        np.random.default_rng([self.seed, self.epoch, self.rank]).shuffle(jobs)
+        for index in range(worker_id, math.ceil(len(jobs) / self.batch_size), num_workers):
+            chunk = jobs[index * self.batch_size : (index + 1) * self.batch_size]
+            yield self.batch(chunk, [self.seed, self.epoch, self.rank, index])
+
+    # --- one batch --------------------------------------------------------------------
+    def batch(self, subjects: np.ndarray, seed: list[int]) -> dict:
+        rng = np.random.default_rng(seed)
+        with torch.random.fork_rng(devices=[]):  # TorchIO draws from torch's global generator
+            torch.manual_seed(int(rng.integers(2**63)))
+            patches = [self.patch(self.cases[int(i)], rng) for i in subjects]
+        return {
+            "image": {tio.DATA: torch.stack([p[0] for p in patches])},
+            "label": {tio.DATA: torch.stack([p[1] for p in patches])},
+        }
+
+    def patch_start(self, case: Case, shape: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Lower corner of the next patch (may be negative where the volume is smaller)."""
+        room = shape - self.patch_size
+        classes = sorted(case.locations)
+        if classes and rng.random() < self.foreground_probability:
+            voxels = case.locations[classes[rng.integers(len(classes))]]
+            half = self.patch_size // 2
+            fits = np.all((room < 0) | ((voxels >= half) & (voxels - half <= room)), axis=1)
+            candidates = voxels[fits] if fits.any() else voxels
+            start = candidates[rng.integers(len(candidates))] - half
+        else:
+            start = np.array([rng.integers(r + 1) if r > 0 else 0 for r in room])
+        return np.where(room >= 0, np.clip(start, 0, np.maximum(room, 0)), room // 2)
+
+    def patch(self, case: Case, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One augmented ``(image (C, *patch), label (1, *patch))`` pair."""
+        image, label = case.arrays()
+        shape = np.asarray(label.shape[-3:])
+        start = self.patch_start(case, shape, rng) - self.context
+        size = self.patch_size + 2 * self.context
+        image_patch = read_window(image, start, size, transform=case.normalised)
+        label_patch = read_window(label, start, size).astype(np.int64)
+        image_tensor = torch.from_numpy(image_patch)
+        label_tensor = torch.from_numpy(label_patch)[None]
+        if self.augmentation is not None:
+            affine = np.diag([*case.spacing, 1.0])
+            subject = self.augmentation(
+                tio.Subject(
+                    image=tio.ScalarImage(tensor=image_tensor, affine=affine),
+                    label=tio.LabelMap(tensor=label_tensor, affine=affine),
+                )
+            )
+            image_tensor, label_tensor = subject["image"][tio.DATA], subject["label"][tio.DATA]
+        if self.context.any():
+            inner = tuple(slice(int(c), int(c + p)) for c, p in zip(self.context, self.patch_size))
+            image_tensor, label_tensor = image_tensor[(..., *inner)], label_tensor[(..., *inner)]
+        return image_tensor.float().contiguous(), label_tensor.long().contiguous()
