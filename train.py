@@ -9,6 +9,7 @@ Configuration: configs/train.yaml and its groups (see README.md).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -17,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
-from datamodules import SegmentationDataModule
+from datamodules import DatasetError, SegmentationDataModule
 from lightning_modules import SegmentationModule
 
 
@@ -61,9 +62,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return {f"val/{k}": v for k, v in (model.validation_summary or {}).items()}
 
 
+def exit_on_dataset_error(run):
+    """Run ``run()``; problems with the user's data end the program with their list, no traceback."""
+    try:
+        return run()
+    except Exception as error:
+        cause: BaseException | None = error  # Hydra's instantiate wraps constructor errors
+        while cause is not None and not isinstance(cause, DatasetError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        sys.exit(1)
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    summary = train(cfg)
+    summary = exit_on_dataset_error(lambda: train(cfg))
     return summary.get(cfg.get("optimized_metric"))
 
 

@@ -1,6 +1,8 @@
-"""TorchIO datamodules: one shared patch/queue/validation pipeline, one subclass per source."""
+"""Datamodules: one shared patch-training / whole-volume-validation pipeline, one subclass per source."""
 
+from datamodules.folder import FolderDataModule
+from datamodules.input_checks import DatasetError
 from datamodules.segmentation import SegmentationDataModule
 from datamodules.synthetic import SyntheticDataModule
 
-__all__ = ["SegmentationDataModule", "SyntheticDataModule"]
+__all__ = ["DatasetError", "FolderDataModule", "SegmentationDataModule", "SyntheticDataModule"]

@@ -225,6 +225,17 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
             "weighting": self.val_weighting,
         }
 
+    def inference_settings(self) -> dict:
+        """How new images must be preprocessed for this data's model (stored in checkpoints)."""
+        return {
+            "target_spacing": None,  # mm; None = use images at their own spacing
+            "crop_nonzero": False,
+            "normalization": self.normalization,
+            "intensity": None if self.intensity is None else {k: v.tolist() for k, v in vars(self.intensity).items()},
+            "in_channels": self.in_channels,
+            "class_names": self.class_names,
+        }
+
     @property
     def val_subject_names(self) -> list[str]:
         assert self.val_cases is not None, "call setup() first"

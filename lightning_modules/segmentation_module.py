@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_modules.sliding_window import SlidingWindow
 from lightning_modules.unet import UNet3D
-from metrics import SubjectSegmentationMetrics, summarize
+from metrics import SubjectSegmentationMetrics, per_subject, summarize
 
 def preview_slices(subject: tio.Subject, probabilities: torch.Tensor) -> dict:
     """Axial and coronal slices (numpy) through the reference's largest foreground extent.
@@ -163,7 +163,7 @@ class SegmentationModule(pl.LightningModule):
             self._previews.append(preview_slices(subject, probabilities))
 
     def on_validation_epoch_end(self) -> None:
-        rows = self.val_metrics.compute()
+        rows = per_subject(self.val_metrics)
         self.val_metrics.reset()
         summary = summarize(rows, self.class_names)
         for key, value in summary.items():
@@ -188,3 +188,6 @@ class SegmentationModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint["run_config"] = self.run_config
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "inference_settings"):
+            checkpoint["inference_settings"] = datamodule.inference_settings()

@@ -98,6 +98,14 @@ class SubjectSegmentationMetrics(Metric):
         return rows
 
 
+def per_subject(metric: SubjectSegmentationMetrics) -> dict[str, torch.Tensor]:
+    """``metric.compute()`` with its shapes restored: torchmetrics squeezes one-element
+    results to 0-d tensors (one subject, one class), the rows keep ``(N,)`` / ``(N, C − 1)``."""
+    rows = metric.compute()
+    index = rows["subject_index"].reshape(-1)
+    return {"subject_index": index, **{k: rows[k].reshape(len(index), -1) for k in PER_SUBJECT_KEYS}}
+
+
 def _first_occurrences(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted unique values of ``index`` and the position of each one's first occurrence."""
     order = torch.argsort(index, stable=True)

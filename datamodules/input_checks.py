@@ -1,0 +1,106 @@
+"""Check a dataset's files before anything is preprocessed or trained.
+
+Every problem of every case is collected (not just the first) and reported at once as a
+:class:`DatasetError`, each line naming the file and what is wrong with it. Files are only
+read, never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from concurrent.futures import ProcessPoolExecutor
+from typing import TYPE_CHECKING
+
+import nibabel as nib
+import numpy as np
+import torchio as tio
+from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from datamodules.dataset_layout import CaseFiles, DatasetLayout
+
+AFFINE_TOLERANCE = 1e-3  # mm (and direction cosines): the agreement nnU-Net also asks for
+
+
+class DatasetError(ValueError):
+    """Expected problems with user data; the entry points print them without a traceback."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        count = f"{len(self.problems)} problem" + ("s" if len(self.problems) != 1 else "")
+        super().__init__(f"{count} found in the input data (nothing was written):\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def read_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(data (C, W, H, D), affine)`` of one file exactly as stored.
+
+    NIfTI through nibabel (TorchIO's ITK reader silently turns NaN into 0, hiding them);
+    other formats through TorchIO.
+    """
+    if path.name.endswith((".nii", ".nii.gz")):
+        image = nib.load(path)
+        data = np.asanyarray(image.dataobj)
+        data = data.reshape(data.shape[:3] + (-1,))  # 3D → one channel; 4D channels last
+        return np.moveaxis(data, -1, 0), image.affine
+    image = tio.ScalarImage(path)
+    image.load()
+    return image.data.numpy(), image.affine
+
+
+def check_case(case: CaseFiles, in_channels: int, num_classes: int, channels_in_one_file: bool) -> list[str]:
+    """All problems of one case (an empty list when it is usable)."""
+    problems = [f"{path}: missing file" for path in case.files if not path.is_file()]
+    if problems:
+        return problems
+    images = []
+    for path in case.images:
+        try:
+            data, affine = read_image(path)
+        except Exception as error:  # any reader failure (truncated gzip, bad header, …) is the file's problem
+            problems.append(f"{path}: cannot be read ({type(error).__name__}: {error})")
+            continue
+        expected = in_channels if channels_in_one_file else 1
+        if data.shape[0] != expected:
+            problems.append(f"{path}: {data.shape[0]} channel(s), dataset.json declares {expected}")
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            problems.append(f"{path}: {bad} NaN/inf voxel value(s)")
+        images.append((path, data.shape[1:], affine))
+    try:
+        label, label_affine = read_image(case.label)
+    except Exception as error:
+        return problems + [f"{case.label}: cannot be read ({type(error).__name__}: {error})"]
+    if label.shape[0] != 1:
+        problems.append(f"{case.label}: label maps must have one channel, found {label.shape[0]}")
+    if not np.all(np.isfinite(label)) or not np.array_equal(label, np.round(label)):
+        problems.append(f"{case.label}: label values must be integers")
+    else:
+        undeclared = sorted(set(np.unique(label).astype(int).tolist()) - set(range(num_classes)))
+        if undeclared:
+            problems.append(f"{case.label}: label value(s) {undeclared} not declared in dataset.json (0 … {num_classes - 1})")
+    for path, shape, affine in images:
+        if tuple(shape) != tuple(label.shape[1:]):
+            problems.append(f"{path}: shape {tuple(shape)} differs from the label {case.label}: {tuple(label.shape[1:])}")
+        elif not np.allclose(affine, label_affine, atol=AFFINE_TOLERANCE):
+            problems.append(
+                f"{path}: affine differs from the label {case.label}'s by up to "
+                f"{np.abs(affine - label_affine).max():.4g} (tolerance {AFFINE_TOLERANCE})"
+            )
+    return problems
+
+
+def check_cases(layout: DatasetLayout, cases: Sequence[CaseFiles], num_workers: int = 0) -> None:
+    """Check ``cases`` of ``layout``; raise :class:`DatasetError` listing every problem."""
+    if not cases:
+        return
+    args = [(c, layout.in_channels, layout.num_classes, layout.channels_in_one_file) for c in cases]
+    progress = dict(total=len(cases), desc=f"Checking {layout.name}", unit="case", leave=False)
+    if num_workers > 0 and len(cases) > 1:
+        with ProcessPoolExecutor(min(num_workers, len(cases))) as pool:
+            results = list(tqdm(pool.map(check_case, *zip(*args)), **progress))
+    else:
+        results = [check_case(*a) for a in tqdm(args, **progress)]
+    problems = [p for result in results for p in result]
+    if problems:
+        raise DatasetError(problems)

@@ -1,0 +1,208 @@
+"""Preprocess a dataset once and keep the result, uncompressed, for every later run.
+
+Per case (nnU-Net's order): reorient to RAS+ (``ToCanonical``), resample to the target
+spacing (images linear, labels nearest), crop to the bounding box of non-zero image voxels.
+Intensity normalisation is *not* baked in: it is cheap per patch, and keeping raw
+intensities lets every normalisation setting share one cache.
+
+Layout::
+
+    <cache_dir>/<dataset name>-<hash of its path>/<hash of the settings>/
+        settings.json          the settings the hash stands for (human-readable)
+        <case>.image.npy       float32 (C, W, H, D), read memory-mapped
+        <case>.label.npy       uint8 (W, H, D)
+        <case>.sampling.npz    foreground voxel locations per class, foreground intensities
+        <case>.json            affine, spacing, statistics and the source files' fingerprint
+
+A case is reused only while its source files keep their size and modification time
+(``make``'s rule) and the settings are unchanged; anything else is rebuilt. Files are
+written under temporary names and renamed into place, the ``.json`` last, so an
+interrupted run never leaves an entry that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchio as tio
+from tqdm import tqdm
+
+from datamodules.cases import Case, class_locations, foreground_samples
+from datamodules.dataset_layout import CaseFiles, DatasetLayout
+from datamodules.input_checks import check_cases
+
+CACHE_VERSION = 1  # bump when the stored arrays change meaning
+
+
+def fingerprint(case: CaseFiles) -> list:
+    """``[path, size, mtime_ns]`` of each source file."""
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in case.files]
+
+
+def header_spacing(path: Path) -> np.ndarray:
+    """Voxel spacing (mm) from a file's header, without reading its voxels."""
+    affine = tio.io.read_affine(path)
+    return np.linalg.norm(affine[:3, :3], axis=0)
+
+
+def median_spacing(cases: Sequence[CaseFiles]) -> list[float]:
+    """nnU-Net's default target spacing: the per-axis median over the cases (in RAS+ order).
+
+    Unreadable files are skipped here; the input checks report them.
+    """
+    spacings = []
+    for case in cases:
+        try:
+            affine = tio.io.read_affine(case.label)
+        except Exception:
+            continue
+        canonical = tio.ToCanonical()(tio.ScalarImage(tensor=torch.zeros(1, 1, 1, 1), affine=affine)).affine
+        spacings.append(np.linalg.norm(canonical[:3, :3], axis=0))
+    if not spacings:
+        return [1.0, 1.0, 1.0]
+    return [round(float(s), 6) for s in np.median(np.stack(spacings), axis=0)]
+
+
+def load_subject(case: CaseFiles, channels_in_one_file: bool) -> tio.Subject:
+    """The case's image (all channels) and label as a TorchIO subject."""
+    images = [tio.ScalarImage(p) for p in case.images]
+    if len(images) > 1:
+        tensor = torch.cat([i.data for i in images])
+        image = tio.ScalarImage(tensor=tensor, affine=images[0].affine)
+    else:
+        image = images[0]
+    return tio.Subject(image=image, label=tio.LabelMap(case.label))
+
+
+def preprocess_subject(subject: tio.Subject, target_spacing: Sequence[float], crop_nonzero: bool) -> tio.Subject:
+    """Canonical orientation, target spacing, non-zero crop (training and prediction alike)."""
+    subject = tio.ToCanonical()(subject)
+    if not np.allclose(subject["image"].spacing, target_spacing, rtol=1e-3):
+        subject = tio.Resample(tuple(float(s) for s in target_spacing))(subject)
+    if crop_nonzero:
+        bounds = nonzero_crop(subject["image"].data.numpy())
+        if bounds is not None:
+            subject = tio.Crop(bounds)(subject)
+    return subject
+
+
+def nonzero_crop(image: np.ndarray) -> tuple[int, ...] | None:
+    """TorchIO ``Crop`` bounds ``(w0, w1, h0, h1, d0, d1)`` to the non-zero box, None if empty/full."""
+    mask = np.any(image != 0, axis=0)
+    if not mask.any():
+        return None
+    bounds = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        bounds += [int(hits[0]), int(mask.shape[axis] - 1 - hits[-1])]
+    return tuple(bounds) if any(bounds) else None
+
+
+def _write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        write(handle)
+    os.replace(tmp, path)
+
+
+class PreprocessingCache:
+    """The cache directory of one dataset under one set of preprocessing settings."""
+
+    def __init__(self, layout: DatasetLayout, cache_dir: str | Path, target_spacing: Sequence[float], crop_nonzero: bool) -> None:
+        self.layout = layout
+        self.settings = {
+            "version": CACHE_VERSION,
+            "dataset": str(layout.root),
+            "target_spacing_mm": [float(s) for s in target_spacing],
+            "crop_nonzero": bool(crop_nonzero),
+        }
+        dataset_key = hashlib.sha1(str(layout.root).encode()).hexdigest()[:8]
+        settings_key = hashlib.sha1(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:12]
+        self.directory = Path(cache_dir).expanduser() / f"{layout.name}-{dataset_key}" / settings_key
+
+    def meta_path(self, name: str) -> Path:
+        return self.directory / f"{name}.json"
+
+    def is_fresh(self, case: CaseFiles) -> bool:
+        """Whether a complete entry built from the current source files exists."""
+        meta = self.meta_path(case.name)
+        if not meta.is_file() or not all(p.is_file() for p in case.files):
+            return False
+        try:
+            return json.loads(meta.read_text()).get("fingerprint") == fingerprint(case)
+        except ValueError:
+            return False
+
+    def prepare(self, cases: Sequence[CaseFiles], num_workers: int = 0) -> None:
+        """Check and preprocess every case without a fresh entry (checks first, all of them)."""
+        stale = [c for c in cases if not self.is_fresh(c)]
+        if not stale:
+            return
+        check_cases(self.layout, stale, num_workers)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _write(self.directory / "settings.json", lambda h: h.write(json.dumps(self.settings, indent=2).encode()))
+        progress = dict(total=len(stale), desc=f"Preprocessing {self.layout.name} → {self.directory}", unit="case")
+        if num_workers > 0 and len(stale) > 1:
+            with ProcessPoolExecutor(min(num_workers, len(stale))) as pool:
+                for _ in tqdm(pool.map(self.build, stale), **progress):
+                    pass
+        else:
+            for case in tqdm(stale, **progress):
+                self.build(case)
+
+    def build(self, case: CaseFiles) -> None:
+        """Preprocess one case and write its entry atomically."""
+        torch.set_num_threads(1)
+        source = fingerprint(case)
+        subject = preprocess_subject(
+            load_subject(case, self.layout.channels_in_one_file),
+            self.settings["target_spacing_mm"],
+            self.settings["crop_nonzero"],
+        )
+        image = np.ascontiguousarray(subject["image"].data.numpy(), dtype=np.float32)
+        label = np.ascontiguousarray(subject["label"].data.numpy()[0], dtype=np.uint8)
+        rng = np.random.default_rng(0)
+        locations = class_locations(label, self.layout.num_classes, rng)
+        flat = image.reshape(len(image), -1)
+        meta = {
+            "name": case.name,
+            "fingerprint": source,
+            "affine": subject["image"].affine.tolist(),
+            "shape": list(label.shape),
+            "channel_mean": flat.mean(1, dtype=np.float64).tolist(),
+            "channel_std": flat.std(1, dtype=np.float64).tolist(),
+        }
+        base = self.directory / case.name
+        _write(base.with_name(f"{case.name}.image.npy"), lambda h: np.save(h, image))
+        _write(base.with_name(f"{case.name}.label.npy"), lambda h: np.save(h, label))
+        arrays = {f"class_{c}": v for c, v in locations.items()}
+        arrays["foreground_samples"] = foreground_samples(image, label, rng)
+        _write(base.with_name(f"{case.name}.sampling.npz"), lambda h: np.savez(h, **arrays))
+        _write(self.meta_path(case.name), lambda h: h.write(json.dumps(meta).encode()))
+
+    def load(self, case: CaseFiles) -> Case:
+        """The cached case (arrays memory-mapped on use); it must be fresh."""
+        if not self.is_fresh(case):
+            raise RuntimeError(f"{self.meta_path(case.name)}: cache entry missing or stale; run prepare() first")
+        meta = json.loads(self.meta_path(case.name).read_text())
+        with np.load(self.directory / f"{case.name}.sampling.npz") as sampling:
+            locations = {int(k.split("_")[1]): sampling[k] for k in sampling.files if k.startswith("class_")}
+            samples = sampling["foreground_samples"]
+        return Case(
+            name=case.name,
+            image=self.directory / f"{case.name}.image.npy",
+            label=self.directory / f"{case.name}.label.npy",
+            affine=np.asarray(meta["affine"]),
+            locations=locations,
+            channel_mean=np.asarray(meta["channel_mean"]),
+            channel_std=np.asarray(meta["channel_std"]),
+            foreground_samples=samples,
+        )

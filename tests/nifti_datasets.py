@@ -1,0 +1,74 @@
+"""Tiny Decathlon and nnU-Net v2 dataset folders of generated NIfTI files, for tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+CLASSES = ("background", "core", "rim")
+
+
+def case_arrays(index: int, shape=(20, 18, 12), channels: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """A sphere ("core", 1) inside a shell ("rim", 2); channels see it with different contrast."""
+    rng = np.random.default_rng(index)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    centre = np.asarray(shape) / 2 + rng.uniform(-2, 2, 3)
+    distance = np.linalg.norm(grid - centre, axis=-1)
+    label = np.where(distance < 3, 1, np.where(distance < 5, 2, 0)).astype(np.uint8)
+    image = np.stack([100 + 50 * c + (c + 1) * 40 * label + rng.normal(0, 5, shape) for c in range(channels)])
+    image[:, :2] = 0  # an empty border, so non-zero cropping has something to crop
+    return image.astype(np.float32), label
+
+
+def affine_for(index: int) -> np.ndarray:
+    """Anisotropic spacing, differing a little between cases, with an LPS-like flip."""
+    return np.diag([-1.0, -1.2 + 0.1 * (index % 2), 2.0, 1.0])
+
+
+def write_msd(root: Path, num_cases: int = 5, channels: int = 2) -> Path:
+    """Decathlon layout: one 4D image per case (channels last, as MSD stores them)."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    training = []
+    for i in range(num_cases):
+        image, label = case_arrays(i, channels=channels)
+        name = f"case_{i:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(np.moveaxis(image, 0, -1), affine_for(i)), root / "imagesTr" / name)
+        nib.save(nib.Nifti1Image(label, affine_for(i)), root / "labelsTr" / name)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    description = {
+        "name": "TinyMSD",
+        "modality": {str(c): f"mod{c}" for c in range(channels)},
+        "labels": {str(v): k for v, k in enumerate(CLASSES)},
+        "numTraining": num_cases,
+        "training": training,
+    }
+    (root / "dataset.json").write_text(json.dumps(description))
+    return root
+
+
+def write_nnunet(root: Path, num_cases: int = 5, channels: int = 2) -> Path:
+    """nnU-Net v2 raw layout: one 3D file per channel, ``CASE_XXXX.nii.gz``."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for i in range(num_cases):
+        image, label = case_arrays(i, channels=channels)
+        for c in range(channels):
+            nib.save(nib.Nifti1Image(image[c], affine_for(i)), root / "imagesTr" / f"case_{i:03d}_{c:04d}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine_for(i)), root / "labelsTr" / f"case_{i:03d}.nii.gz")
+    description = {
+        "channel_names": {str(c): f"mod{c}" for c in range(channels)},
+        "labels": {k: v for v, k in enumerate(CLASSES)},
+        "numTraining": num_cases,
+        "file_ending": ".nii.gz",
+    }
+    (root / "dataset.json").write_text(json.dumps(description))
+    return root
+
+
+def folder_digest(root: Path) -> dict[str, bytes]:
+    """Every file's bytes, to assert a folder is unchanged."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
