@@ -7,6 +7,7 @@ from hydra.errors import ConfigCompositionException, InstantiationException, Mis
 from hydra.utils import instantiate
 
 from conftest import CONFIG_DIR, TINY, compose_config
+from nifti_datasets import write_msd
 from datamodules import SegmentationDataModule
 from lightning_modules import SegmentationModule
 from train import build_model
@@ -33,9 +34,16 @@ def test_losses_and_models_instantiate(loss, model, tmp_path):
     assert list(module.net.features) == list(cfg.model.features)
 
 
+def data_overrides(data: str, tmp_path: Path) -> list[str]:
+    """What a data option needs beyond its defaults (a dataset folder for data=folder)."""
+    if data == "folder":
+        return [f"data.root={write_msd(tmp_path / 'dataset')}", f"data.cache_dir={tmp_path / 'cache'}"]
+    return []
+
+
 @pytest.mark.parametrize("data", options("data"))
 def test_data_instantiates(data, tmp_path):
-    cfg = compose_config([f"data={data}"], tmp_path)
+    cfg = compose_config([f"data={data}", *data_overrides(data, tmp_path)], tmp_path)
     datamodule = instantiate(cfg.data)
     assert isinstance(datamodule, SegmentationDataModule)
     assert datamodule.patch_size == tuple(cfg.data.patch_size)
