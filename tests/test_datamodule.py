@@ -12,9 +12,11 @@ SMALL = dict(num_train=4, num_val=2, shape=(32, 32, 16), radius_mm=(4.0, 6.0), n
 
 
 def centre_labels(datamodule, epochs: int = 1) -> torch.Tensor:
+    torch.manual_seed(0)  # the patch stream's seed derives from torch's (as after seed_everything)
     loader = datamodule.train_dataloader()
     centres = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        datamodule.set_epoch(epoch)
         for batch in loader:
             label = batch["label"][tio.DATA]
             w, h, d = (s // 2 for s in label.shape[2:])
@@ -85,3 +87,36 @@ def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match="num_workers"):
         resolve_num_workers(-1)
     assert resolve_num_workers("auto") >= 0
+
+
+def stream(datamodule, workers: int) -> list[torch.Tensor]:
+    datamodule.num_workers = workers
+    torch.manual_seed(3)
+    return [b["image"][tio.DATA] for b in datamodule.train_dataloader()]
+
+
+def test_patch_stream_is_reproducible_and_independent_of_the_worker_count():
+    dm = SyntheticDataModule(**{**SMALL, "augmentation": {"flip": tio.RandomFlip(axes=(0, 1, 2))}},
+                             patch_size=(16, 16, 8), samples_per_volume=3, batch_size=2, augmentation_context=0.25)
+    dm.setup()
+    single, again, parallel = stream(dm, 0), stream(dm, 0), stream(dm, 2)
+    assert len(single) == len(dm.train_dataloader()) == 6
+    assert all(torch.equal(a, b) for a, b in zip(single, again))
+    assert all(torch.equal(a, b) for a, b in zip(single, parallel))
+    torch.manual_seed(3)
+    loader = dm.train_dataloader()
+    dm.set_epoch(1)
+    assert not torch.equal(next(iter(loader))["image"][tio.DATA], single[0])
+
+
+def test_patches_are_the_arrays_own_voxels():
+    """Without augmentation a patch is an exact window of the normalised volume."""
+    dm = SyntheticDataModule(**SMALL, patch_size=(16, 16, 8), samples_per_volume=1, batch_size=1)
+    dm.setup()
+    patch = next(iter(dm.train_dataloader()))["image"][tio.DATA][0]
+    found = False
+    for case in dm.train_cases:
+        volume = torch.from_numpy(case.normalised(case.arrays()[0]))
+        windows = volume.unfold(1, 16, 1).unfold(2, 16, 1).unfold(3, 8, 1)  # (C, nW, nH, nD, 16, 16, 8)
+        found |= bool(((windows - patch[:, None, None, None]).abs().amax(dim=(0, 4, 5, 6)) < 1e-6).any())
+    assert found
