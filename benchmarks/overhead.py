@@ -94,11 +94,25 @@ def load_losses(names: list[str] | None) -> tuple[dict[str, torch.nn.Module], st
     return losses, "configs/loss via Hydra compose + instantiate"
 
 
+GENERIC_FRAMES = ("/torch/", "apply_func.py", "/warnings.py", "/contextlib.py", "/functools.py", "benchmarks/overhead.py")
+
+
 def short(path: str, lineno: int) -> str:
     for marker in ("site-packages/", str(common.ROOT) + "/"):
         if marker in path:
             path = path.split(marker, 1)[1]
     return f"{path}:{lineno}"
+
+
+def attribute(frame) -> str:
+    """The first two calling frames outside torch and generic helpers, innermost first."""
+    sites = []
+    while frame is not None and len(sites) < 2:
+        filename = frame.f_code.co_filename
+        if not any(g in filename for g in GENERIC_FRAMES):
+            sites.append(f"{short(filename, frame.f_lineno)} {frame.f_code.co_name}")
+        frame = frame.f_back
+    return " <- ".join(sites) or "?"
 
 
 class HostReadCounter(torch.overrides.TorchFunctionMode):
@@ -111,8 +125,7 @@ class HostReadCounter(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         if name in HOST_READS:
-            frame = sys._getframe(1)
-            self.sites[f"{name} @ {short(frame.f_code.co_filename, frame.f_lineno)}"] += 1
+            self.sites[f"{name} @ {attribute(sys._getframe(1))}"] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -154,9 +167,18 @@ class StepProbe:
     def start_counting(self) -> None:
         self.counted_steps = self.count_end - self.count_start
         if self.device.type == "cuda":
-            self._warnings = warnings.catch_warnings(record=True)
-            self._records = self._warnings.__enter__()
+            self._warnings = warnings.catch_warnings()
+            self._warnings.__enter__()
             warnings.simplefilter("always")
+            previous = warnings.showwarning
+
+            def record(message, category, filename, lineno, file=None, line=None):
+                if "synchroniz" in str(message):  # the Python stack is still live here
+                    self.sites[attribute(sys._getframe(1))] += 1
+                else:
+                    previous(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = record
             torch.cuda.set_sync_debug_mode("warn")
         else:
             self._mode = HostReadCounter()
@@ -165,10 +187,7 @@ class StepProbe:
     def stop_counting(self) -> None:
         if self._warnings is not None:
             torch.cuda.set_sync_debug_mode("default")
-            self._warnings.__exit__(None, None, None)
-            for w in self._records:
-                if "synchroniz" in str(w.message):
-                    self.sites[short(w.filename, w.lineno)] += 1
+            self._warnings.__exit__(None, None, None)  # restores warnings.showwarning too
             self._warnings = None
         if self._mode is not None:
             self._mode.__exit__(None, None, None)
@@ -205,7 +224,7 @@ def lightning_run(loss, args, device, features, patch, warmup: int, count: bool)
         log_seconds.append(time.perf_counter() - start)
 
     module.log = timed_log  # type: ignore[method-assign]
-    probe = StepProbe(device, warmup, count, args.rounds, args.steps)
+    probe = StepProbe(device, warmup, count, args.windows, args.steps)
     total_steps = probe.boundaries[-1] + 1
     generator = torch.Generator().manual_seed(args.seed)
     image = torch.randn(1, *patch, generator=generator)
@@ -229,13 +248,13 @@ def lightning_run(loss, args, device, features, patch, warmup: int, count: bool)
             callbacks=[probe.callback],
             default_root_dir=tmp,
         )
-        captured = io.StringIO()
+        captured = io.StringIO()  # the progress bar (Rich: stdout; TQDM: stderr) and Lightning's chatter
         try:
-            with contextlib.redirect_stderr(captured), warnings.catch_warnings():
+            with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Lightning's advice (workers, ...); counting records its own
                 trainer.fit(module, train_dataloaders=loader)
         except BaseException:
-            sys.stderr.write(captured.getvalue()[-5000:])
+            sys.stderr.write(captured.getvalue()[-5000:] + "\n")
             raise
     steps_counted = probe.counted_steps or 1
     return {
@@ -256,21 +275,26 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (manual and Lightning)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds/windows (default 5; quick 5)")
     parser.add_argument("--steps", type=int, default=None, help="steps per round/window (default 3; quick 3)")
+    parser.add_argument("--windows", type=int, default=None, help="timed Lightning windows of --steps (default 5; quick 3)")
     parser.add_argument("--grad-clip", type=float, default=12.0, help="clip_grad_norm_ in the bare step (0 = off)")
     parser.add_argument("--no-lightning", action="store_true", help="skip the Trainer runs (no log time, no syncs)")
     args = parser.parse_args()
     args.rounds = args.rounds if args.rounds is not None else 5
     args.steps = args.steps if args.steps is not None else 3
+    args.windows = args.windows if args.windows is not None else (3 if args.quick else 5)
 
     features = args.features or common.ints("8,16,32,64" if args.quick else NNUNET_FEATURES)
     patch = args.patch or ((32, 32, 32) if args.quick else (128, 128, 128))
     device = common.select_device(args.device, args.quick)
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(args.seed)
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    import pytorch_lightning  # noqa: F401  (sets its loggers to INFO on import; quiet them after)
 
     from lightning_modules import UNet3D
+
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
     losses, how = load_losses(args.losses.split(",") if args.losses else None)
     print(common.describe_environment(device, args.precision))

@@ -52,9 +52,10 @@ class ResultsWriter(pl.Callback):
     At the end of training a table of the main metrics is printed.
     """
 
-    def __init__(self, output_dir: str, print_table: bool = True) -> None:
+    def __init__(self, output_dir: str, print_table: bool = True, fields: dict | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.print_table = print_table
+        self.fields = dict(fields or {})  # written into metrics.json in place of the trainer's (evaluate.py)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or pl_module.validation_rows is None:
@@ -65,6 +66,7 @@ class ResultsWriter(pl.Callback):
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
             "num_subjects": len(rows["subject_index"]),
+            **self.fields,
             **{f"val/{k}": v for k, v in pl_module.validation_summary.items()},
         }
         write_atomically(self.output_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True) + "\n")
@@ -77,6 +79,9 @@ class ResultsWriter(pl.Callback):
         write_atomically(self.output_dir / "subjects.csv", text.getvalue())
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.print_summary(trainer, pl_module)
+
+    def print_summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         summary = pl_module.validation_summary
         if not self.print_table or not trainer.is_global_zero or summary is None:
             return

@@ -1,0 +1,135 @@
+"""evaluate.py reproduces training's validation; predict.py writes in the input's geometry."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torchio as tio
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import ROOT, compose_config
+from datamodules import DatasetError
+from evaluate import evaluate
+from nifti_datasets import folder_digest, write_nnunet
+from predict import predict, predict_case
+from test_folder_data import TINY_FOLDER
+from train import train
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One epoch on a tiny nnU-Net-layout dataset: (dataset root, run dir, cache dir)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    root = write_nnunet(tmp / "data")
+    cfg = compose_config([*TINY_FOLDER, f"data.root={root}", f"data.cache_dir={tmp / 'cache'}"], tmp / "run")
+    train(cfg)
+    return root, tmp / "run", tmp / "cache"
+
+
+def test_evaluate_writes_what_training_validation_wrote(trained_run, tmp_path):
+    root, run, cache = trained_run
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        cfg = compose("evaluate", overrides=[f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "trainer.accelerator=cpu",
+                                             "trainer.enable_progress_bar=false"])
+    cfg.paths.output_dir = str(tmp_path)
+    summary = evaluate(cfg)
+    assert (tmp_path / "subjects.csv").read_text() == (run / "subjects.csv").read_text()
+    trained_metrics = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {k: v for k, v in metrics.items() if k.startswith("val/")} == pytest.approx(
+        {k: v for k, v in trained_metrics.items() if k.startswith("val/")}, nan_ok=True)
+    assert metrics["global_step"] == trained_metrics["global_step"]
+    assert json.loads((tmp_path / "splits.json").read_text()) == json.loads((run / "splits.json").read_text())
+    assert summary["val/dice"] == pytest.approx(trained_metrics["val/dice"])
+
+
+def reoriented_copy(root: Path, target: Path) -> Path:
+    """case_000 with its axes permuted and flipped, at another spacing (same anatomy)."""
+    target.mkdir()
+    for c in range(2):
+        image = nib.load(root / "imagesTr" / f"case_000_{c:04d}.nii.gz")
+        data = np.flip(np.transpose(np.asarray(image.dataobj), (2, 0, 1)), 0)
+        affine = image.affine[:, [2, 0, 1, 3]].copy()
+        affine[:3, 0] *= -1
+        affine[:3, 3] -= affine[:3, 0] * (data.shape[0] - 1)
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(data), affine), target / f"turned_{c:04d}.nii.gz")
+    return target
+
+
+def test_predictions_have_the_inputs_shape_and_affine(trained_run, tmp_path):
+    root, run, _ = trained_run
+    inputs = reoriented_copy(root, tmp_path / "in")
+    before = folder_digest(inputs)
+    cfg = OmegaConf.create({"ckpt_path": str(run / "checkpoints" / "last.ckpt"), "input": str(inputs), "output": str(tmp_path / "out"),
+                            "save_probabilities": True, "device": "cpu", "overlap": None, "batch_size": None})
+    volumes = predict(cfg)
+    source = nib.load(inputs / "turned_0000.nii.gz")
+    segmentation = nib.load(tmp_path / "out" / "turned.nii.gz")
+    assert segmentation.shape == source.shape
+    assert np.array_equal(segmentation.affine, source.affine)
+    probabilities = nib.load(tmp_path / "out" / "turned_probabilities.nii.gz").get_fdata()
+    assert probabilities.shape == (*source.shape, 3)
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-4)
+    rows = list(csv.DictReader(volumes.open()))
+    assert [(r["case"], r["class"]) for r in rows] == [("turned", "core"), ("turned", "rim")]
+    voxel_ml = abs(np.linalg.det(source.affine[:3, :3])) / 1000
+    assert float(rows[1]["volume_ml"]) == pytest.approx((segmentation.get_fdata() == 2).sum() * voxel_ml)
+    assert folder_digest(inputs) == before
+
+
+def test_geometry_round_trip_recovers_the_label(trained_run, tmp_path):
+    """A predictor that reads the label off the (preprocessed) image must give back the
+    input's own label on the input grid, whatever the input's orientation and spacing."""
+    root, _, _ = trained_run
+    inputs = reoriented_copy(root, tmp_path / "in")
+    label = nib.load(root / "labelsTr" / "case_000.nii.gz")
+    turned = np.flip(np.transpose(np.asarray(label.dataobj), (2, 0, 1)), 0)
+
+    # channel 0 is 100 + 40 × label + noise (std 5): rounding (x − 100) / 40 reads the label back
+    trained = SimpleNamespace(
+        inference_settings={"target_spacing": [0.7, 0.9, 1.3], "crop_nonzero": True, "normalization": "none"},
+        module=SimpleNamespace(predict_probabilities=lambda x: torch.nn.functional.one_hot(
+            torch.clamp(torch.round((x[0] - 100) / 40), 0, 2).long(), 3).permute(3, 0, 1, 2).float()),
+    )
+    probabilities = predict_case(trained, tio.ScalarImage(inputs / "turned_0000.nii.gz"), inputs / "turned_0000.nii.gz")
+    prediction = probabilities.argmax(0)
+    assert prediction.shape == turned.shape
+    foreground = (prediction > 0), (turned > 0)
+    dice = 2 * (foreground[0] & foreground[1]).sum() / (foreground[0].sum() + foreground[1].sum())
+    assert dice > 0.9
+
+
+def test_predict_refuses_bad_inputs_with_the_file_named(trained_run, tmp_path):
+    root, run, _ = trained_run
+    single = tmp_path / "in"
+    single.mkdir()
+    (single / "lonely_0000.nii.gz").write_bytes((root / "imagesTr" / "case_001_0000.nii.gz").read_bytes())
+    base = {"ckpt_path": str(run / "checkpoints" / "last.ckpt"), "save_probabilities": False, "device": "cpu",
+            "overlap": None, "batch_size": None}
+    with pytest.raises(DatasetError, match="lonely_0000.nii.gz: 1 channel"):
+        predict(OmegaConf.create({**base, "input": str(single), "output": str(tmp_path / "out")}))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="is the input folder"):
+        predict(OmegaConf.create({**base, "input": str(single), "output": str(single)}))
+
+
+def test_predict_cli(trained_run, tmp_path):
+    root, run, _ = trained_run
+    result = subprocess.run(
+        [sys.executable, "predict.py", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"input={root / 'imagesTr'}",
+         f"output={tmp_path / 'out'}", f"paths.log_dir={tmp_path / 'logs'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == [f"case_{i:03d}.nii.gz" for i in range(5)]
+    assert len(list(csv.DictReader((tmp_path / "out" / "volumes.csv").open()))) == 10
