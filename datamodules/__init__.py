@@ -2,7 +2,8 @@
 
 from datamodules.folder import FolderDataModule
 from datamodules.input_checks import DatasetError
+from datamodules.mni152 import MNI152DataModule
 from datamodules.segmentation import SegmentationDataModule
 from datamodules.synthetic import SyntheticDataModule
 
-__all__ = ["DatasetError", "FolderDataModule", "SegmentationDataModule", "SyntheticDataModule"]
+__all__ = ["DatasetError", "FolderDataModule", "MNI152DataModule", "SegmentationDataModule", "SyntheticDataModule"]
