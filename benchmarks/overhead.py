@@ -24,8 +24,8 @@
 device synchronised around each block; medians are reported.
 
 (b) Syncs per step: the same loss trains a ``SegmentationModule`` in a real ``pl.Trainer``
-(bf16-mixed or 32-true, gradient_clip_val 12, log_every_n_steps 10, progress bar on, a
-CSVLogger, as ``configs/trainer/default.yaml`` + ``configs/logger/csv.yaml``; in-memory
+(bf16-mixed or 32-true, gradient_clip_val 12, log_every_n_steps 10, progress bar on unless
+``--no-progress-bar``, a CSVLogger, as ``configs/trainer/default.yaml`` + ``configs/logger/csv.yaml``; in-memory
 batches from a pinned ``DataLoader``; no validation). On CUDA, ``torch.cuda.set_sync_debug_mode
 ("warn")`` is on from the start of training batch ``warmup`` to the start of batch ``warmup +
 10`` -- ten whole loop iterations including one logger flush (log_every_n_steps = 10) -- and
@@ -36,7 +36,9 @@ reported as null; as a hint the table then shows a CPU proxy: calls of ``.item()
 ``.tolist()``, ``bool()``/``int()``/``float()`` on tensors, ``.cpu()``, ``.numpy()``,
 ``nonzero()`` in the same window, counted with a ``TorchFunctionMode``. It is an upper bound:
 on the CPU every tensor lives on the host, so it also counts reads that never sync on CUDA.
-The Lightning step time is measured in windows of ``--steps`` loop iterations after the
+``--log no-prog-bar|epoch-only`` is a what-if: a subclass whose training_step logs the loss with
+other ``self.log`` keywords, to see what a change of the module would save. The Lightning
+step time is measured in windows of ``--steps`` loop iterations after the
 counting window, synchronised only at the window boundaries.
 
 Result lines (the last two): first ``{"name": "overhead_syncs", "ours": <max syncs/step over
@@ -70,6 +72,12 @@ from benchmarks import common  # noqa: E402
 
 NNUNET_FEATURES = "32,64,128,256,320,320"
 SYNC_WINDOW = 10  # loop iterations with sync counting: one logger flush at log_every_n_steps = 10
+# --log what-ifs: SegmentationModule.training_step's self.log("train/loss", ...) keyword variants
+LOG_VARIANTS = {
+    "module": None,  # the module's own training_step, unchanged
+    "no-prog-bar": {"on_step": True, "on_epoch": True, "prog_bar": False},
+    "epoch-only": {"on_step": False, "on_epoch": True, "prog_bar": True},
+}
 HOST_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero"}
 
 
@@ -114,9 +122,9 @@ def short(path: str, lineno: int) -> str:
 
 
 def attribute(frame) -> str:
-    """The first two calling frames outside torch and generic helpers, innermost first."""
+    """The first three calling frames outside torch and generic helpers, innermost first."""
     sites = []
-    while frame is not None and len(sites) < 2:
+    while frame is not None and len(sites) < 3:
         filename = frame.f_code.co_filename
         if not is_generic(filename):
             sites.append(f"{short(filename, frame.f_lineno)} {frame.f_code.co_name}")
@@ -215,7 +223,19 @@ def lightning_run(loss, args, device, features, patch, warmup: int, count: bool)
 
     from lightning_modules import SegmentationModule
 
-    module = SegmentationModule(
+    variant = LOG_VARIANTS[args.log]
+    if variant is not None:  # a what-if: the same training_step with other self.log keywords
+
+        class Module(SegmentationModule):
+            def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+                image, label = batch["image"]["data"], batch["label"]["data"]
+                loss = self.compute_loss(self.net(image), label)
+                self.log("train/loss", loss, batch_size=image.shape[0], **variant)
+                return loss
+    else:
+        Module = SegmentationModule
+
+    module = Module(
         loss=loss,
         in_channels=1,
         num_classes=args.classes,
@@ -250,7 +270,7 @@ def lightning_run(loss, args, device, features, patch, warmup: int, count: bool)
             num_sanity_val_steps=0,
             gradient_clip_val=12,
             log_every_n_steps=10,
-            enable_progress_bar=True,
+            enable_progress_bar=not args.no_progress_bar,
             enable_model_summary=False,
             enable_checkpointing=False,
             logger=CSVLogger(tmp, name="csv", version=""),
@@ -286,6 +306,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps per round/window (default 3; quick 3)")
     parser.add_argument("--windows", type=int, default=None, help="timed Lightning windows of --steps (default 5; quick 3)")
     parser.add_argument("--grad-clip", type=float, default=12.0, help="clip_grad_norm_ in the bare step (0 = off)")
+    parser.add_argument("--no-progress-bar", action="store_true", help="Trainer without progress bar (default: on, as configs)")
+    parser.add_argument("--log", choices=list(LOG_VARIANTS), default="module",
+                        help="what-if: training_step's self.log keywords (module = the project's code)")
     parser.add_argument("--no-lightning", action="store_true", help="skip the Trainer runs (no log time, no syncs)")
     args = parser.parse_args()
     args.rounds = args.rounds if args.rounds is not None else 5
@@ -308,6 +331,8 @@ def main() -> None:
     losses, how = load_losses(args.losses.split(",") if args.losses else None)
     print(common.describe_environment(device, args.precision))
     print(f"features {features} | patch {patch} | batch {args.batch} | classes {args.classes} | losses: {how}")
+    if args.log != "module":
+        print(f"WHAT-IF: training_step logs with {LOG_VARIANTS[args.log]} instead of the module's own self.log call")
 
     # --- (a) bare step vs loss forward + backward -----------------------------------------
     net = UNet3D(1, args.classes, features).to(device).train()

@@ -194,3 +194,18 @@ def test_truncated_gzip_really_is_unreadable(tmp_path):
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(Exception):
         gzip.decompress(path.read_bytes())
+
+
+def test_ct_normalisation_uses_training_foreground_statistics(tmp_path):
+    root = write_msd(tmp_path / "data")
+    dm = datamodule(root, tmp_path / "cache", normalization="ct")
+    dm.setup()
+    pooled = np.concatenate([c.foreground_samples for c in dm.train_cases], axis=1)
+    lower, upper = np.percentile(pooled, [0.5, 99.5], axis=1)
+    np.testing.assert_allclose(dm.intensity.lower, lower)
+    np.testing.assert_allclose(dm.intensity.upper, upper)
+    subject = dm.val_cases[0].to_subject(dm.num_classes)
+    image = subject["image"].data.numpy()
+    top = (upper - dm.intensity.shift) / dm.intensity.scale
+    assert (image.reshape(2, -1).max(1) <= top + 1e-5).all()  # clipped, then scaled
+    assert dm.inference_settings()["intensity"]["lower"] == pytest.approx(list(lower))
