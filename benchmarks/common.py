@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so that `import lightning_modules`, `losses`, ... work from any cwd
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
 
 def base_parser(description: str | None) -> argparse.ArgumentParser:
@@ -132,5 +132,5 @@ def emit(name: str, ours: float | None, peer: float | None, unit: str, ratio: fl
     print(result_json(name, ours, peer, unit, ratio), flush=True)
 
 
-def gib(n_bytes: int | float) -> float:
+def gib(n_bytes: float) -> float:
     return float(n_bytes) / 2**30

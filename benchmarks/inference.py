@@ -51,9 +51,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 NNUNET_FEATURES = "32,64,128,256,320,320"
 
@@ -84,7 +84,9 @@ def axis_starts(grid: list[tuple[int, ...]]) -> list[list[int]]:
 
 def main() -> None:
     parser = common.base_parser(__doc__)
-    parser.add_argument("--features", type=common.ints, default=None, help=f"default {NNUNET_FEATURES}; quick 8,16,32,64")
+    parser.add_argument(
+        "--features", type=common.ints, default=None, help=f"default {NNUNET_FEATURES}; quick 8,16,32,64"
+    )
     parser.add_argument("--patch", type=common.triple, default=None, help="default 128; quick 32")
     parser.add_argument("--volume", type=common.triple, default=None, help="W,H,D; default 256,256,256; quick 64,64,48")
     parser.add_argument("--overlap", type=float, default=0.5)
@@ -128,21 +130,29 @@ def main() -> None:
             kwargs["roi_weight_map"] = our_window
         with torch.inference_mode(), common.autocast(device, args.precision):
             out = sliding_window_inference(
-                image[None], roi_size=tuple(patch), sw_batch_size=args.sw_batch, predictor=softmax_predictor,
-                overlap=args.overlap, **kwargs,
+                image[None],
+                roi_size=tuple(patch),
+                sw_batch_size=args.sw_batch,
+                predictor=softmax_predictor,
+                overlap=args.overlap,
+                **kwargs,
             )
         return out[0]
 
     print(common.describe_environment(device, args.precision))
-    print(f"features {features} | volume {volume} | patch {patch} | overlap {args.overlap} | sw batch {args.sw_batch} "
-          f"| weighting {args.weighting} | classes {args.classes}")
+    print(
+        f"features {features} | volume {volume} | patch {patch} | overlap {args.overlap} | sw batch {args.sw_batch} "
+        f"| weighting {args.weighting} | classes {args.classes}"
+    )
 
     # --- agreement -----------------------------------------------------------------------
     grid_a, grid_b = our_grid(volume, patch, args.overlap), monai_grid(volume, patch, args.overlap)
     same_grid = grid_a == grid_b
     print(f"grids: ours {len(grid_a)} patches, starts per axis {axis_starts(grid_a)}")
-    print(f"       MONAI {len(grid_b)} patches, starts per axis {axis_starts(grid_b)} -> "
-          f"{'identical' if same_grid else 'DIFFERENT'}")
+    print(
+        f"       MONAI {len(grid_b)} patches, starts per axis {axis_starts(grid_b)} -> "
+        f"{'identical' if same_grid else 'DIFFERENT'}"
+    )
     ours_p = run_ours()
     native_p = run_monai()
     same_p = run_monai(same_weights=True)
@@ -152,9 +162,13 @@ def main() -> None:
     frac_native = float((diff_native > 1e-3).float().mean())
     sum_error = float((ours_p.sum(0) - 1).abs().max())
     tol_same = 1e-5 if args.precision == "32" else 1e-3
-    print(f"max |Δp| same weights (MONAI given our window): {max_same:.3g}  (tolerance {tol_same:g} if grids identical)")
-    print(f"max |Δp| native MONAI {args.weighting if args.weighting != 'hann' else 'hann via roi_weight_map'}: "
-          f"{max_native:.3g}, mean {float(diff_native.mean()):.3g}, voxels > 1e-3: {100 * frac_native:.3g}%")
+    print(
+        f"max |Δp| same weights (MONAI given our window): {max_same:.3g}  (tolerance {tol_same:g} if grids identical)"
+    )
+    print(
+        f"max |Δp| native MONAI {args.weighting if args.weighting != 'hann' else 'hann via roi_weight_map'}: "
+        f"{max_native:.3g}, mean {float(diff_native.mean()):.3g}, voxels > 1e-3: {100 * frac_native:.3g}%"
+    )
     print(f"ours: max |Σ_c p − 1| = {sum_error:.3g}")
     del native_p, same_p, diff_native, diff_same, ours_p
     if same_grid:

@@ -29,7 +29,8 @@ device synchronised around each block; medians are reported.
 batches from a pinned ``DataLoader``; no validation). On CUDA, ``torch.cuda.set_sync_debug_mode
 ("warn")`` is on from the start of training batch ``warmup`` to the start of batch ``warmup +
 10`` -- ten whole loop iterations including one logger flush (log_every_n_steps = 10) -- and
-the "synchronizing CUDA operation" warnings are counted and attributed to source lines.
+the "called a synchronizing CUDA operation" warnings are counted and attributed to the
+first calling frames outside torch (torch's one-time "prototype feature" notice is not counted).
 Explicit ``torch.cuda.synchronize()`` calls (only made by this script between timing windows,
 outside the counting window) do not warn. On the CPU nothing synchronises, so syncs are
 reported as null; as a hint the table then shows a CPU proxy: calls of ``.item()``,
@@ -66,11 +67,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 NNUNET_FEATURES = "32,64,128,256,320,320"
+SYNC_WARNING = "called a synchronizing CUDA operation"  # c10/cuda warn_or_error_on_sync
 SYNC_WINDOW = 10  # loop iterations with sync counting: one logger flush at log_every_n_steps = 10
 # --log what-ifs: SegmentationModule.training_step's self.log("train/loss", ...) keyword variants
 LOG_VARIANTS = {
@@ -190,7 +192,9 @@ class StepProbe:
             previous = warnings.showwarning
 
             def record(message, category, filename, lineno, file=None, line=None):
-                if "synchroniz" in str(message):  # the Python stack is still live here
+                # torch's per-sync warning; not its one-time "prototype feature ... does not yet detect
+                # all synchronizing operations" notice when the mode is first switched on
+                if SYNC_WARNING in str(message):  # the Python stack is still live here
                     self.sites[attribute(sys._getframe(1))] += 1
                 else:
                     previous(message, category, filename, lineno, file, line)
@@ -296,7 +300,9 @@ def lightning_run(loss, args, device, features, patch, warmup: int, count: bool)
 
 def main() -> None:
     parser = common.base_parser(__doc__)
-    parser.add_argument("--features", type=common.ints, default=None, help=f"default {NNUNET_FEATURES}; quick 8,16,32,64")
+    parser.add_argument(
+        "--features", type=common.ints, default=None, help=f"default {NNUNET_FEATURES}; quick 8,16,32,64"
+    )
     parser.add_argument("--patch", type=common.triple, default=None, help="default 128; quick 32")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--classes", type=int, default=2)
@@ -304,11 +310,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (manual and Lightning)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds/windows (default 5; quick 5)")
     parser.add_argument("--steps", type=int, default=None, help="steps per round/window (default 3; quick 3)")
-    parser.add_argument("--windows", type=int, default=None, help="timed Lightning windows of --steps (default 5; quick 3)")
+    parser.add_argument(
+        "--windows", type=int, default=None, help="timed Lightning windows of --steps (default 5; quick 3)"
+    )
     parser.add_argument("--grad-clip", type=float, default=12.0, help="clip_grad_norm_ in the bare step (0 = off)")
-    parser.add_argument("--no-progress-bar", action="store_true", help="Trainer without progress bar (default: on, as configs)")
-    parser.add_argument("--log", choices=list(LOG_VARIANTS), default="module",
-                        help="what-if: training_step's self.log keywords (module = the project's code)")
+    parser.add_argument(
+        "--no-progress-bar", action="store_true", help="Trainer without progress bar (default: on, as configs)"
+    )
+    parser.add_argument(
+        "--log",
+        choices=list(LOG_VARIANTS),
+        default="module",
+        help="what-if: training_step's self.log keywords (module = the project's code)",
+    )
     parser.add_argument("--no-lightning", action="store_true", help="skip the Trainer runs (no log time, no syncs)")
     args = parser.parse_args()
     args.rounds = args.rounds if args.rounds is not None else 5
@@ -392,16 +406,35 @@ def main() -> None:
     for name, r in results.items():
         r["fraction"] = (r["loss"] + r["log"]) / r["step"]
         r["fraction_lightning"] = (r["loss"] + r["log"]) / r["lightning"]
-        rows.append([
-            name, 1000 * r["step"], 1000 * r["loss"], 1000 * r["log"], r["fraction"], 1000 * r["lightning"],
-            r["fraction_lightning"], r["lightning"] / r["step"] - 1,
-            r["syncs"] if device.type == "cuda" else f"null (proxy {r.get('proxy', 0):.3g})",
-        ])
-    print(f"medians of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps; "
-          f"syncs counted over {SYNC_WINDOW} Lightning iterations")
+        rows.append(
+            [
+                name,
+                1000 * r["step"],
+                1000 * r["loss"],
+                1000 * r["log"],
+                r["fraction"],
+                1000 * r["lightning"],
+                r["fraction_lightning"],
+                r["lightning"] / r["step"] - 1,
+                r["syncs"] if device.type == "cuda" else f"null (proxy {r.get('proxy', 0):.3g})",
+            ]
+        )
+    print(
+        f"medians of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps; "
+        f"syncs counted over {SYNC_WINDOW} Lightning iterations"
+    )
     common.print_table(
-        ["loss", "step ms", "loss f+b ms", "log ms", "fraction", "Lightning step ms", "frac. of Lightning",
-         "Lightning/step - 1", "syncs/step"],
+        [
+            "loss",
+            "step ms",
+            "loss f+b ms",
+            "log ms",
+            "fraction",
+            "Lightning step ms",
+            "frac. of Lightning",
+            "Lightning/step - 1",
+            "syncs/step",
+        ],
         rows,
     )
     for name, r in results.items():

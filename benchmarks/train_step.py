@@ -35,10 +35,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 NNUNET_FEATURES = "32,64,128,256,320,320"
 
@@ -121,7 +121,9 @@ def check_same_function(ours: nn.Module, peer: nn.Module, in_channels: int, divi
 
 def main() -> None:
     parser = common.base_parser(__doc__)
-    parser.add_argument("--features", type=common.ints, default=None, help=f"default {NNUNET_FEATURES}; quick 8,16,32,64")
+    parser.add_argument(
+        "--features", type=common.ints, default=None, help=f"default {NNUNET_FEATURES}; quick 8,16,32,64"
+    )
     parser.add_argument("--patch", type=common.triple, default=None, help="default 128; quick 32")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--in-channels", type=int, default=1)
@@ -148,15 +150,19 @@ def main() -> None:
     if any(p % divisor for p in patch):
         raise SystemExit(f"patch {patch} must be divisible by {divisor} for {len(features)} stages")
 
-    nets = {"ours (UNet3D)": build_ours(args.in_channels, args.classes, features),
-            "peer (PlainConvUNet)": build_peer(args.in_channels, args.classes, features)}
+    nets = {
+        "ours (UNet3D)": build_ours(args.in_channels, args.classes, features),
+        "peer (PlainConvUNet)": build_peer(args.in_channels, args.classes, features),
+    }
     ours, peer = nets.values()
     n_ours, n_peer = count_parameters(ours), count_parameters(peer)
     census_ours, census_peer = module_census(ours), module_census(peer)
     max_diff = check_same_function(ours, peer, args.in_channels, divisor)
     print(common.describe_environment(device, args.precision))
-    print(f"features {features} | patch {patch} | batch {args.batch} | in {args.in_channels} | classes {args.classes} "
-          f"| channels_last {args.channels_last} | cudnn.benchmark {torch.backends.cudnn.benchmark}")
+    print(
+        f"features {features} | patch {patch} | batch {args.batch} | in {args.in_channels} | classes {args.classes} "
+        f"| channels_last {args.channels_last} | cudnn.benchmark {torch.backends.cudnn.benchmark}"
+    )
     print(f"parameters: ours {n_ours:,} | peer {n_peer:,}; modules: ours {census_ours} | peer {census_peer}")
     print(f"same function (our weights copied into PlainConvUNet, float32, CPU): max |Δ logits| = {max_diff:.3g}")
     assert n_ours == n_peer, f"parameter counts differ: {n_ours} vs {n_peer}"
@@ -189,7 +195,7 @@ def main() -> None:
             step_fns[name]()
 
     for name in nets:
-        common.timed(lambda: run(name, warmup), device)
+        common.timed(lambda name=name: run(name, warmup), device)
 
     rates: dict[str, list[float]] = {name: [] for name in nets}
     work_memory: dict[str, float] = {name: 0.0 for name in nets}
@@ -200,7 +206,7 @@ def main() -> None:
                 common.sync(device)
                 resting = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds = common.timed(lambda: run(name, steps), device)
+            seconds = common.timed(lambda name=name: run(name, steps), device)
             rates[name].append(steps / seconds)
             if device.type == "cuda":
                 work_memory[name] = max(work_memory[name], torch.cuda.max_memory_allocated(device) - resting)
@@ -210,16 +216,18 @@ def main() -> None:
     if device.type == "cuda":
         headers.append("step memory GiB")
     rows = []
-    for name in nets:
-        row = [name, f"{count_parameters(nets[name]):,}", medians[name], 1000 / medians[name], common.spread(rates[name])]
+    for name, net in nets.items():
+        row = [name, f"{count_parameters(net):,}", medians[name], 1000 / medians[name], common.spread(rates[name])]
         if device.type == "cuda":
             row.append(common.gib(work_memory[name]))
         rows.append(row)
     print(f"{rounds} rounds x {steps} steps per model after {warmup} warm-up steps, rounds alternated")
     common.print_table(headers, rows)
     if device.type == "cuda":
-        print("step memory = peak allocated during the model's steps minus the resting allocation "
-              "(both models' weights + optimiser states stay resident)")
+        print(
+            "step memory = peak allocated during the model's steps minus the resting allocation "
+            "(both models' weights + optimiser states stay resident)"
+        )
     ours_rate, peer_rate = medians[names[0]], medians[names[1]]
     ratio = ours_rate / peer_rate
     print(f"ratio ours/peer = {ratio:.3f} (target >= 0.95)")

@@ -27,6 +27,7 @@ import torchio as tio
 from torch.utils.data import DistributedSampler, IterableDataset, get_worker_info
 
 from datamodules.cases import Case, read_window
+from datamodules.transforms import split_at_last_resampling
 
 
 class PatchBatches(IterableDataset):
@@ -37,9 +38,10 @@ class PatchBatches(IterableDataset):
         patch_size: ``(W, H, D)`` voxels.
         batch_size, samples_per_volume: patches per batch; per subject per epoch.
         foreground_probability: share of patches centred on foreground (0 = uniform).
-        augmentation: TorchIO transform applied to each patch (with its context margin).
-        context: voxels read on each side of a patch before augmentation and cropped after,
-            so that rotations and zooms see real image instead of padding.
+        augmentation: TorchIO transforms applied to each patch, in order.
+        context: voxels read on each side of a patch for the resampling transforms (affine,
+            elastic; cropped after the last of them), so rotations and zooms see real image
+            instead of padding; ignored when no such transform is configured.
         seed: base seed of the stream.
         subject_sampler: this rank's subjects under DDP (``set_epoch`` is forwarded).
     """
@@ -51,7 +53,7 @@ class PatchBatches(IterableDataset):
         batch_size: int,
         samples_per_volume: int,
         foreground_probability: float,
-        augmentation: tio.Transform | None,
+        augmentation: Sequence[tio.Transform],
         context: int | Sequence[int] = 0,
         seed: int = 0,
         subject_sampler: DistributedSampler | None = None,
@@ -61,7 +63,8 @@ class PatchBatches(IterableDataset):
         self.batch_size = int(batch_size)
         self.samples_per_volume = int(samples_per_volume)
         self.foreground_probability = float(foreground_probability)
-        self.augmentation = augmentation
+        self.with_context, self.after_crop = split_at_last_resampling(augmentation)
+        context = context if self.with_context is not None else 0
         self.context = np.broadcast_to(np.asarray(context, dtype=int), (3,)).copy()
         self.seed = int(seed)
         self.subject_sampler = subject_sampler
@@ -126,16 +129,17 @@ class PatchBatches(IterableDataset):
         label_patch = read_window(label, start, size).astype(np.int64)
         image_tensor = torch.from_numpy(image_patch)
         label_tensor = torch.from_numpy(label_patch)[None]
-        if self.augmentation is not None:
-            affine = np.diag([*case.spacing, 1.0])
-            subject = self.augmentation(
-                tio.Subject(
-                    image=tio.ScalarImage(tensor=image_tensor, affine=affine),
-                    label=tio.LabelMap(tensor=label_tensor, affine=affine),
-                )
-            )
-            image_tensor, label_tensor = subject["image"][tio.DATA], subject["label"][tio.DATA]
-        if self.context.any():
-            inner = tuple(slice(int(c), int(c + p)) for c, p in zip(self.context, self.patch_size))
-            image_tensor, label_tensor = image_tensor[(..., *inner)], label_tensor[(..., *inner)]
-        return image_tensor.float().contiguous(), label_tensor.long().contiguous()
+        affine = np.diag([*case.spacing, 1.0])
+        subject = tio.Subject(
+            image=tio.ScalarImage(tensor=image_tensor, affine=affine),
+            label=tio.LabelMap(tensor=label_tensor, affine=affine),
+        )
+        if self.with_context is not None:
+            subject = self.with_context(subject)
+            if self.context.any():
+                inner = tuple(slice(int(c), int(c + p)) for c, p in zip(self.context, self.patch_size))
+                for name in ("image", "label"):
+                    subject[name].set_data(subject[name].data[(..., *inner)].contiguous())
+        if self.after_crop is not None:
+            subject = self.after_crop(subject)
+        return subject["image"].data.float().contiguous(), subject["label"].data.long().contiguous()

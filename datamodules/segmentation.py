@@ -257,8 +257,8 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
             batch_size=self.batch_size,
             samples_per_volume=self.samples_per_volume,
             foreground_probability=self.foreground_probability,
-            augmentation=self.augmentation if len(self.augmentation) else None,
-            context=[math.ceil(self.augmentation_context * p) for p in self.patch_size] if len(self.augmentation) else 0,
+            augmentation=self.augmentation,
+            context=[math.ceil(self.augmentation_context * p) for p in self.patch_size],
             seed=torch.initial_seed() % 2**32,
             subject_sampler=subject_sampler,
         )

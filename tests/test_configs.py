@@ -47,7 +47,7 @@ def test_data_instantiates(data, tmp_path):
     datamodule = instantiate(cfg.data)
     assert isinstance(datamodule, SegmentationDataModule)
     assert datamodule.patch_size == tuple(cfg.data.patch_size)
-    assert len(datamodule.augmentation.transforms) == 4
+    assert len(datamodule.augmentation) == 4
 
 
 @pytest.mark.parametrize("logger", options("logger"))
