@@ -9,6 +9,9 @@ Configuration: configs/train.yaml and its groups (see README.md).
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,9 +20,18 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from datamodules import DatasetError, SegmentationDataModule
 from lightning_modules import SegmentationModule
+
+log = logging.getLogger(__name__)
+
+# Jobs that Hydra launchers start in other processes (submitit on SLURM or locally) unpickle
+# this module's functions, so the project must be importable there from any working directory.
+_PROJECT = str(Path(__file__).resolve().parent)
+if _PROJECT not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT, os.environ.get("PYTHONPATH")) if p)
 
 
 def instantiate_all(group: DictConfig | None) -> list:
@@ -41,12 +53,30 @@ def build_model(cfg: DictConfig, datamodule: SegmentationDataModule) -> Segmenta
     )
 
 
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """``cfg.ckpt_path``; else, with ``auto_resume``, the newest checkpoint this run directory
+    holds: ``checkpoints/last.ckpt`` (every epoch and on SIGTERM) or Lightning's SLURM
+    ``hpc_ckpt_N.ckpt`` (on the requeue signal), so that a requeued job continues."""
+    if cfg.get("ckpt_path"):
+        if not Path(cfg.ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        return str(cfg.ckpt_path)
+    if not cfg.get("auto_resume"):
+        return None
+    output_dir = Path(cfg.paths.output_dir)
+    found = [*output_dir.glob("hpc_ckpt_*.ckpt"), *output_dir.glob("checkpoints/last.ckpt")]
+    if not found:
+        return None
+    newest = max(found, key=lambda p: p.stat().st_mtime_ns)
+    log.info(f"Resuming from {newest} (auto_resume)")
+    return str(newest)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model described by ``cfg``; returns the last validation summary (``val/…`` keys)."""
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
+    ckpt_path = resume_checkpoint(cfg)
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule)
     run_config = OmegaConf.to_container(cfg, resolve=True)
@@ -55,7 +85,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers or False)
     for logger in trainer.loggers:
         logger.log_hyperparams(run_config)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):  # flush and close the run, so sweeps start fresh ones
             logger.experiment.finish()
@@ -78,7 +108,10 @@ def exit_on_dataset_error(run):
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    summary = exit_on_dataset_error(lambda: train(cfg))
+    try:
+        summary = exit_on_dataset_error(lambda: train(cfg))
+    except SIGTERMException:  # Lightning exits with status 0 here; schedulers must see the stop
+        sys.exit(128 + signal.SIGTERM)
     return summary.get(cfg.get("optimized_metric"))
 
 

@@ -8,7 +8,8 @@
 #   PYTHON=python3 BENCH_SITE=/path/to/extra/site-packages bash benchmarks/gpu.sh
 #
 # BENCH_SITE (optional) is prepended to PYTHONPATH, for machines whose Python lacks the
-# project's dependencies (monai, torchio, hydra-core, dynamic-network-architectures, ...).
+# project's dependencies (monai, torchio, hydra-core, dynamic-network-architectures, ...);
+# benchmarks/gpu_site.sh builds one.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -44,11 +45,26 @@ COMMON=(--device cuda --precision bf16)
 # --- model, inference, overhead (nnU-Net size: features 32..320, patch 128^3, batch 2) ---
 # train_step: ~70 steps per model; inference: 256^3 volume, 27 patches, 8 volumes per method;
 # overhead: 4 losses x (bare steps + a short pl.Trainer run with sync counting).
-bench train_step 150 "${COMMON[@]}"
-bench inference 150 "${COMMON[@]}"
-bench overhead 240 "${COMMON[@]}"
+want() { [[ " $PARTS " == *" $1 "* ]]; }
+want train_step && bench train_step 150 "${COMMON[@]}"
+want inference && bench inference 150 "${COMMON[@]}"
+want overhead && bench overhead "${OVERHEAD_TIMEOUT:-240}" "${COMMON[@]}" --losses "${OVERHEAD_LOSSES:-ce,softdice,softdice_batch,ce_softdice}"
+# training: real pl.Trainer fits, our data pipeline vs one in-memory batch (data-loading cost,
+# waiting fraction, peak memory); 8 generated 192^3 .nii.gz volumes, cache built first.
+want training && bench training 200 "${COMMON[@]}" --steps 60 --warmup 15 --volumes 6
+# issue 5: a short 1-GPU `trainer=gpu` run (bf16-mixed) of train.py itself
+if want train_bf16; then
+  echo "=== train.py trainer=gpu (bf16-mixed)"
+  if timeout 150 "$PYTHON" train.py trainer=gpu trainer.max_epochs=3 trainer.enable_progress_bar=false \
+      data.num_workers=8 paths.log_dir="$OUT/train_logs" 2>&1 | tee "$OUT/bench_train_bf16.log"; then
+    cp "$OUT"/train_logs/train/runs/*/metrics.json "$OUT/train_bf16_metrics.json" || true
+  else
+    failed+=("train_bf16")
+  fi
+fi
 
-# pipeline + training throughput: added separately
+# PARTS picks what runs (default: everything, about 8 minutes).
+PARTS=${PARTS:-"train_step inference overhead training train_bf16"}
 
 echo "=== results ($RESULTS)"
 cat "$RESULTS"

@@ -132,7 +132,9 @@ class SegmentationModule(pl.LightningModule):
         image = batch["image"][tio.DATA]
         label = batch["label"][tio.DATA]
         loss = self.compute_loss(self.net(image), label)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
+        # epoch mean only: a per-step value would make Lightning read the loss back to the host
+        # (a device synchronisation) every step for the logger and the progress bar
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
         return loss
 
     def on_train_epoch_start(self) -> None:

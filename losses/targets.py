@@ -9,7 +9,6 @@ Every loss in :mod:`losses` accepts two target forms:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def is_soft_target(logits: torch.Tensor, target: torch.Tensor) -> bool:
@@ -39,5 +38,6 @@ def class_probabilities(logits: torch.Tensor, target: torch.Tensor) -> torch.Ten
         raise ValueError(
             f"target shape {tuple(target.shape)} does not match logits shape {tuple(logits.shape)}"
         )
-    one_hot = F.one_hot(labels, num_classes)  # (B, D, H, W, C)
-    return one_hot.movedim(-1, 1).to(logits.dtype)
+    # compare against the class indices directly in (B, C, …) layout: no int64 one-hot, no permute
+    classes = torch.arange(num_classes, device=labels.device).view(1, num_classes, *([1] * (labels.ndim - 1)))
+    return (labels.unsqueeze(1) == classes).to(logits.dtype)
