@@ -120,7 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.volumes, args.shape, args.patch = 4, (160, 160, 128), (64, 64, 64)
-        args.patches, args.rounds, args.samples_per_volume = 32, 3, 4
+        args.patches, args.rounds, args.samples_per_volume = 64, 3, 4
     workers = resolve_num_workers(args.workers)
     torch.manual_seed(args.seed)
     work = args.keep or Path(tempfile.mkdtemp(prefix="biasseg-pipeline-"))
@@ -134,8 +134,9 @@ def main() -> None:
         cases = [c.name for c in dm.train_cases]
         peer = peer_loader(root, cases, args, workers)
         ours_rates, peer_rates = [], []
+        ours_loader_ = dm.train_dataloader()  # created once, iterated every epoch, as a Trainer does
         for _ in range(args.rounds):
-            ours_rates.append(patches_per_second(dm.train_dataloader, args.patches))
+            ours_rates.append(patches_per_second(lambda: ours_loader_, args.patches))
             peer_rates.append(patches_per_second(lambda: peer, args.patches))
         ours, theirs = median(ours_rates), median(peer_rates)
         print(f"cases {len(cases)} × {args.samples_per_volume} patches of {args.patch} from {args.shape}, batch {args.batch}, "

@@ -49,8 +49,11 @@ class Intensity:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """Normalised float32 copy of ``image`` ``(C, …)``."""
         shape = (-1,) + (1,) * (image.ndim - 1)
-        out = np.clip(image, self.lower.reshape(shape), self.upper.reshape(shape))
-        return ((out - self.shift.reshape(shape)) / self.scale.reshape(shape)).astype(np.float32)
+        out = np.asarray(image, dtype=np.float32)
+        if np.isfinite(self.lower).any() or np.isfinite(self.upper).any():
+            out = np.clip(out, self.lower.reshape(shape).astype(np.float32), self.upper.reshape(shape).astype(np.float32))
+        shift, scale = self.shift.reshape(shape).astype(np.float32), self.scale.reshape(shape).astype(np.float32)
+        return (out - shift) / scale
 
 
 @dataclass

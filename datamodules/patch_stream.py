@@ -27,7 +27,7 @@ import torchio as tio
 from torch.utils.data import DistributedSampler, IterableDataset, get_worker_info
 
 from datamodules.cases import Case, read_window
-from datamodules.transforms import split_at_last_resampling
+from datamodules.transforms import PatchAugmentation
 
 
 class PatchBatches(IterableDataset):
@@ -63,8 +63,7 @@ class PatchBatches(IterableDataset):
         self.batch_size = int(batch_size)
         self.samples_per_volume = int(samples_per_volume)
         self.foreground_probability = float(foreground_probability)
-        self.with_context, self.after_crop = split_at_last_resampling(augmentation)
-        context = context if self.with_context is not None else 0
+        self.augmentation = PatchAugmentation(augmentation)
         self.context = np.broadcast_to(np.asarray(context, dtype=int), (3,)).copy()
         self.seed = int(seed)
         self.subject_sampler = subject_sampler
@@ -72,27 +71,30 @@ class PatchBatches(IterableDataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Make the next pass epoch ``epoch`` (each pass then moves on by one by itself)."""
         self.epoch = int(epoch)
+
+    def subjects(self, epoch: int) -> list[int]:
+        """This rank's subject indices in ``epoch``."""
         if self.subject_sampler is not None:
             self.subject_sampler.set_epoch(epoch)
-
-    def subjects(self) -> list[int]:
-        """This rank's subject indices for the current epoch."""
-        if self.subject_sampler is not None:
             return list(self.subject_sampler)
         return list(range(len(self.cases)))
 
     def __len__(self) -> int:
-        return math.ceil(len(self.subjects()) * self.samples_per_volume / self.batch_size)
+        return math.ceil(len(self.subjects(self.epoch)) * self.samples_per_volume / self.batch_size)
 
     def __iter__(self):
+        # The epoch advances with every pass, so persistent workers (which keep their own copy
+        # of this object) follow the epochs without being told; set_epoch() resets it.
+        epoch, self.epoch = self.epoch, self.epoch + 1
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        jobs = np.repeat(self.subjects(), self.samples_per_volume)
-        np.random.default_rng([self.seed, self.epoch, self.rank]).shuffle(jobs)
+        jobs = np.repeat(self.subjects(epoch), self.samples_per_volume)
+        np.random.default_rng([self.seed, epoch, self.rank]).shuffle(jobs)
         for index in range(worker_id, math.ceil(len(jobs) / self.batch_size), num_workers):
             chunk = jobs[index * self.batch_size : (index + 1) * self.batch_size]
-            yield self.batch(chunk, [self.seed, self.epoch, self.rank, index])
+            yield self.batch(chunk, [self.seed, epoch, self.rank, index])
 
     # --- one batch --------------------------------------------------------------------
     def batch(self, subjects: np.ndarray, seed: list[int]) -> dict:
@@ -123,23 +125,21 @@ class PatchBatches(IterableDataset):
         """One augmented ``(image (C, *patch), label (1, *patch))`` pair."""
         image, label = case.arrays()
         shape = np.asarray(label.shape[-3:])
-        start = self.patch_start(case, shape, rng) - self.context
-        size = self.patch_size + 2 * self.context
-        image_patch = read_window(image, start, size, transform=case.normalised)
-        label_patch = read_window(label, start, size).astype(np.int64)
-        image_tensor = torch.from_numpy(image_patch)
-        label_tensor = torch.from_numpy(label_patch)[None]
+        with_context, after_crop = self.augmentation.split(self.augmentation.draw(rng))
+        context = self.context if with_context else np.zeros(3, dtype=int)
+        start = self.patch_start(case, shape, rng) - context
+        size = self.patch_size + 2 * context
         affine = np.diag([*case.spacing, 1.0])
         subject = tio.Subject(
-            image=tio.ScalarImage(tensor=image_tensor, affine=affine),
-            label=tio.LabelMap(tensor=label_tensor, affine=affine),
+            image=tio.ScalarImage(tensor=torch.from_numpy(read_window(image, start, size, case.normalised)), affine=affine),
+            label=tio.LabelMap(tensor=torch.from_numpy(read_window(label, start, size).astype(np.int64))[None], affine=affine),
         )
-        if self.with_context is not None:
-            subject = self.with_context(subject)
-            if self.context.any():
-                inner = tuple(slice(int(c), int(c + p)) for c, p in zip(self.context, self.patch_size))
-                for name in ("image", "label"):
-                    subject[name].set_data(subject[name].data[(..., *inner)].contiguous())
-        if self.after_crop is not None:
-            subject = self.after_crop(subject)
+        for transform in with_context:
+            subject = transform(subject)
+        if context.any():
+            inner = tuple(slice(int(c), int(c + p)) for c, p in zip(context, self.patch_size))
+            for name in ("image", "label"):
+                subject[name].set_data(subject[name].data[(..., *inner)].contiguous())
+        for transform in after_crop:
+            subject = transform(subject)
         return subject["image"].data.float().contiguous(), subject["label"].data.long().contiguous()

@@ -266,6 +266,8 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
             self._patches,
             batch_size=None,  # PatchBatches yields whole batches
             num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,  # no worker start-up per epoch; the stream tracks epochs itself
+            prefetch_factor=4 if self.num_workers > 0 else None,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
         )
 

@@ -16,15 +16,38 @@ def augmentation(transforms: Mapping[str, tio.Transform | None] | None) -> list[
     return [t for t in (transforms or {}).values() if t is not None]
 
 
-def split_at_last_resampling(transforms: Sequence[tio.Transform]) -> tuple[tio.Compose | None, tio.Compose | None]:
-    """``(with_context, after_crop)``: the transforms up to the last resampling one, and the rest.
+class PatchAugmentation:
+    """The configured transforms, run on one patch; resampling ones get context only when drawn.
 
-    TorchIO deep-copies the subject in every transform by default; a training patch is a
-    fresh tensor nobody else holds, so the copies are switched off (they cost about a
-    quarter of a patch's time).
+    A resampling transform (affine, elastic, …) pulls in voxels from outside the patch, so
+    when it is applied the patch is read with a context margin and cropped right after the
+    last resampling transform. Whether each one is applied is drawn here, with its configured
+    probability ``p``, from the patch's own generator (the transform then runs with p = 1):
+    the same distribution as TorchIO's, but patches that draw no resampling transform (80 %
+    with the defaults) skip the margin altogether.
+
+    TorchIO also deep-copies the subject in every transform by default; a training patch is a
+    fresh tensor nobody else holds, so the copies are switched off (they cost about a quarter
+    of a patch's time).
     """
-    for transform in transforms:
-        transform.copy = False
-    cut = max((i + 1 for i, t in enumerate(transforms) if isinstance(t, RESAMPLING)), default=0)
-    first, rest = list(transforms[:cut]), list(transforms[cut:])
-    return (tio.Compose(first, copy=False) if first else None, tio.Compose(rest, copy=False) if rest else None)
+
+    def __init__(self, transforms: Sequence[tio.Transform]) -> None:
+        self.transforms = list(transforms)
+        self.probability = [float(t.probability) for t in self.transforms]
+        for transform in self.transforms:
+            transform.copy = False
+            if isinstance(transform, RESAMPLING):
+                transform.probability = 1.0
+
+    def draw(self, rng) -> list[tio.Transform]:
+        """This patch's resampling transforms that fire, and all the others, in order."""
+        return [
+            t for t, p in zip(self.transforms, self.probability)
+            if not isinstance(t, RESAMPLING) or rng.random() < p
+        ]
+
+    @staticmethod
+    def split(chosen: Sequence[tio.Transform]) -> tuple[list[tio.Transform], list[tio.Transform]]:
+        """``(with_context, after_crop)``: up to the last resampling transform, and the rest."""
+        cut = max((i + 1 for i, t in enumerate(chosen) if isinstance(t, RESAMPLING)), default=0)
+        return list(chosen[:cut]), list(chosen[cut:])
