@@ -8,8 +8,7 @@
 #   PYTHON=python3 BENCH_SITE=/path/to/extra/site-packages bash benchmarks/gpu.sh
 #
 # BENCH_SITE (optional) is prepended to PYTHONPATH, for machines whose Python lacks the
-# project's dependencies (monai, torchio, hydra-core, dynamic-network-architectures, ...);
-# benchmarks/gpu_site.sh builds one.
+# project's dependencies (monai, torchio, hydra-core, dynamic-network-architectures, ...).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
