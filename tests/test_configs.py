@@ -123,3 +123,15 @@ def test_readme_lists_every_option():
     for group in GROUPS:
         for option in options(group):
             assert f"`{option}`" in readme, f"README.md does not mention {group}={option}"
+
+
+def test_slurm_launcher_follows_the_trainer():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=2",
+                                          "trainer.num_nodes=3"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (2, 2, 3)
+    assert launcher.max_num_timeout > 0  # requeued after time limit / preemption
+    assert "SlurmLauncher" in launcher._target_
