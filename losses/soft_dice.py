@@ -13,7 +13,8 @@ MedIA 2021): softmax over *all* classes first, then the background channel is dr
 (``include_background=False``, default) — dropping before the activation is MONAI issue #5413.
 Smoothing 1e-5 in numerator and denominator as nnU-Net. ``batch_dice`` pools the sums over
 the batch before the ratio ("batch Dice", nnU-Net's ``batch_dice``; Milletari et al. 2016
-V-Net for ``squared``).
+V-Net for ``squared``). Under DDP, ``pool_across_processes`` makes "batch" the global
+batch: the batch sums are added over all processes, with their gradients (as nnU-Net does).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from losses.distributed import sum_across_processes
 from losses.targets import class_probabilities
 
 
@@ -35,6 +37,8 @@ class SoftDiceLoss(nn.Module):
         jaccard: optimise the soft Jaccard (IoU) instead of Dice.
         smooth_nr: added to the numerator.
         smooth_dr: added to the denominator.
+        pool_across_processes: with ``batch_dice`` under DDP, pool the sums over the batches
+            of all processes (the global batch), with gradients; no effect otherwise.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class SoftDiceLoss(nn.Module):
         jaccard: bool = False,
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
+        pool_across_processes: bool = False,
     ) -> None:
         super().__init__()
         if smooth_nr < 0 or smooth_dr < 0:
@@ -55,6 +60,7 @@ class SoftDiceLoss(nn.Module):
         self.jaccard = jaccard
         self.smooth_nr = smooth_nr
         self.smooth_dr = smooth_dr
+        self.pool_across_processes = pool_across_processes
 
     def scores(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Soft Dice (or Jaccard) scores: ``(B, C')`` per image, ``(C',)`` with ``batch_dice``.
@@ -76,6 +82,8 @@ class SoftDiceLoss(nn.Module):
             total = (probs * probs).sum(dims) + (onehot * onehot).sum(dims)
         else:
             total = probs.sum(dims) + onehot.sum(dims)
+        if self.batch_dice and self.pool_across_processes:
+            intersection, total = sum_across_processes(torch.stack([intersection, total])).unbind(0)
         if self.jaccard:
             return (intersection + self.smooth_nr) / (total - intersection + self.smooth_dr)
         return (2 * intersection + self.smooth_nr) / (total + self.smooth_dr)
@@ -87,5 +95,6 @@ class SoftDiceLoss(nn.Module):
         return (
             f"batch_dice={self.batch_dice}, include_background={self.include_background}, "
             f"squared={self.squared}, jaccard={self.jaccard}, "
-            f"smooth_nr={self.smooth_nr}, smooth_dr={self.smooth_dr}"
+            f"smooth_nr={self.smooth_nr}, smooth_dr={self.smooth_dr}, "
+            f"pool_across_processes={self.pool_across_processes}"
         )

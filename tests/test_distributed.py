@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -45,3 +46,17 @@ def test_ddp_cpu_training_matches_single_process_validation(tmp_path):
         for key in ("dice", "volume_ref_ml", "volume_pred_ml", "volume_pred_soft_ml"):
             assert float(row[key]) == pytest.approx(single[key][i, 0].item(), rel=1e-5, abs=1e-9), (row, key)
     assert metrics["val/dice"] == pytest.approx(model.validation_summary["dice"], rel=1e-6)
+
+
+def test_batch_dice_pooled_across_processes_equals_the_whole_batch(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+         str(ROOT / "tests" / "ddp_batch_dice_worker.py")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180, env={**os.environ, "RESULT_DIR": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(2):
+        values = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert values["loss_difference"] < 1e-6
+        assert values["gradient_difference"] < 1e-7
+        assert values["unpooled_loss_difference"] > 1e-3  # without pooling each process sees only its half
