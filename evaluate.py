@@ -24,14 +24,15 @@ from train import exit_on_dataset_error
 
 
 def data_config(cfg: DictConfig, run_config: DictConfig) -> DictConfig:
-    """``cfg.data`` if given, else the training data; the split is read from, and written
-    beside, the outputs (folder data)."""
+    """``cfg.data`` if given, else the training data. Folder data of the training dataset
+    reuses the training run's split; the split used is written beside the outputs."""
     data = cfg.data if cfg.get("data") is not None else run_config.data
     data = OmegaConf.create(OmegaConf.to_container(data, resolve=True))
     if "splits_file" in data:
         with open_dict(data):
             trained_split = run_config.data.get("splits_file")
-            if not data.get("splits_from") and trained_split and Path(trained_split).is_file():
+            same_dataset = data.get("root") == run_config.data.get("root")
+            if same_dataset and not data.get("splits_from") and trained_split and Path(trained_split).is_file():
                 data.splits_from = trained_split
             data.splits_file = str(Path(cfg.paths.output_dir) / "splits.json")
     return data

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from callbacks.results_writer import write_atomically
 from datamodules.cases import Intensity
-from datamodules.input_checks import DatasetError
+from datamodules.input_checks import DatasetError, read_image
 from datamodules.preprocessing_cache import preprocess_subject
 from lightning_modules.checkpoints import TrainedModel, load_trained, read_checkpoint
 from train import exit_on_dataset_error
@@ -40,19 +40,29 @@ def case_name(path: Path) -> str:
     return next(path.name[: -len(e)] for e in ENDINGS if path.name.endswith(e))
 
 
-def find_cases(source: Path) -> dict[str, list[Path]]:
-    """``{case: [channel files…]}``: ``X_0000.nii.gz, X_0001…`` group into case ``X``."""
+def find_cases(source: Path, in_channels: int) -> dict[str, list[Path]]:
+    """``{case: [channel files…]}``: files ``X_0000 … X_{C−1}`` (nnU-Net's naming, exactly the
+    model's ``C`` channels) form case ``X``; every other file is a case of its own."""
     if not source.exists():
         raise DatasetError([f"{source}: input does not exist"])
     files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.name.endswith(ENDINGS))
     if not files:
         raise DatasetError([f"{source}: no .nii/.nii.gz files"])
-    cases: dict[str, list[Path]] = {}
+    groups: dict[str, list[tuple[int, Path]]] = {}
     for path in files:
-        stem = case_name(path)
-        match = re.fullmatch(r"(.+)_(\d{4})", stem)
-        cases.setdefault(match.group(1) if match else stem, []).append(path)
-    return cases
+        match = re.fullmatch(r"(.+)_(\d{4})", case_name(path))
+        if match:
+            groups.setdefault(match.group(1), []).append((int(match.group(2)), path))
+    cases: dict[str, list[Path]] = {}
+    grouped = set()
+    for name, members in groups.items():
+        if sorted(i for i, _ in members) == list(range(in_channels)):
+            cases[name] = [p for _, p in sorted(members)]
+            grouped.update(p for _, p in members)
+    for path in files:
+        if path not in grouped:
+            cases[case_name(path)] = [path]
+    return dict(sorted(cases.items()))
 
 
 def load_case(files: list[Path], in_channels: int) -> tuple[tio.ScalarImage | None, list[str]]:
@@ -68,8 +78,9 @@ def load_case(files: list[Path], in_channels: int) -> tuple[tio.ScalarImage | No
         return None, [f"{files[0]}: {channels} channel(s) found, the model expects {in_channels}"]
     if any(i.spatial_shape != images[0].spatial_shape for i in images):
         return None, [f"{files[0]}: its channel files differ in shape"]
-    if not all(torch.isfinite(i.data).all() for i in images):
-        return None, [f"{files[0]}: NaN/inf voxel values"]
+    for path in files:  # TorchIO's ITK reader turns NaN into 0; look at the stored values
+        if not np.isfinite(read_image(path)[0]).all():
+            return None, [f"{path}: NaN/inf voxel values"]
     if len(images) == 1:
         return images[0], []
     return tio.ScalarImage(tensor=torch.cat([i.data for i in images]), affine=images[0].affine), []
@@ -90,8 +101,7 @@ def intensity_for(image: np.ndarray, settings: dict) -> Intensity:
 def predict_case(trained: TrainedModel, image: tio.ScalarImage, reference: Path) -> np.ndarray:
     """Class probabilities ``(C, W, H, D)`` on the grid of ``reference`` (the input file)."""
     settings = trained.inference_settings
-    target_spacing = settings.get("target_spacing") or image.spacing
-    subject = preprocess_subject(tio.Subject(image=image), target_spacing, bool(settings.get("crop_nonzero")))
+    subject = preprocess_subject(tio.Subject(image=image), settings.get("target_spacing"), bool(settings.get("crop_nonzero")))
     data = subject["image"].data.numpy()
     normalised = torch.from_numpy(intensity_for(data, settings)(data))
     probabilities = trained.module.predict_probabilities(normalised).float().cpu()
@@ -127,7 +137,7 @@ def predict(cfg: DictConfig) -> Path:
     in_channels = int(trained.module.hparams.in_channels)
     class_names = trained.module.class_names
     cases, problems = {}, []
-    for name, files in find_cases(source).items():
+    for name, files in find_cases(source, in_channels).items():
         image, found = load_case(files, in_channels)
         cases[name] = (files, image)
         problems += found

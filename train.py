@@ -17,6 +17,7 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
@@ -53,10 +54,27 @@ def build_model(cfg: DictConfig, datamodule: SegmentationDataModule) -> Segmenta
     )
 
 
+RESUME_INDEPENDENT = ("ckpt_path", "auto_resume")  # keys that may differ between a run and its resumption
+
+
+def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        left, right = a.get(key), b.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            keys += differing_keys(left, right, f"{prefix}{key}.")
+        elif left != right:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
 def resume_checkpoint(cfg: DictConfig) -> str | None:
     """``cfg.ckpt_path``; else, with ``auto_resume``, the newest checkpoint this run directory
     holds: ``checkpoints/last.ckpt`` (every epoch and on SIGTERM) or Lightning's SLURM
-    ``hpc_ckpt_N.ckpt`` (on the requeue signal), so that a requeued job continues."""
+    ``hpc_ckpt_N.ckpt`` (on the requeue signal), so that a requeued job continues. It must
+    come from the same configuration: two different runs inside one SLURM job share the
+    job id, and must not resume from each other."""
     if cfg.get("ckpt_path"):
         if not Path(cfg.ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
@@ -68,6 +86,15 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     if not found:
         return None
     newest = max(found, key=lambda p: p.stat().st_mtime_ns)
+    stored = torch.load(newest, map_location="cpu", weights_only=False, mmap=True).get("run_config", {})
+    current = OmegaConf.to_container(cfg, resolve=True)
+    differ = [k for k in differing_keys(stored, current) if k.split(".")[0] not in RESUME_INDEPENDENT]
+    if differ:
+        raise ValueError(
+            f"{output_dir} already holds {newest.name} of a run with another configuration "
+            f"(differs in {', '.join(differ[:5])}); give this run its own hydra.run.dir, "
+            "or set auto_resume=false to start over in it"
+        )
     log.info(f"Resuming from {newest} (auto_resume)")
     return str(newest)
 

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -36,9 +37,11 @@ def subject_table(rows: dict, subject_names: list[str], class_names: list[str]) 
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so readers never see half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
+    """Write ``text`` to ``path`` through a uniquely named temporary file in the same folder,
+    so readers never see half a file and concurrent writers never share a temporary."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w") as file:
+        file.write(text)
     os.replace(tmp, path)
 
 

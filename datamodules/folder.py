@@ -13,7 +13,7 @@ from datamodules.cases import Case
 from datamodules.dataset_layout import DatasetLayout, read_layout
 from datamodules.input_checks import DatasetError
 from datamodules.preprocessing_cache import PreprocessingCache, median_spacing
-from datamodules.segmentation import SegmentationDataModule
+from datamodules.segmentation import SegmentationDataModule, distributed_context
 
 
 def split_cases(names: Sequence[str], seed: int, val_fraction: float, fold: int | None, num_folds: int) -> list[dict]:
@@ -117,7 +117,7 @@ class FolderDataModule(SegmentationDataModule):
         unknown = sorted((set(split["train"]) | set(split["val"])) - set(known))
         if unknown:
             raise DatasetError([f"{self.splits_from}: cases {unknown} are not in {self.layout.root}"])
-        if self.splits_file:
+        if self.splits_file and distributed_context()[0] == 0:
             write_atomically(Path(self.splits_file), json.dumps(splits, indent=2))
         train = [self.cache.load(known[n]) for n in split["train"]]
         val = [self.cache.load(known[n]) for n in split["val"]]

@@ -115,6 +115,9 @@ class MNI152DataModule(SegmentationDataModule):
     def class_names(self) -> list[str]:
         return list(self.tissues)
 
+    def inference_settings(self) -> dict:
+        return {**super().inference_settings(), "target_spacing": [self.resolution_mm] * 3}
+
     def generate(self, index: int) -> Case:
         """Subject ``index`` (training first, then validation), seeded by ``(seed, index)``."""
         rng = np.random.default_rng([self.seed, index])

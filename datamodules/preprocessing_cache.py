@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -81,10 +82,11 @@ def load_subject(case: CaseFiles, channels_in_one_file: bool) -> tio.Subject:
     return tio.Subject(image=image, label=tio.LabelMap(case.label))
 
 
-def preprocess_subject(subject: tio.Subject, target_spacing: Sequence[float], crop_nonzero: bool) -> tio.Subject:
-    """Canonical orientation, target spacing, non-zero crop (training and prediction alike)."""
+def preprocess_subject(subject: tio.Subject, target_spacing: Sequence[float] | None, crop_nonzero: bool) -> tio.Subject:
+    """Canonical orientation, target spacing (mm, RAS+ axes; None keeps the image's), non-zero
+    crop: training and prediction alike."""
     subject = tio.ToCanonical()(subject)
-    if not np.allclose(subject["image"].spacing, target_spacing, rtol=1e-3):
+    if target_spacing is not None and not np.allclose(subject["image"].spacing, target_spacing, rtol=1e-3):
         subject = tio.Resample(tuple(float(s) for s in target_spacing))(subject)
     if crop_nonzero:
         bounds = nonzero_crop(subject["image"].data.numpy())
@@ -107,9 +109,10 @@ def nonzero_crop(image: np.ndarray) -> tuple[int, ...] | None:
 
 
 def _write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        write(handle)
+    """Write through a uniquely named temporary file (several nodes may build one case)."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "wb") as file:
+        write(file)
     os.replace(tmp, path)
 
 
@@ -134,7 +137,8 @@ class PreprocessingCache:
     def is_fresh(self, case: CaseFiles) -> bool:
         """Whether a complete entry built from the current source files exists."""
         meta = self.meta_path(case.name)
-        if not meta.is_file() or not all(p.is_file() for p in case.files):
+        arrays = [self.directory / f"{case.name}.{kind}" for kind in ("image.npy", "label.npy", "sampling.npz")]
+        if not meta.is_file() or not all(p.is_file() for p in [*case.files, *arrays]):
             return False
         try:
             return json.loads(meta.read_text()).get("fingerprint") == fingerprint(case)
@@ -168,7 +172,7 @@ class PreprocessingCache:
             self.settings["crop_nonzero"],
         )
         image = np.ascontiguousarray(subject["image"].data.numpy(), dtype=np.float32)
-        label = np.ascontiguousarray(subject["label"].data.numpy()[0], dtype=np.uint8)
+        label = np.ascontiguousarray(np.rint(subject["label"].data.numpy()[0]), dtype=np.uint8)
         rng = np.random.default_rng(0)
         locations = class_locations(label, self.layout.num_classes, rng)
         flat = image.reshape(len(image), -1)

@@ -262,6 +262,8 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
             seed=torch.initial_seed() % 2**32,
             subject_sampler=subject_sampler,
         )
+        if self.trainer is not None:  # resumed runs and reloaded loaders start at the current epoch
+            self._patches.set_epoch(self.trainer.current_epoch)
         return DataLoader(
             self._patches,
             batch_size=None,  # PatchBatches yields whole batches

@@ -85,6 +85,9 @@ class SyntheticDataModule(SegmentationDataModule):
     def class_names(self) -> list[str]:
         return [f"structure{c}" for c in range(1, self.num_classes)]
 
+    def inference_settings(self) -> dict:
+        return {**super().inference_settings(), "target_spacing": list(self.case_kwargs["spacing_mm"])}
+
     def generate(self, index: int) -> SyntheticCase:
         """Case ``index`` (training cases first, then validation), seeded by ``(seed, index)``."""
         return generate_case(np.random.default_rng([self.seed, index]), **self.case_kwargs)

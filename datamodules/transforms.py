@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 import torchio as tio
@@ -32,7 +33,7 @@ class PatchAugmentation:
     """
 
     def __init__(self, transforms: Sequence[tio.Transform]) -> None:
-        self.transforms = list(transforms)
+        self.transforms = copy.deepcopy(list(transforms))  # the settings below must not leak to the caller's
         self.probability = [float(t.probability) for t in self.transforms]
         for transform in self.transforms:
             transform.copy = False

@@ -3,7 +3,9 @@
 Patch locations come from TorchIO's ``GridSampler`` (same grid as its ``GridAggregator``);
 patches are cut from the image tensor already on the device and blended there, so no
 per-patch host round trip happens (TorchIO's own aggregator accumulates on the CPU). Blending
-weights: ``hann`` (TorchIO's window), ``gaussian`` (nnU-Net, σ = patch / 8) or ``constant``.
+weights: ``hann`` (TorchIO's window), ``gaussian`` (σ = patch / 8 as nnU-Net, each axis floored at
+1e-3 of its peak so border voxels keep some weight; nnU-Net and MONAI floor differently) or
+``constant``.
 Probabilities, not logits, are blended (softmax per patch first), so the blended map stays a
 probability map whose soft volume is meaningful.
 """

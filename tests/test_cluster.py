@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import ROOT, TINY
@@ -65,3 +66,14 @@ def test_submitit_local_runs_a_two_job_multirun(tmp_path):
     assert [m.parent.name for m in metrics] == ["0", "1"]
     losses = ["loss=softdice" in (m.parent / ".hydra" / "overrides.yaml").read_text() for m in metrics]
     assert losses == [False, True]
+
+
+def test_auto_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
+    """Two runs inside one SLURM job share the job-id run directory: the second must not
+    silently continue the first."""
+    from conftest import compose_config
+    from train import train
+
+    train(compose_config(TINY, tmp_path))
+    with pytest.raises(ValueError, match="another configuration.*seed"):
+        train(compose_config(TINY + ["seed=7"], tmp_path))

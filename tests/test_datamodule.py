@@ -120,3 +120,11 @@ def test_patches_are_the_arrays_own_voxels():
         windows = volume.unfold(1, 16, 1).unfold(2, 16, 1).unfold(3, 8, 1)  # (C, nW, nH, nD, 16, 16, 8)
         found |= bool(((windows - patch[:, None, None, None]).abs().amax(dim=(0, 4, 5, 6)) < 1e-6).any())
     assert found
+
+
+def test_patch_augmentation_leaves_the_configured_transforms_alone():
+    affine = tio.RandomAffine(p=0.2)
+    dm = SyntheticDataModule(**{**SMALL, "augmentation": {"affine": affine}}, patch_size=(16, 16, 8))
+    dm.setup()
+    dm.train_dataloader(), dm.train_dataloader()
+    assert affine.probability == 0.2 and affine.copy is True

@@ -133,3 +133,15 @@ def test_predict_cli(trained_run, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == [f"case_{i:03d}.nii.gz" for i in range(5)]
     assert len(list(csv.DictReader((tmp_path / "out" / "volumes.csv").open()))) == 10
+
+
+def test_channel_files_group_only_into_the_models_channels(tmp_path):
+    from predict import find_cases
+
+    for name in ["a_0000.nii.gz", "a_0001.nii.gz", "sub_0001.nii.gz", "sub_0002.nii.gz", "plain.nii"]:
+        (tmp_path / name).write_bytes(b"")
+    two = find_cases(tmp_path, in_channels=2)
+    assert two["a"] == [tmp_path / "a_0000.nii.gz", tmp_path / "a_0001.nii.gz"]
+    assert "sub_0001" in two and "sub_0002" in two and "plain" in two  # not channels 0..1: cases of their own
+    one = find_cases(tmp_path, in_channels=1)
+    assert {"a_0000", "a_0001", "sub_0001", "sub_0002", "plain"} == set(one)
