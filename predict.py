@@ -136,17 +136,15 @@ def predict(cfg: DictConfig) -> Path:
     trained.module.to(device)
     in_channels = int(trained.module.hparams.in_channels)
     class_names = trained.module.class_names
-    cases, problems = {}, []
-    for name, files in find_cases(source, in_channels).items():
-        image, found = load_case(files, in_channels)
-        cases[name] = (files, image)
-        problems += found
+    cases, problems = find_cases(source, in_channels), []
+    for files in cases.values():  # every input checked before anything is written; images not kept (memory)
+        problems += load_case(files, in_channels)[1]
     if problems:
         raise DatasetError(problems)
     output.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name, (files, image) in tqdm(cases.items(), desc="Predicting", unit="case"):
-        probabilities = predict_case(trained, image, files[0])
+    for name, files in tqdm(cases.items(), desc="Predicting", unit="case"):
+        probabilities = predict_case(trained, load_case(files, in_channels)[0], files[0])
         reference = nib.load(files[0])
         segmentation = probabilities.argmax(0)
         write_like(output / f"{name}.nii.gz", segmentation, reference, np.uint8 if len(probabilities) < 256 else np.int16)
