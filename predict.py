@@ -90,8 +90,8 @@ def intensity_for(image: np.ndarray, settings: dict) -> Intensity:
     """The training run's normalisation, applied to this (preprocessed) image."""
     channels = len(image)
     if settings.get("normalization") == "zscore":
-        flat = image.reshape(channels, -1).astype(np.float64)
-        return Intensity(flat.mean(1), np.maximum(flat.std(1), 1e-8), np.full(channels, -np.inf), np.full(channels, np.inf))
+        flat = image.reshape(channels, -1)
+        return Intensity.zscore(flat.mean(1, dtype=np.float64), flat.std(1, dtype=np.float64))
     if settings.get("normalization") == "ct":
         return Intensity(**{k: np.asarray(v) for k, v in settings["intensity"].items()})
     return Intensity.identity(channels)

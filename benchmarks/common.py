@@ -41,6 +41,19 @@ def base_parser(description: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+NNUNET_FEATURES = "32,64,128,256,320,320"
+
+
+def add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    """--features, --patch, --batch, --classes: the network and input sizes (None = per mode)."""
+    parser.add_argument(
+        "--features", type=ints, default=None, help=f"default {NNUNET_FEATURES}; quick 8,16,32,64"
+    )
+    parser.add_argument("--patch", type=triple, default=None, help="default 128; quick 32")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--classes", type=int, default=2)
+
+
 def select_device(name: str | None, quick: bool) -> torch.device:
     if name is None:
         name = "cpu" if quick or not torch.cuda.is_available() else "cuda"
@@ -130,6 +143,13 @@ def result_json(name: str, ours: float | None, peer: float | None, unit: str, ra
 def emit(name: str, ours: float | None, peer: float | None, unit: str, ratio: float | None) -> None:
     """Print the result line (call it last)."""
     print(result_json(name, ours, peer, unit, ratio), flush=True)
+
+
+def emit_ratio(name: str, ours: float, peer: float, unit: str, target: float, higher_is_better: bool) -> None:
+    """Print the ratio (better when > 1) against its target, then the result line."""
+    ratio = ours / peer if higher_is_better else peer / ours
+    print(f"ratio {'ours/peer' if higher_is_better else 'peer/ours'} = {ratio:.3f} (target >= {target})")
+    emit(name, ours, peer, unit, ratio)
 
 
 def gib(n_bytes: float) -> float:

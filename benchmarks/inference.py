@@ -55,7 +55,6 @@ import torch
 
 from benchmarks import common
 
-NNUNET_FEATURES = "32,64,128,256,320,320"
 
 
 def our_grid(shape, patch, overlap) -> list[tuple[int, ...]]:
@@ -85,7 +84,7 @@ def axis_starts(grid: list[tuple[int, ...]]) -> list[list[int]]:
 def main() -> None:
     parser = common.base_parser(__doc__)
     parser.add_argument(
-        "--features", type=common.ints, default=None, help=f"default {NNUNET_FEATURES}; quick 8,16,32,64"
+        "--features", type=common.ints, default=None, help=f"default {common.NNUNET_FEATURES}; quick 8,16,32,64"
     )
     parser.add_argument("--patch", type=common.triple, default=None, help="default 128; quick 32")
     parser.add_argument("--volume", type=common.triple, default=None, help="W,H,D; default 256,256,256; quick 64,64,48")
@@ -103,7 +102,7 @@ def main() -> None:
     from lightning_modules import SlidingWindow, UNet3D
     from lightning_modules.sliding_window import blending_window
 
-    features = args.features or common.ints("8,16,32,64" if args.quick else NNUNET_FEATURES)
+    features = args.features or common.ints("8,16,32,64" if args.quick else common.NNUNET_FEATURES)
     patch = args.patch or ((32, 32, 32) if args.quick else (128, 128, 128))
     volume = args.volume or ((64, 64, 48) if args.quick else (256, 256, 256))
     rounds = args.rounds if args.rounds is not None else (7 if args.quick else 5)
@@ -204,10 +203,7 @@ def main() -> None:
         rows.append(row)
     print(f"{rounds} timed volumes per method after 1 warm-up, order alternated")
     common.print_table(headers, rows)
-    ours_s, peer_s = medians[names[0]], medians[names[1]]
-    ratio = peer_s / ours_s
-    print(f"ratio peer/ours = {ratio:.3f} (target >= 1.0)")
-    common.emit("inference", ours_s, peer_s, "s/volume", ratio)
+    common.emit_ratio("inference", medians[names[0]], medians[names[1]], "s/volume", 1.0, higher_is_better=False)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,6 @@ import torch
 
 from benchmarks import common
 
-NNUNET_FEATURES = "32,64,128,256,320,320"
 SYNC_WARNING = "called a synchronizing CUDA operation"  # c10/cuda warn_or_error_on_sync
 SYNC_WINDOW = 10  # loop iterations with sync counting: one logger flush at log_every_n_steps = 10
 # --log what-ifs: SegmentationModule.training_step's self.log("train/loss", ...) keyword variants
@@ -300,12 +299,7 @@ def lightning_run(loss, args, device, features, patch, warmup: int, count: bool)
 
 def main() -> None:
     parser = common.base_parser(__doc__)
-    parser.add_argument(
-        "--features", type=common.ints, default=None, help=f"default {NNUNET_FEATURES}; quick 8,16,32,64"
-    )
-    parser.add_argument("--patch", type=common.triple, default=None, help="default 128; quick 32")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--classes", type=int, default=2)
+    common.add_network_arguments(parser)
     parser.add_argument("--losses", default=None, help="comma-separated configs/loss names (default: all)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (manual and Lightning)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds/windows (default 5; quick 5)")
@@ -329,7 +323,7 @@ def main() -> None:
     args.steps = args.steps if args.steps is not None else 3
     args.windows = args.windows if args.windows is not None else (3 if args.quick else 5)
 
-    features = args.features or common.ints("8,16,32,64" if args.quick else NNUNET_FEATURES)
+    features = args.features or common.ints("8,16,32,64" if args.quick else common.NNUNET_FEATURES)
     patch = args.patch or ((32, 32, 32) if args.quick else (128, 128, 128))
     device = common.select_device(args.device, args.quick)
     torch.backends.cudnn.benchmark = True

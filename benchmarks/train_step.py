@@ -40,7 +40,6 @@ from torch import nn
 
 from benchmarks import common
 
-NNUNET_FEATURES = "32,64,128,256,320,320"
 
 
 def build_ours(in_channels: int, num_classes: int, features: list[int]) -> nn.Module:
@@ -121,13 +120,8 @@ def check_same_function(ours: nn.Module, peer: nn.Module, in_channels: int, divi
 
 def main() -> None:
     parser = common.base_parser(__doc__)
-    parser.add_argument(
-        "--features", type=common.ints, default=None, help=f"default {NNUNET_FEATURES}; quick 8,16,32,64"
-    )
-    parser.add_argument("--patch", type=common.triple, default=None, help="default 128; quick 32")
-    parser.add_argument("--batch", type=int, default=2)
+    common.add_network_arguments(parser)
     parser.add_argument("--in-channels", type=int, default=1)
-    parser.add_argument("--classes", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per model (default 5; quick 3)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per model (default 6; quick 9)")
     parser.add_argument("--steps", type=int, default=None, help="steps per round (default 5; quick 3)")
@@ -135,7 +129,7 @@ def main() -> None:
     parser.add_argument("--no-cudnn-benchmark", action="store_true", help="leave cudnn.benchmark off (both)")
     args = parser.parse_args()
 
-    features = args.features or common.ints("8,16,32,64" if args.quick else NNUNET_FEATURES)
+    features = args.features or common.ints("8,16,32,64" if args.quick else common.NNUNET_FEATURES)
     patch = args.patch or ((32, 32, 32) if args.quick else (128, 128, 128))
     warmup = args.warmup if args.warmup is not None else (3 if args.quick else 5)
     rounds = args.rounds if args.rounds is not None else (9 if args.quick else 6)
@@ -228,10 +222,7 @@ def main() -> None:
             "step memory = peak allocated during the model's steps minus the resting allocation "
             "(both models' weights + optimiser states stay resident)"
         )
-    ours_rate, peer_rate = medians[names[0]], medians[names[1]]
-    ratio = ours_rate / peer_rate
-    print(f"ratio ours/peer = {ratio:.3f} (target >= 0.95)")
-    common.emit("train_step", ours_rate, peer_rate, "steps/s", ratio)
+    common.emit_ratio("train_step", medians[names[0]], medians[names[1]], "steps/s", 0.95, higher_is_better=True)
 
 
 if __name__ == "__main__":

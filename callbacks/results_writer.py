@@ -8,7 +8,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import pytorch_lightning as pl
 from rich.console import Console
@@ -36,12 +38,16 @@ def subject_table(rows: dict, subject_names: list[str], class_names: list[str]) 
     return table
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a uniquely named temporary file in the same folder,
-    so readers never see half a file and concurrent writers never share a temporary."""
+def write_atomically(path: Path, content: str | Callable[[BinaryIO], None]) -> None:
+    """Write ``content`` (text, or a function writing to a binary file) to ``path`` through a
+    uniquely named temporary file in the same folder, so readers never see half a file and
+    concurrent writers (DDP ranks, nodes sharing a cache) never share a temporary."""
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as file:
-        file.write(text)
+    with os.fdopen(handle, "wb") as file:
+        if callable(content):
+            content(file)
+        else:
+            file.write(content.encode())
     os.replace(tmp, path)
 
 

@@ -43,8 +43,15 @@ class Intensity:
     upper: np.ndarray
 
     @classmethod
+    def zscore(cls, mean: np.ndarray, std: np.ndarray) -> "Intensity":
+        """Per-channel z-score, no clipping (a constant channel keeps scale 1e-8)."""
+        mean = np.asarray(mean, dtype=np.float64)
+        unbounded = np.full(len(mean), np.inf)
+        return cls(mean, np.maximum(np.asarray(std, dtype=np.float64), 1e-8), -unbounded, unbounded)
+
+    @classmethod
     def identity(cls, channels: int) -> "Intensity":
-        return cls(np.zeros(channels), np.ones(channels), np.full(channels, -np.inf), np.full(channels, np.inf))
+        return cls.zscore(np.zeros(channels), np.ones(channels))
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """Normalised float32 copy of ``image`` ``(C, …)``."""

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -35,6 +33,7 @@ import torch
 import torchio as tio
 from tqdm import tqdm
 
+from callbacks.results_writer import write_atomically
 from datamodules.cases import Case, class_locations, foreground_samples
 from datamodules.dataset_layout import CaseFiles, DatasetLayout
 from datamodules.input_checks import check_cases
@@ -108,14 +107,6 @@ def nonzero_crop(image: np.ndarray) -> tuple[int, ...] | None:
     return tuple(bounds) if any(bounds) else None
 
 
-def _write(path: Path, write) -> None:
-    """Write through a uniquely named temporary file (several nodes may build one case)."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "wb") as file:
-        write(file)
-    os.replace(tmp, path)
-
-
 class PreprocessingCache:
     """The cache directory of one dataset under one set of preprocessing settings."""
 
@@ -152,7 +143,7 @@ class PreprocessingCache:
             return
         check_cases(self.layout, stale, num_workers)
         self.directory.mkdir(parents=True, exist_ok=True)
-        _write(self.directory / "settings.json", lambda h: h.write(json.dumps(self.settings, indent=2).encode()))
+        write_atomically(self.directory / "settings.json", json.dumps(self.settings, indent=2))
         progress = dict(total=len(stale), desc=f"Preprocessing {self.layout.name} → {self.directory}", unit="case")
         if num_workers > 0 and len(stale) > 1:
             with ProcessPoolExecutor(min(num_workers, len(stale))) as pool:
@@ -185,12 +176,12 @@ class PreprocessingCache:
             "channel_std": flat.std(1, dtype=np.float64).tolist(),
         }
         base = self.directory / case.name
-        _write(base.with_name(f"{case.name}.image.npy"), lambda h: np.save(h, image))
-        _write(base.with_name(f"{case.name}.label.npy"), lambda h: np.save(h, label))
+        write_atomically(base.with_name(f"{case.name}.image.npy"), lambda h: np.save(h, image))
+        write_atomically(base.with_name(f"{case.name}.label.npy"), lambda h: np.save(h, label))
         arrays = {f"class_{c}": v for c, v in locations.items()}
         arrays["foreground_samples"] = foreground_samples(image, label, rng)
-        _write(base.with_name(f"{case.name}.sampling.npz"), lambda h: np.savez(h, **arrays))
-        _write(self.meta_path(case.name), lambda h: h.write(json.dumps(meta).encode()))
+        write_atomically(base.with_name(f"{case.name}.sampling.npz"), lambda h: np.savez(h, **arrays))
+        write_atomically(self.meta_path(case.name), json.dumps(meta))
 
     def load(self, case: CaseFiles) -> Case:
         """The cached case (arrays memory-mapped on use); it must be fresh."""

@@ -209,8 +209,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
     def case_intensity(self, case: Case) -> Intensity:
         """The intensity mapping of ``case`` under this module's normalisation."""
         if self.normalization == "zscore":
-            scale = np.maximum(case.channel_std, 1e-8)
-            return Intensity(case.channel_mean, scale, np.full_like(scale, -np.inf), np.full_like(scale, np.inf))
+            return Intensity.zscore(case.channel_mean, case.channel_std)
         if self.normalization == "ct":
             assert self.intensity is not None, "call setup() first"
             return self.intensity

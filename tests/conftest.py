@@ -12,14 +12,9 @@ from omegaconf import DictConfig, open_dict
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
 
-# A tiny but complete run: 4 training / 2 validation subjects, a 2-stage U-Net, one epoch.
-TINY = [
-    "data.num_train=4",
-    "data.num_val=2",
-    "data.shape=[32,32,16]",
-    "data.radius_mm=[4,7]",
-    "data.num_structures=1",
-    "data.patch_size=[16,16,16]",
+# What any tiny run needs, whatever its data: 2 patches per subject, no workers, a 2-stage
+# U-Net, one quiet CPU epoch.
+TINY_RUN = [
     "data.samples_per_volume=2",
     "data.num_workers=0",
     "model.features=[4,8]",
@@ -27,6 +22,16 @@ TINY = [
     "trainer.accelerator=cpu",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
+]
+# A tiny but complete run on the synthetic data: 4 training / 2 validation subjects.
+TINY = [
+    "data.num_train=4",
+    "data.num_val=2",
+    "data.shape=[32,32,16]",
+    "data.radius_mm=[4,7]",
+    "data.num_structures=1",
+    "data.patch_size=[16,16,16]",
+    *TINY_RUN,
 ]
 
 

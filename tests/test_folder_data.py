@@ -11,24 +11,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import ROOT, compose_config
+from conftest import ROOT, TINY_RUN, compose_config
 from datamodules import DatasetError, FolderDataModule
 from nifti_datasets import folder_digest, write_msd, write_nnunet
 from train import train
 
 WRITERS = {"msd": write_msd, "nnunet": write_nnunet}
-TINY_FOLDER = [
-    "data=folder",
-    "data.patch_size=[16,16,8]",
-    "data.samples_per_volume=2",
-    "data.num_workers=0",
-    "model.features=[4,8]",
-    "trainer.max_epochs=1",
-    "trainer.accelerator=cpu",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "callbacks.validation_figures=null",
-]
+TINY_FOLDER = ["data=folder", "data.patch_size=[16,16,8]", *TINY_RUN, "callbacks.validation_figures=null"]
 
 
 def datamodule(root, cache, **kwargs) -> FolderDataModule:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import compose_config
+from conftest import TINY_RUN, compose_config
 from datamodules import MNI152DataModule
 from datamodules.mni152 import draw_labels
 from train import train
@@ -44,9 +44,7 @@ def test_bad_tissue_names_are_rejected():
 
 def test_one_epoch_reports_expected_volume_bias(tmp_path):
     cfg = compose_config(["data=mni152", "data.num_train=2", "data.num_val=1", "data.resolution_mm=4",
-                          "data.patch_size=[16,16,16]", "data.num_workers=0", "model.features=[4,8]",
-                          "trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-                          "callbacks.validation_figures=null"], tmp_path)
+                          "data.patch_size=[16,16,16]", *TINY_RUN, "callbacks.validation_figures=null"], tmp_path)
     summary = train(cfg)
     assert math.isfinite(summary["val/soft_expected_volume_bias_ml"])
     assert "volume_expected_ml" in (tmp_path / "subjects.csv").read_text()
