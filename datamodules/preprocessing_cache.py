@@ -70,8 +70,8 @@ def median_spacing(cases: Sequence[CaseFiles]) -> list[float]:
     return [round(float(s), 6) for s in np.median(np.stack(spacings), axis=0)]
 
 
-def load_subject(case: CaseFiles, channels_in_one_file: bool) -> tio.Subject:
-    """The case's image (all channels) and label as a TorchIO subject."""
+def load_subject(case: CaseFiles) -> tio.Subject:
+    """The case's image (all channels: one 4D file or one file per channel) and label."""
     images = [tio.ScalarImage(p) for p in case.images]
     if len(images) > 1:
         tensor = torch.cat([i.data for i in images])
@@ -158,7 +158,7 @@ class PreprocessingCache:
         torch.set_num_threads(1)
         source = fingerprint(case)
         subject = preprocess_subject(
-            load_subject(case, self.layout.channels_in_one_file),
+            load_subject(case),
             self.settings["target_spacing_mm"],
             self.settings["crop_nonzero"],
         )

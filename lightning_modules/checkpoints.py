@@ -7,21 +7,17 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from lightning_modules.segmentation_module import SegmentationModule
 
 
 @dataclass
 class TrainedModel:
-    """A trained module and what it was trained on.
-
-    ``run_config`` is the training run's resolved config; ``inference_settings`` how its
-    data was preprocessed (see ``SegmentationDataModule.inference_settings``).
-    """
+    """A trained module and how its data was preprocessed (``inference_settings``, see
+    ``SegmentationDataModule.inference_settings``)."""
 
     module: SegmentationModule
-    run_config: DictConfig
     inference_settings: dict
 
 
@@ -49,4 +45,4 @@ def load_trained(checkpoint: dict, sliding_window: dict | None = None) -> Traine
     module = SegmentationModule(loss=instantiate(run_config.loss), **hparams)
     module.load_state_dict(checkpoint["state_dict"])
     module.eval()
-    return TrainedModel(module, run_config, checkpoint.get("inference_settings", {}))
+    return TrainedModel(module, checkpoint.get("inference_settings", {}))
