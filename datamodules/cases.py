@@ -1,7 +1,9 @@
 """One subject as arrays: what every data source hands to the training and validation loaders.
 
 Conventions: ``image`` is ``(C, W, H, D)`` float32, ``label`` ``(W, H, D)`` integers in
-``[0, num_classes)``, both on the voxel grid of ``affine`` (4 × 4, mm, RAS+ as TorchIO/nibabel).
+``[0, num_classes)``, ``probabilities`` (where the label's distribution is known)
+``(num_classes, W, H, D)`` float32 class probabilities, background first, summing to 1; all
+on the voxel grid of ``affine`` (4 × 4, mm, RAS+ as TorchIO/nibabel).
 Arrays are either in memory or ``.npy`` files in the preprocessing cache, opened
 memory-mapped, so that a training patch reads only its own bytes.
 """
@@ -71,7 +73,7 @@ class Case:
     ``foreground_samples`` ``(C, N)`` are image values at random foreground voxels (for CT
     normalisation statistics);
     ``expected_volume_ml`` is ``Σ p × voxel volume`` per foreground class where the label's
-    distribution is known (synthetic, MNI152), NaN otherwise. ``intensity`` is set by the
+    distribution ``probabilities`` is known (synthetic, MNI152), NaN otherwise. ``intensity`` is set by the
     datamodule from its normalisation setting.
     """
 
@@ -85,6 +87,7 @@ class Case:
     expected_volume_ml: list[float] = field(default_factory=list)
     foreground_samples: np.ndarray | None = None
     intensity: Intensity | None = None
+    probabilities: np.ndarray | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -112,9 +115,10 @@ class Case:
 
 def in_memory_case(
     name: str, image: np.ndarray, label: np.ndarray, affine: np.ndarray, num_classes: int,
-    expected_volume_ml: list[float] | None = None, seed: int = 0,
+    expected_volume_ml: list[float] | None = None, seed: int = 0, probabilities: np.ndarray | None = None,
 ) -> Case:
-    """A :class:`Case` from arrays already in memory (``image`` ``(C, W, H, D)``)."""
+    """A :class:`Case` from arrays already in memory (``image`` ``(C, W, H, D)``; the label's
+    class ``probabilities`` ``(num_classes, W, H, D)`` where known)."""
     image = np.ascontiguousarray(image, dtype=np.float32)
     flat = image.reshape(len(image), -1)
     rng = np.random.default_rng(seed)
@@ -128,6 +132,7 @@ def in_memory_case(
         channel_std=flat.std(1, dtype=np.float64),
         expected_volume_ml=list(expected_volume_ml or []),
         foreground_samples=foreground_samples(image, label, rng),
+        probabilities=None if probabilities is None else np.ascontiguousarray(probabilities, dtype=np.float32),
     )
 
 

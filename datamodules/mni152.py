@@ -126,19 +126,20 @@ class MNI152DataModule(SegmentationDataModule):
             torch.manual_seed(int(rng.integers(2**63)))
             subject = self.deformation(base)
             image = self.appearance(subject["image"]).data.numpy()
-        probabilities = np.clip(subject["probabilities"].data.numpy(), 0, 1)
-        probabilities /= np.maximum(probabilities.sum(0, keepdims=True), 1)  # tissues never exceed 1 in total
+        tissues = np.clip(subject["probabilities"].data.numpy(), 0, 1)
+        tissues /= np.maximum(tissues.sum(0, keepdims=True), 1)  # tissues never exceed 1 in total
         image = image / max(float(image.max()), 1e-6)
         image = image + rng.normal(0, self.noise_std, image.shape).astype(np.float32)
         voxel_ml = float(np.prod(subject["image"].spacing)) / 1000
         return in_memory_case(
             f"mni152_{index:03d}",
             image,
-            draw_labels(probabilities, rng),
+            draw_labels(tissues, rng),
             subject["image"].affine,
             self.num_classes,
-            expected_volume_ml=[float(p.sum(dtype=np.float64) * voxel_ml) for p in probabilities],
+            expected_volume_ml=[float(p.sum(dtype=np.float64) * voxel_ml) for p in tissues],
             seed=index,
+            probabilities=np.concatenate([1 - tissues.sum(0, keepdims=True), tissues]),
         )
 
     def load_cases(self) -> tuple[list[Case], list[Case]]:

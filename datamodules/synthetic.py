@@ -20,6 +20,7 @@ def synthetic_case(case: SyntheticCase, name: str, num_classes: int) -> Case:
         np.diag([*case.spacing_mm, 1.0]),
         num_classes,
         expected_volume_ml=[float(v) for v in case.expected_volume_ml()],
+        probabilities=case.probabilities,
     )
 
 
