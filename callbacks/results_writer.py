@@ -1,4 +1,5 @@
-"""Writes a run's validation results: ``metrics.json``, ``subjects.csv`` and a closing table."""
+"""Writes a run's validation results: ``metrics.json``, ``subjects.csv``, ``calibration.csv``
+and a closing table."""
 
 from __future__ import annotations
 
@@ -38,6 +39,32 @@ def subject_table(rows: dict, subject_names: list[str], class_names: list[str]) 
     return table
 
 
+def calibration_table(reliability, class_names: list[str]) -> list[dict[str, object]]:
+    """One dict per class and reliability bin: ``class, bin, lower, upper, count,
+    mean_probability, frequency`` (NaN for an empty bin) from ``(C − 1, bins, 3)`` sums."""
+    table = []
+    for name, sums in zip(class_names, reliability.tolist()):
+        for index, (count, probability, positives) in enumerate(sums):
+            table.append({
+                "class": name,
+                "bin": index,
+                "lower": index / len(sums),
+                "upper": (index + 1) / len(sums),
+                "count": int(count),
+                "mean_probability": probability / count if count else math.nan,
+                "frequency": positives / count if count else math.nan,
+            })
+    return table
+
+
+def csv_text(table: list[dict[str, object]]) -> str:
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(table[0]))
+    writer.writeheader()
+    writer.writerows(table)
+    return text.getvalue()
+
+
 def write_atomically(path: Path, content: str | Callable[[BinaryIO], None]) -> None:
     """Write ``content`` (text, or a function writing to a binary file) to ``path`` through a
     uniquely named temporary file in the same folder, so readers never see half a file and
@@ -55,7 +82,9 @@ class ResultsWriter(pl.Callback):
     """After every validation epoch (rank zero, not the sanity check) write into ``output_dir``:
 
     * ``metrics.json``: ``epoch``, ``global_step``, ``num_subjects`` and every ``val/…`` key;
-    * ``subjects.csv``: one row per validation subject (see :func:`subject_table`).
+    * ``subjects.csv``: one row per validation subject (see :func:`subject_table`);
+    * ``calibration.csv``: the reliability bins pooled over the validation subjects (see
+      :func:`calibration_table`).
 
     The files always hold the latest epoch, so the final ones are the final validation.
     At the end of training a table of the main metrics is printed.
@@ -80,12 +109,10 @@ class ResultsWriter(pl.Callback):
         }
         write_atomically(self.output_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True) + "\n")
         names = trainer.datamodule.val_subject_names
-        table = subject_table(rows, names, pl_module.class_names)
-        text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
-        write_atomically(self.output_dir / "subjects.csv", text.getvalue())
+        write_atomically(self.output_dir / "subjects.csv", csv_text(subject_table(rows, names, pl_module.class_names)))
+        if pl_module.validation_reliability is not None:
+            table = calibration_table(pl_module.validation_reliability, pl_module.class_names)
+            write_atomically(self.output_dir / "calibration.csv", csv_text(table))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.print_summary(trainer, pl_module)

@@ -6,7 +6,9 @@ Every ``every_n_epochs`` validation epochs (rank zero, not the sanity check):
   the reference structure with the image, the reference (green) and the prediction (red)
   outlined, and the predicted foreground probability;
 * ``volumes``: predicted vs reference volume (hard and soft, ml) and a Bland–Altman plot
-  (ΔV against the mean volume, with the bias and ±1.96 sd limits).
+  (ΔV against the mean volume, with the bias and ±1.96 sd limits);
+* ``reliability``: the reliability diagram of the foreground probabilities (observed
+  frequency against mean predicted probability per bin, with the ECE).
 
 Each figure is written to ``<output_dir>/figures/<name>_epoch<NNN>.png`` and sent to every
 logger that takes images (wandb, TensorBoard).
@@ -80,6 +82,25 @@ def volumes_figure(rows: dict) -> plt.Figure:
     return figure
 
 
+def reliability_figure(reliability: np.ndarray, class_names: list[str]) -> plt.Figure:
+    """Observed frequency vs mean probability per bin, one line per class, from the
+    ``(C − 1, bins, 3)`` sums of :func:`metrics.calibration.reliability_bins`."""
+    figure, (diagram, counts) = plt.subplots(1, 2, figsize=(10, 4.2))
+    diagram.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="calibrated")
+    bins = reliability.shape[1]
+    centres = (np.arange(bins) + 0.5) / bins
+    for name, sums in zip(class_names, reliability):
+        used = sums[:, 0] > 0
+        ece = np.abs(sums[:, 2] - sums[:, 1]).sum() / max(sums[:, 0].sum(), 1)
+        diagram.plot(sums[used, 1] / sums[used, 0], sums[used, 2] / sums[used, 0], marker="o", label=f"{name}: ECE {ece:.4f}")
+        counts.bar(centres, sums[:, 0], width=1 / bins, alpha=0.5, label=name)
+    diagram.set(xlabel="mean predicted probability", ylabel="observed frequency", title="Reliability", xlim=(0, 1), ylim=(0, 1))
+    diagram.legend(fontsize=8)
+    counts.set(xlabel="predicted probability", ylabel="voxels", yscale="log", title="Voxels per bin")
+    figure.tight_layout()
+    return figure
+
+
 class ValidationFigures(pl.Callback):
     """Slice overlays and volume plots every ``every_n_epochs`` validation epochs."""
 
@@ -94,6 +115,8 @@ class ValidationFigures(pl.Callback):
         if trainer.current_epoch % self.every_n_epochs and not last_epoch:
             return
         figures = {"volumes": volumes_figure(pl_module.validation_rows)}
+        if pl_module.validation_reliability is not None:
+            figures["reliability"] = reliability_figure(pl_module.validation_reliability.numpy(), pl_module.class_names)
         if pl_module.validation_previews:
             figures["slices"] = slices_figure(pl_module.validation_previews)
         folder = self.output_dir / "figures"

@@ -69,7 +69,8 @@ class SegmentationModule(pl.LightningModule):
         preview_subjects: keep slices of this many validation subjects for pictures.
 
     After each validation epoch ``validation_rows`` holds the per-subject rows (CPU tensors,
-    see :mod:`metrics.subject_metrics`) and ``validation_summary`` the logged values.
+    see :mod:`metrics.subject_metrics`), ``validation_reliability`` the pooled reliability
+    bins and ``validation_summary`` the logged values.
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class SegmentationModule(pl.LightningModule):
             raise ValueError(f"{len(self.class_names)} class names for {num_classes - 1} foreground classes")
         self.val_metrics = SubjectSegmentationMetrics(num_classes)
         self.validation_rows: dict[str, torch.Tensor] | None = None
+        self.validation_reliability: torch.Tensor | None = None  # (C − 1, bins, 3), see metrics.calibration
         self.validation_summary: dict[str, float] | None = None
         self.preview_subjects = int(preview_subjects)
         self.validation_previews: list[dict] = []
@@ -165,12 +167,13 @@ class SegmentationModule(pl.LightningModule):
             self._previews.append(preview_slices(subject, probabilities))
 
     def on_validation_epoch_end(self) -> None:
-        rows = per_subject(self.val_metrics)
+        rows, fitted = per_subject(self.val_metrics)
         self.val_metrics.reset()
-        summary = summarize(rows, self.class_names)
+        summary = summarize(rows, self.class_names, fitted)
         for key, value in summary.items():
             self.log(f"val/{key}", value, prog_bar=key == "dice", sync_dist=True)
         self.validation_rows = {key: value.detach().cpu() for key, value in rows.items()}
+        self.validation_reliability = fitted["reliability"].detach().cpu()
         self.validation_summary = summary
         self.validation_previews, self._previews = sorted(self._previews, key=lambda p: p["index"]), []
 

@@ -7,7 +7,14 @@ For each validation subject and foreground class ``c`` (classes ``1..C−1``):
 * ``volume_ref_ml``: reference label volume; ``volume_pred_ml``: argmax volume;
 * ``volume_pred_soft_ml``: soft volume ``Σ p_c × voxel volume``;
 * ``volume_expected_ml``: ``Σ q_c × voxel volume`` where the label distribution ``q`` is
-  known (synthetic and probabilistic data), NaN elsewhere.
+  known (synthetic and probabilistic data), NaN elsewhere;
+* ``ece``: the subject's expected calibration error (:mod:`metrics.calibration`);
+* the post-hoc remedies of :mod:`metrics.posthoc`: ``volume_soft_calibrated_ml`` (soft volume
+  after temperature scaling), ``dice_threshold``/``volume_threshold_ml`` (decoded at the
+  Dice-optimal threshold), ``dice_rankseg``/``volume_rankseg_ml`` (RankSEG decoding).
+
+The calibration and the remedies come from two small per-subject summaries kept on the
+device instead of probability maps: reliability bins and log-odds histograms.
 
 Volumes are in millilitres: voxel count × ``prod(spacing_mm)`` / 1000. The states are lists
 concatenated across processes (``dist_reduce_fx="cat"``); ``compute`` orders the rows by
@@ -22,7 +29,19 @@ from collections.abc import Sequence
 import torch
 from torchmetrics import Metric
 
-PER_SUBJECT_KEYS = ("dice", "volume_ref_ml", "volume_pred_ml", "volume_pred_soft_ml", "volume_expected_ml")
+from metrics.calibration import RELIABILITY_BINS, expected_calibration_error, reliability_bins
+from metrics.posthoc import LOG_ODDS_BINS, log_odds_histogram, posthoc_remedies
+
+MEASURED_KEYS = ("dice", "volume_ref_ml", "volume_pred_ml", "volume_pred_soft_ml", "volume_expected_ml")
+PER_SUBJECT_KEYS = (
+    *MEASURED_KEYS,
+    "ece",
+    "volume_soft_calibrated_ml",
+    "dice_threshold",
+    "volume_threshold_ml",
+    "dice_rankseg",
+    "volume_rankseg_ml",
+)
 
 
 class SubjectSegmentationMetrics(Metric):
@@ -36,8 +55,7 @@ class SubjectSegmentationMetrics(Metric):
         if num_classes < 2:
             raise ValueError("num_classes must be >= 2")
         self.num_classes = num_classes
-        self.add_state("subject_index", default=[], dist_reduce_fx="cat")
-        for key in PER_SUBJECT_KEYS:
+        for key in ("subject_index", "voxel_ml", "reliability", "log_odds", *MEASURED_KEYS):
             self.add_state(key, default=[], dist_reduce_fx="cat")
 
     def update(
@@ -70,12 +88,16 @@ class SubjectSegmentationMetrics(Metric):
         n_both = (prediction & reference).sum(1, dtype=torch.float64)
         denominator = n_pred + n_ref
         dice = torch.where(denominator > 0, 2 * n_both / denominator.clamp_min(1), torch.nan)
-        soft = probabilities[1:].reshape(self.num_classes - 1, -1).sum(1, dtype=torch.float64)
+        foreground = probabilities[1:].reshape(self.num_classes - 1, -1)
+        soft = foreground.sum(1, dtype=torch.float64)
         if expected_volume_ml is None:
             expected = torch.full((self.num_classes - 1,), torch.nan, dtype=torch.float64, device=device)
         else:
             expected = torch.as_tensor(expected_volume_ml, dtype=torch.float64, device=device).reshape(-1)
         self.subject_index.append(torch.tensor([subject_index], device=device))
+        self.voxel_ml.append(torch.tensor([voxel_ml], dtype=torch.float64, device=device))
+        self.reliability.append(reliability_bins(foreground, reference)[None])
+        self.log_odds.append(log_odds_histogram(foreground, reference)[None])
         self.dice.append(dice[None])
         self.volume_ref_ml.append((n_ref * voxel_ml)[None])
         self.volume_pred_ml.append((n_pred * voxel_ml)[None])
@@ -83,7 +105,9 @@ class SubjectSegmentationMetrics(Metric):
         self.volume_expected_ml.append(expected[None])
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """Per-subject rows: ``subject_index`` ``(N,)`` and each key ``(N, C − 1)``, float64."""
+        """Raw per-subject rows ordered by subject: ``subject_index``, ``voxel_ml`` ``(N,)``,
+        each measured key ``(N, C − 1)``, ``reliability`` ``(N, C − 1, bins, 3)`` and
+        ``log_odds`` ``(N, C − 1, 2, LOG_ODDS_BINS)``; :func:`per_subject` completes them."""
         def cat(state) -> torch.Tensor:  # a list before a distributed sync, a tensor after it
             return torch.cat(state) if isinstance(state, list) else state
 
@@ -93,17 +117,30 @@ class SubjectSegmentationMetrics(Metric):
         index = cat(self.subject_index)
         unique, first = _first_occurrences(index)
         rows = {"subject_index": unique}
-        for key in PER_SUBJECT_KEYS:
+        for key in ("voxel_ml", "reliability", "log_odds", *MEASURED_KEYS):
             rows[key] = cat(getattr(self, key))[first]
         return rows
 
 
-def per_subject(metric: SubjectSegmentationMetrics) -> dict[str, torch.Tensor]:
-    """``metric.compute()`` with its shapes restored: torchmetrics squeezes one-element
-    results to 0-d tensors (one subject, one class), the rows keep ``(N,)`` / ``(N, C − 1)``."""
-    rows = metric.compute()
-    index = rows["subject_index"].reshape(-1)
-    return {"subject_index": index, **{k: rows[k].reshape(len(index), -1) for k in PER_SUBJECT_KEYS}}
+def per_subject(metric: SubjectSegmentationMetrics) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The validation results: per-subject ``rows`` and dataset-level ``fitted`` values.
+
+    ``rows``: ``subject_index`` ``(N,)`` and every :data:`PER_SUBJECT_KEYS` entry ``(N, C − 1)``.
+    ``fitted`` (per class, ``(C − 1,)``): ``ece`` over all validation voxels,
+    ``ece_calibrated``, ``temperature``, ``threshold``, and ``reliability`` ``(C − 1, bins, 3)``
+    pooled over subjects. Shapes are restored after torchmetrics' squeezing of one-element
+    results (one subject, one class).
+    """
+    raw = metric.compute()
+    index = raw["subject_index"].reshape(-1)
+    n, k = len(index), metric.num_classes - 1
+    reliability = raw["reliability"].reshape(n, k, RELIABILITY_BINS, 3)
+    remedies, fitted = posthoc_remedies(raw["log_odds"].reshape(n, k, 2, LOG_ODDS_BINS), raw["voxel_ml"].reshape(n))
+    rows = {"subject_index": index, **{key: raw[key].reshape(n, k) for key in MEASURED_KEYS}}
+    rows["ece"] = expected_calibration_error(reliability)
+    rows.update(remedies)
+    pooled = reliability.sum(0)
+    return rows, {"ece": expected_calibration_error(pooled), "reliability": pooled, **fitted}
 
 
 def _first_occurrences(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

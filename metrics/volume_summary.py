@@ -1,14 +1,17 @@
 """Dataset-level summaries of per-subject Dice and volume errors (the logged ``val/…`` keys).
 
-With ``ΔV = predicted − reference`` per subject and class (ml):
+With ``ΔV = predicted − reference`` per subject and class (ml), for every way of reading a
+volume off the prediction — ``""`` hard (argmax), ``soft_`` (``Σ p``), ``calibrated_soft_``
+(``Σ p`` after temperature scaling), ``threshold_`` (Dice-optimal threshold), ``rankseg_``
+(RankSEG decoding), see :mod:`metrics.posthoc`:
 
-* ``dice``: mean Dice; ``volume_bias_ml``: mean ΔV (hard, argmax);
-  ``abs_volume_error_ml``: mean |ΔV|; ``relative_volume_bias``: mean ΔV / reference;
-* ``soft_volume_bias_ml``, ``soft_abs_volume_error_ml``, ``soft_relative_volume_bias``:
-  the same with the soft volume ``Σ p``;
-* where expected volumes are known: ``expected_volume_bias_ml`` (hard − expected),
-  ``soft_expected_volume_bias_ml`` (soft − expected) and their relative forms
-  ``relative_expected_volume_bias``, ``relative_soft_expected_volume_bias``.
+* ``<prefix>volume_bias_ml``: mean ΔV; ``<prefix>abs_volume_error_ml``: mean |ΔV|;
+  ``<prefix>relative_volume_bias``: mean ΔV / reference;
+* where expected volumes are known: ``<prefix>expected_volume_bias_ml`` (predicted −
+  expected) and ``relative_<prefix>expected_volume_bias``;
+
+and ``dice`` (argmax), ``dice_threshold``, ``dice_rankseg`` (mean Dice), ``ece`` (over all
+validation voxels), ``ece_calibrated``, ``temperature``, ``threshold``.
 
 Means skip NaN (an empty reference has no relative error, a subject with both masks empty
 no Dice). Each key is given per class (``key/<class name>``, only with more than one
@@ -30,35 +33,45 @@ def _relative(delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return torch.where(reference > 0, delta / reference.clamp_min(1e-12), torch.nan)
 
 
-def per_class_summary(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each summary key as a ``(C − 1,)`` tensor of means over subjects."""
-    ref, hard, soft = rows["volume_ref_ml"], rows["volume_pred_ml"], rows["volume_pred_soft_ml"]
-    summary = {
-        "dice": _nanmean(rows["dice"]),
-        "volume_bias_ml": _nanmean(hard - ref),
-        "abs_volume_error_ml": _nanmean((hard - ref).abs()),
-        "relative_volume_bias": _nanmean(_relative(hard - ref, ref)),
-        "soft_volume_bias_ml": _nanmean(soft - ref),
-        "soft_abs_volume_error_ml": _nanmean((soft - ref).abs()),
-        "soft_relative_volume_bias": _nanmean(_relative(soft - ref, ref)),
-    }
-    expected = rows["volume_expected_ml"]
-    if not torch.isnan(expected).all():
-        summary.update(
-            {
-                "expected_volume_bias_ml": _nanmean(hard - expected),
-                "soft_expected_volume_bias_ml": _nanmean(soft - expected),
-                "relative_expected_volume_bias": _nanmean(_relative(hard - expected, expected)),
-                "relative_soft_expected_volume_bias": _nanmean(_relative(soft - expected, expected)),
-            }
-        )
+# summary prefix -> per-subject volume column
+VOLUME_READINGS = {
+    "": "volume_pred_ml",
+    "soft_": "volume_pred_soft_ml",
+    "calibrated_soft_": "volume_soft_calibrated_ml",
+    "threshold_": "volume_threshold_ml",
+    "rankseg_": "volume_rankseg_ml",
+}
+FITTED_KEYS = ("ece", "ece_calibrated", "temperature", "threshold")
+
+
+def per_class_summary(rows: dict[str, torch.Tensor], fitted: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Each summary key as a ``(C − 1,)`` tensor: means over subjects, and the ``fitted``
+    dataset-level values of :func:`metrics.per_subject` where given."""
+    ref, expected = rows["volume_ref_ml"], rows["volume_expected_ml"]
+    has_expected = not torch.isnan(expected).all()
+    summary = {key: _nanmean(rows[key]) for key in ("dice", "dice_threshold", "dice_rankseg") if key in rows}
+    for prefix, column in VOLUME_READINGS.items():
+        if column not in rows:
+            continue
+        volume = rows[column]
+        summary[f"{prefix}volume_bias_ml"] = _nanmean(volume - ref)
+        summary[f"{prefix}abs_volume_error_ml"] = _nanmean((volume - ref).abs())
+        summary[f"{prefix}relative_volume_bias"] = _nanmean(_relative(volume - ref, ref))
+        if has_expected:
+            summary[f"{prefix}expected_volume_bias_ml"] = _nanmean(volume - expected)
+            summary[f"relative_{prefix}expected_volume_bias"] = _nanmean(_relative(volume - expected, expected))
+    for key in FITTED_KEYS:
+        if fitted is not None and key in fitted:
+            summary[key] = fitted[key]
     return summary
 
 
-def summarize(rows: dict[str, torch.Tensor], class_names: Sequence[str]) -> dict[str, float]:
+def summarize(
+    rows: dict[str, torch.Tensor], class_names: Sequence[str], fitted: dict[str, torch.Tensor] | None = None
+) -> dict[str, float]:
     """Flat ``{key: value}`` of class means, plus ``key/<class>`` when there are several classes."""
     flat: dict[str, float] = {}
-    for key, values in per_class_summary(rows).items():
+    for key, values in per_class_summary(rows, fitted).items():
         flat[key] = float(_nanmean(values))
         if len(class_names) > 1:
             for name, value in zip(class_names, values.tolist()):

@@ -10,11 +10,12 @@ def test_figures_are_written_and_sent_to_tensorboard(tmp_path):
     train(compose_config(TINY + ["logger=many", "trainer.max_epochs=2", "callbacks.validation_figures.every_n_epochs=1"],
                          tmp_path))
     names = sorted(p.name for p in (tmp_path / "figures").iterdir())
-    assert names == ["slices_epoch000.png", "slices_epoch001.png", "volumes_epoch000.png", "volumes_epoch001.png"]
+    assert names == ["reliability_epoch000.png", "reliability_epoch001.png", "slices_epoch000.png",
+                     "slices_epoch001.png", "volumes_epoch000.png", "volumes_epoch001.png"]
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
-    assert {"val/slices", "val/volumes"} <= set(events.Tags()["images"])
-    assert "val/dice" in events.Tags()["scalars"]
+    assert {"val/slices", "val/volumes", "val/reliability"} <= set(events.Tags()["images"])
+    assert {"val/dice", "val/ece"} <= set(events.Tags()["scalars"])
 
 
 def test_offline_wandb_run_holds_metrics_and_images(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from metrics import SubjectSegmentationMetrics, summarize
+from metrics import SubjectSegmentationMetrics, per_subject, summarize
 
 
 def probabilities_from(foreground: torch.Tensor) -> torch.Tensor:
@@ -81,3 +81,101 @@ def test_state_resets_between_epochs():
     metric.reset()
     with pytest.raises(RuntimeError, match="no subject"):
         metric.compute()
+
+
+# --- calibration and post-hoc remedies -------------------------------------------------
+from metrics.calibration import expected_calibration_error, reliability_bins  # noqa: E402
+from metrics.posthoc import log_odds_histogram, posthoc_remedies, rankseg_decoding  # noqa: E402
+
+
+def test_reliability_bins_and_ece_by_hand():
+    probability = torch.tensor([[0.05, 0.05, 0.95, 0.95, 0.5, 0.5]])
+    reference = torch.tensor([[0, 0, 1, 0, 1, 1]]).bool()
+    sums = reliability_bins(probability, reference, bins=10)
+    assert sums[0, 0].tolist() == pytest.approx([2, 0.1, 0])
+    assert sums[0, 9].tolist() == pytest.approx([2, 1.9, 1])
+    assert sums[0, 5].tolist() == pytest.approx([2, 1.0, 2])
+    # ECE = (|0 − 0.1| + |1 − 1.9| + |2 − 1|) / 6
+    assert expected_calibration_error(sums).item() == pytest.approx(2.0 / 6)
+
+
+def overconfident_subjects(sharpening: float, count: int = 4, seed: int = 0):
+    """Labels drawn from q; predictions σ(sharpening · logit q): calibrated when sharpening = 1."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(count):
+        q = torch.rand(16, 16, 16, generator=generator) ** 2
+        label = (torch.rand(16, 16, 16, generator=generator) < q).long()
+        p = torch.sigmoid(sharpening * (torch.log(q) - torch.log1p(-q)))
+        yield q, label, torch.stack([1 - p, p])
+
+
+def test_temperature_scaling_undoes_overconfidence():
+    metric = SubjectSegmentationMetrics(num_classes=2)
+    for index, (_, label, probabilities) in enumerate(overconfident_subjects(3.0)):
+        metric.update(probabilities, label, (1.0, 1.0, 1.0), index)
+    rows, fitted = per_subject(metric)
+    assert fitted["temperature"].item() == pytest.approx(3.0, rel=0.08)
+    assert fitted["ece"].item() > 0.05 and fitted["ece_calibrated"].item() < 0.02  # 0.02: label-draw noise
+    # the calibrated soft volume is close to the reference, the overconfident one is not
+    error = (rows["volume_soft_calibrated_ml"] - rows["volume_ref_ml"]).abs().mean()
+    assert error < 0.5 * (rows["volume_pred_soft_ml"] - rows["volume_ref_ml"]).abs().mean()
+    assert rows["ece"].shape == (4, 1)
+
+
+def test_threshold_decoding_matches_a_brute_force_search():
+    metric = SubjectSegmentationMetrics(num_classes=2)
+    subjects = list(overconfident_subjects(1.0, seed=1))
+    for index, (_, label, probabilities) in enumerate(subjects):
+        metric.update(probabilities, label, (1.0, 1.0, 2.0), index)
+    rows, fitted = per_subject(metric)
+
+    def mean_dice(t: float) -> float:
+        dice = []
+        for _, label, probabilities in subjects:
+            pred, ref = probabilities[1] > t, label == 1
+            dice.append(2 * (pred & ref).sum().item() / (pred.sum() + ref.sum()).item())
+        return sum(dice) / len(dice)
+
+    best = max(mean_dice(t) for t in torch.linspace(0.01, 0.99, 99).tolist())
+    assert rows["dice_threshold"].mean().item() == pytest.approx(best, abs=0.01)
+    assert mean_dice(fitted["threshold"].item()) == pytest.approx(rows["dice_threshold"].mean().item(), abs=0.01)
+    predicted = (subjects[0][2][1] > fitted["threshold"].item()).sum().item() * 0.002
+    assert rows["volume_threshold_ml"][0, 0].item() == pytest.approx(predicted, rel=0.03)
+
+
+def test_rankseg_matches_the_reciprocal_moment_rule_on_voxels():
+    _, label, probabilities = next(overconfident_subjects(1.0, count=1, seed=2))
+    p = probabilities[1].flatten().double()
+    ordered = p.sort(descending=True).values
+    tau = torch.arange(1, len(p) + 1, dtype=torch.float64)
+    expected_dice = 2 * ordered.cumsum(0) / (p.sum() + tau + 1)
+    best_tau = int(expected_dice.argmax()) + 1
+    histogram = log_odds_histogram(probabilities[1:].flatten(1), (label == 1).flatten()[None])
+    dice, voxels = rankseg_decoding(histogram[None], torch.ones(1, dtype=torch.float64))
+    assert voxels.item() == pytest.approx(best_tau, rel=0.03)
+    selected = torch.zeros_like(p, dtype=torch.bool)
+    selected[p.argsort(descending=True)[:best_tau]] = True
+    reference = (label == 1).flatten()
+    direct = 2 * (selected & reference).sum().item() / (best_tau + reference.sum().item())
+    assert dice.item() == pytest.approx(direct, abs=0.01)
+
+
+def test_rankseg_leaves_a_class_empty_when_no_voxel_is_likely():
+    probability = torch.full((1, 1000), 0.3)
+    histogram = log_odds_histogram(probability, torch.zeros(1, 1000, dtype=torch.bool))
+    dice, voxels = rankseg_decoding(histogram[None], torch.ones(1, dtype=torch.float64))
+    assert voxels.item() == 0 and math.isnan(dice.item())  # nothing predicted, nothing in the reference
+
+
+def test_remedies_are_finite_for_three_classes_and_empty_classes():
+    metric = SubjectSegmentationMetrics(num_classes=3)
+    label = torch.tensor([0, 1, 1, 0]).view(4, 1, 1)
+    probs = torch.tensor([[0.9, 0.1, 0.1, 0.9], [0.05, 0.8, 0.8, 0.05], [0.05, 0.1, 0.1, 0.05]]).view(3, 4, 1, 1)
+    metric.update(probs, label, (1.0, 1.0, 1.0), 0)
+    rows, fitted = per_subject(metric)
+    remedies, _ = posthoc_remedies(metric.compute()["log_odds"].reshape(1, 2, 2, -1), torch.ones(1, dtype=torch.float64))
+    assert set(remedies) <= set(rows)
+    assert rows["volume_soft_calibrated_ml"].shape == (1, 2) and torch.isfinite(rows["volume_soft_calibrated_ml"]).all()
+    assert fitted["temperature"].shape == (2,) and torch.isfinite(fitted["ece"]).all()
+    summary = summarize(rows, ["liver", "tumour"], fitted)
+    assert {"ece/liver", "temperature/tumour", "rankseg_volume_bias_ml", "dice_threshold"} <= set(summary)

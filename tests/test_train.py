@@ -14,6 +14,8 @@ from train import train
 EXPECTED_METRICS = [
     "val/dice", "val/volume_bias_ml", "val/abs_volume_error_ml", "val/relative_volume_bias",
     "val/soft_volume_bias_ml", "val/expected_volume_bias_ml", "val/soft_expected_volume_bias_ml",
+    "val/ece", "val/ece_calibrated", "val/temperature", "val/threshold", "val/dice_threshold", "val/dice_rankseg",
+    "val/calibrated_soft_volume_bias_ml", "val/threshold_volume_bias_ml", "val/rankseg_volume_bias_ml",
 ]
 
 
@@ -33,12 +35,17 @@ def test_run_writes_metrics_and_subjects(loss, tmp_path):
     rows = read_subjects(tmp_path)
     assert [r["subject"] for r in rows] == ["synthetic_004", "synthetic_005"]
     assert list(rows[0]) == ["subject", "dice", "volume_ref_ml", "volume_pred_ml", "volume_pred_soft_ml",
-                             "volume_expected_ml"]
+                             "volume_expected_ml", "ece", "volume_soft_calibrated_ml", "dice_threshold",
+                             "volume_threshold_ml", "dice_rankseg", "volume_rankseg_ml"]
     bias = sum(float(r["volume_pred_ml"]) - float(r["volume_ref_ml"]) for r in rows) / len(rows)
     assert metrics["val/volume_bias_ml"] == pytest.approx(bias, abs=1e-9)
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert any(p.name.startswith("best-") for p in (tmp_path / "checkpoints").iterdir())
     assert (tmp_path / "csv" / "metrics.csv").is_file()
+    with open(tmp_path / "calibration.csv") as handle:
+        bins = list(csv.DictReader(handle))
+    assert len(bins) == 15 and list(bins[0]) == ["class", "bin", "lower", "upper", "count", "mean_probability", "frequency"]
+    assert sum(int(b["count"]) for b in bins) == 2 * 32 * 32 * 16  # every validation voxel once
 
 
 def test_multiclass_run_reports_per_class(tmp_path):

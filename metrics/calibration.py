@@ -1,0 +1,46 @@
+"""Calibration of the foreground probabilities: reliability bins and expected calibration error.
+
+For each foreground class ``c`` the one-vs-rest probability ``p_c`` of every voxel is put in
+one of ``RELIABILITY_BINS`` equal-width bins of ``[0, 1]``; a bin keeps three sums: the voxel
+count, ``Σ p_c`` and ``Σ y_c`` (the reference's one-hot). Then, per bin, the mean
+probability is ``Σ p / n`` and the observed frequency ``Σ y / n``: the reliability diagram.
+The expected calibration error (Guo et al. 2017, classwise) is
+
+    ECE = Σ_b (n_b / N) · |Σ y / n_b − Σ p / n_b| = Σ_b |Σ_b y − Σ_b p| / N
+
+over all voxels of the volume. Bins add up, so subjects and DDP processes pool exactly.
+Background voxels far from any structure (p ≈ 0, y = 0) are counted too, as in most
+segmentation calibration studies; they dilute the ECE equally for every loss, so compare
+ECEs between runs on the same data only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+RELIABILITY_BINS = 15
+
+
+def reliability_bins(probability: torch.Tensor, reference: torch.Tensor, bins: int = RELIABILITY_BINS) -> torch.Tensor:
+    """Sums ``(K, bins, 3)``: voxel count, ``Σ p`` and ``Σ y`` per class and bin, float64.
+
+    Args:
+        probability: ``(K, N)`` one-vs-rest probabilities of ``K`` classes.
+        reference: ``(K, N)`` boolean or 0/1 reference of the same classes.
+    """
+    classes = probability.shape[0]
+    index = (probability.clamp(0, 1) * bins).long().clamp_max(bins - 1)
+    index = index + bins * torch.arange(classes, device=probability.device).view(-1, 1)
+    sums = torch.zeros(3, classes * bins, dtype=torch.float64, device=probability.device)
+    flat = index.reshape(-1)
+    sums[0].index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+    sums[1].index_add_(0, flat, probability.reshape(-1).double())
+    sums[2].index_add_(0, flat, reference.reshape(-1).double())
+    return sums.view(3, classes, bins).permute(1, 2, 0).contiguous()
+
+
+def expected_calibration_error(sums: torch.Tensor) -> torch.Tensor:
+    """ECE from :func:`reliability_bins` sums ``(…, bins, 3)``; shape ``(…)``, NaN without voxels."""
+    count = sums[..., 0].sum(-1)
+    gap = (sums[..., 2] - sums[..., 1]).abs().sum(-1)
+    return torch.where(count > 0, gap / count.clamp_min(1), torch.nan)
