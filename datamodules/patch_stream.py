@@ -31,7 +31,8 @@ from datamodules.transforms import PatchAugmentation
 
 
 class PatchBatches(IterableDataset):
-    """Yields ``{"image": {"data": (B, C, *patch)}, "label": {"data": (B, 1, *patch)}}``.
+    """Yields ``{"image": {"data": (B, C, *patch)}, "label": {"data": (B, 1, *patch)}}``, or
+    with ``soft_labels`` the class probabilities ``{"label": {"data": (B, num_classes, *patch)}}``.
 
     Args:
         cases: the training cases (all of them; ``subject_sampler`` picks this rank's).
@@ -44,6 +45,9 @@ class PatchBatches(IterableDataset):
             instead of padding; ignored when no such transform is configured.
         seed: base seed of the stream.
         subject_sampler: this rank's subjects under DDP (``set_epoch`` is forwarded).
+        soft_labels: train on the cases' class ``probabilities`` (float) instead of their
+            label (SoftSeg, Gros et al. 2021); the transforms resample them like a label map
+            (nearest neighbour), the background channel is ``1 − Σ foreground`` after them.
     """
 
     def __init__(
@@ -57,8 +61,16 @@ class PatchBatches(IterableDataset):
         context: int | Sequence[int] = 0,
         seed: int = 0,
         subject_sampler: DistributedSampler | None = None,
+        soft_labels: bool = False,
     ) -> None:
         self.cases = list(cases)
+        self.soft_labels = bool(soft_labels)
+        if self.soft_labels and any(c.probabilities is None for c in self.cases):
+            missing = next(c.name for c in self.cases if c.probabilities is None)
+            raise ValueError(
+                f"data.label_mode=soft needs the label's class probabilities, which case {missing!r} does not have "
+                "(data=synthetic and data=mni152 provide them)"
+            )
         self.patch_size = np.asarray(patch_size, dtype=int)
         self.batch_size = int(batch_size)
         self.samples_per_volume = int(samples_per_volume)
@@ -122,9 +134,11 @@ class PatchBatches(IterableDataset):
         return np.where(room >= 0, np.clip(start, 0, np.maximum(room, 0)), room // 2)
 
     def patch(self, case: Case, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One augmented ``(image (C, *patch), label (1, *patch))`` pair."""
+        """One augmented ``(image (C, *patch), label (1 or num_classes, *patch))`` pair."""
         image, label = case.arrays()
         shape = np.asarray(label.shape[-3:])
+        if self.soft_labels:
+            label = case.probabilities
         with_context, after_crop = self.augmentation.split(self.augmentation.draw(rng))
         context = self.context if with_context else np.zeros(3, dtype=int)
         start = self.patch_start(case, shape, rng) - context
@@ -132,7 +146,7 @@ class PatchBatches(IterableDataset):
         affine = np.diag([*case.spacing, 1.0])
         subject = tio.Subject(
             image=tio.ScalarImage(tensor=torch.from_numpy(read_window(image, start, size, case.normalised)), affine=affine),
-            label=tio.LabelMap(tensor=torch.from_numpy(read_window(label, start, size).astype(np.int64))[None], affine=affine),
+            label=tio.LabelMap(tensor=self.label_window(label, start, size), affine=affine),
         )
         for transform in with_context:
             subject = transform(subject)
@@ -142,4 +156,15 @@ class PatchBatches(IterableDataset):
                 subject[name].set_data(subject[name].data[(..., *inner)].contiguous())
         for transform in after_crop:
             subject = transform(subject)
-        return subject["image"].data.float().contiguous(), subject["label"].data.long().contiguous()
+        target = subject["label"].data
+        if self.soft_labels:  # padding (outside the volume, by the transforms) is background
+            target = target.float()
+            target[0] = (1 - target[1:].sum(0)).clamp(0, 1)
+            return subject["image"].data.float().contiguous(), target.contiguous()
+        return subject["image"].data.float().contiguous(), target.long().contiguous()
+
+    def label_window(self, label: np.ndarray, start: np.ndarray, size: np.ndarray) -> torch.Tensor:
+        """The label ``(1, *size)`` int64, or the class probabilities ``(num_classes, *size)`` float32."""
+        if self.soft_labels:
+            return torch.from_numpy(read_window(label, start, size).astype(np.float32))
+        return torch.from_numpy(read_window(label, start, size).astype(np.int64))[None]

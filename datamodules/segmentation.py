@@ -38,6 +38,7 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 
 SAMPLERS = ("label", "uniform")
 NORMALISATIONS = ("zscore", "ct", "none")
+LABEL_MODES = ("hard", "soft")
 
 
 def resolve_num_workers(num_workers: int | str) -> int:
@@ -124,6 +125,9 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         val_batch_size: patches per forward pass during sliding-window inference.
         val_weighting: sliding-window blending: ``"hann"``, ``"gaussian"`` or ``"constant"``.
         pin_memory: pin training batches for faster host-to-GPU copies.
+        label_mode: ``"hard"`` trains on the (drawn) label map; ``"soft"`` on the label's class
+            probabilities where the source knows them (synthetic, MNI152), as SoftSeg (Gros et
+            al. 2021). Validation always scores against the label map.
     """
 
     def __init__(
@@ -141,8 +145,11 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         val_batch_size: int = 2,
         val_weighting: str = "hann",
         pin_memory: bool = True,
+        label_mode: str = "hard",
     ) -> None:
         super().__init__()
+        if label_mode not in LABEL_MODES:
+            raise ValueError(f"data.label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
         if len(patch_size) != 3 or min(patch_size) < 1:
             raise ValueError(f"data.patch_size must be three positive ints, got {list(patch_size)}")
         if sampler not in SAMPLERS:
@@ -168,6 +175,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         self.val_batch_size = int(val_batch_size)
         self.val_weighting = val_weighting
         self.pin_memory = pin_memory
+        self.label_mode = label_mode
         self.train_cases: list[Case] | None = None
         self.val_cases: list[Case] | None = None
         self.intensity: Intensity | None = None  # dataset-wide mapping (ct), None = per subject
@@ -260,6 +268,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
             context=[math.ceil(self.augmentation_context * p) for p in self.patch_size],
             seed=torch.initial_seed() % 2**32,
             subject_sampler=subject_sampler,
+            soft_labels=self.label_mode == "soft",
         )
         if self.trainer is not None:  # resumed runs and reloaded loaders start at the current epoch
             self._patches.set_epoch(self.trainer.current_epoch)

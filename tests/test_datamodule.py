@@ -128,3 +128,41 @@ def test_patch_augmentation_leaves_the_configured_transforms_alone():
     dm.setup()
     dm.train_dataloader(), dm.train_dataloader()
     assert affine.probability == 0.2 and affine.copy is True
+
+
+def test_soft_labels_are_the_class_probabilities_of_the_patch():
+    """label_mode=soft: (B, C, *patch) probabilities summing to 1; without augmentation they are
+    the case's own probability window, and background fills the padding."""
+    dm = SyntheticDataModule(**{**SMALL, "shape": (12, 12, 8), "radius_mm": (2.0, 3.0)}, patch_size=(16, 16, 8), samples_per_volume=2,
+                             batch_size=2, label_mode="soft")
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    target = batch["label"][tio.DATA]
+    assert target.dtype == torch.float32 and target.shape == (2, 2, 16, 16, 8)
+    torch.testing.assert_close(target.sum(1), torch.ones(2, 16, 16, 8))
+    assert target[:, 0, :2].eq(1).all()  # (16 − 12) / 2 = 2 voxels of padding on each side of W
+    windows = [torch.from_numpy(c.probabilities) for c in dm.train_cases]
+    assert any(torch.allclose(w, target[0, :, 2:14, 2:14]) for w in windows)
+    assert ((target > 0) & (target < 1)).any()  # really soft
+
+
+def test_soft_labels_survive_augmentation():
+    affine = tio.RandomAffine(p=1.0, degrees=20)
+    dm = SyntheticDataModule(**{**SMALL, "augmentation": {"flip": tio.RandomFlip(axes=(0, 1, 2)), "affine": affine}},
+                             patch_size=(16, 16, 8), samples_per_volume=2, batch_size=2, label_mode="soft",
+                             augmentation_context=0.25)
+    dm.setup()
+    target = next(iter(dm.train_dataloader()))["label"][tio.DATA]
+    assert target.shape == (2, 2, 16, 16, 8)
+    torch.testing.assert_close(target.sum(1), torch.ones(2, 16, 16, 8))
+    assert target.min() >= 0 and target.max() <= 1
+
+
+def test_soft_labels_need_known_probabilities():
+    dm = SyntheticDataModule(**SMALL, label_mode="soft")
+    dm.setup()
+    dm.train_cases[1].probabilities = None  # as for data=folder, whose labels are plain maps
+    with pytest.raises(ValueError, match="label_mode=soft.*synthetic_001"):
+        dm.train_dataloader()
+    with pytest.raises(ValueError, match="label_mode"):
+        SyntheticDataModule(**SMALL, label_mode="fuzzy")

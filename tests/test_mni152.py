@@ -42,9 +42,12 @@ def test_bad_tissue_names_are_rejected():
         MNI152DataModule(tissues=["csf"])
 
 
-def test_one_epoch_reports_expected_volume_bias(tmp_path):
+@pytest.mark.parametrize("label_mode", ["hard", "soft"])
+def test_one_epoch_reports_expected_volume_bias(label_mode, tmp_path):
     cfg = compose_config(["data=mni152", "data.num_train=2", "data.num_val=1", "data.resolution_mm=4",
-                          "data.patch_size=[16,16,16]", *TINY_RUN, "callbacks.validation_figures=null"], tmp_path)
+                          "data.patch_size=[16,16,16]", f"data.label_mode={label_mode}", "loss=ce_softdice",
+                          *TINY_RUN, "callbacks.validation_figures=null"], tmp_path)
     summary = train(cfg)
     assert math.isfinite(summary["val/soft_expected_volume_bias_ml"])
+    assert math.isfinite(summary["val/ece"])
     assert "volume_expected_ml" in (tmp_path / "subjects.csv").read_text()

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -46,6 +47,16 @@ def test_run_writes_metrics_and_subjects(loss, tmp_path):
         bins = list(csv.DictReader(handle))
     assert len(bins) == 15 and list(bins[0]) == ["class", "bin", "lower", "upper", "count", "mean_probability", "frequency"]
     assert sum(int(b["count"]) for b in bins) == 2 * 32 * 32 * 16  # every validation voxel once
+
+
+@pytest.mark.parametrize("loss", ["ce", "softdice"])
+def test_training_on_soft_labels(loss, tmp_path):
+    summary = train(compose_config(TINY + ["data.label_mode=soft", "data.num_classes=3", "data.num_structures=2",
+                                           "data.radius_mm=[3,4]", f"loss={loss}"], tmp_path))
+    assert all(math.isfinite(summary[k]) for k in ("val/soft_volume_bias_ml", "val/ece", "val/temperature"))
+    with open(tmp_path / "csv" / "metrics.csv") as handle:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(handle) if r.get("train/loss")]
+    assert losses and all(math.isfinite(v) and v > 0 for v in losses)
 
 
 def test_multiclass_run_reports_per_class(tmp_path):
