@@ -3,5 +3,6 @@
 from losses.compound import CompoundLoss
 from losses.cross_entropy import CrossEntropyLoss
 from losses.soft_dice import SoftDiceLoss
+from losses.unified_focal import UnifiedFocalLoss
 
-__all__ = ["CompoundLoss", "CrossEntropyLoss", "SoftDiceLoss"]
+__all__ = ["CompoundLoss", "CrossEntropyLoss", "SoftDiceLoss", "UnifiedFocalLoss"]
