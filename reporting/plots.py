@@ -153,7 +153,7 @@ def reliability(groups: list[Group], path: Path) -> bool:
 
 def theory_vs_measured(groups: list[Group], rows: list[dict], theory: Theory, path: Path) -> str:
     """Measured against predicted relative volume bias; returns a caption saying what is drawn:
-    theory curves against σ (``theory.bias_curve``), a measured-vs-predicted scatter, or, with
+    theory curves against σ (``theory.run_bias_curve``), a measured-vs-predicted scatter, or, with
     no prediction at all, the measured biases alone."""
     tasks, colours = by_task(groups), loss_colours(groups)
     by_key = {(r["task"], r["loss"]): r for r in rows if r["class"] == ALL_CLASSES}

@@ -2,7 +2,7 @@
 
 ``theory.predicted_volume_bias(config)`` takes a config with ``data`` and ``loss`` sections
 and returns ``{"relative_soft": float, "relative_hard": float}`` (bias relative to the
-expected volume) or None. ``theory.bias_curve(config)``, where it exists, returns
+expected volume) or None. ``theory.run_bias_curve(config)``, where it exists, returns
 ``{"sigma": [...], "relative_soft": [...], "relative_hard": [...]}`` (σ in mm, the config's
 uncertainty kind) or None. Both are imported lazily: a missing function, a failing call or
 an unexpected result means "no prediction", noted once, never a failed report.
@@ -28,12 +28,12 @@ def run_config(run: Run) -> DictConfig:
 
 
 class Theory:
-    """Cached access to ``theory.predicted_volume_bias`` and ``theory.bias_curve``."""
+    """Cached access to ``theory.predicted_volume_bias`` and ``theory.run_bias_curve``."""
 
     def __init__(self, enabled: bool = True, log: Callable[[str], None] | None = None) -> None:
         self.log = log or (lambda message: print(message, file=sys.stderr))
         self.notes: list[str] = []
-        self._functions: dict[str, Callable | None] = {"predicted_volume_bias": None, "bias_curve": None}
+        self._functions: dict[str, Callable | None] = {"predicted_volume_bias": None, "run_bias_curve": None}
         self._cache: dict[tuple[str, str], object] = {}
         if not enabled:
             self.notes.append("theory predictions turned off (--no-theory)")
@@ -50,7 +50,7 @@ class Theory:
 
     @property
     def has_curve(self) -> bool:
-        return self._functions["bias_curve"] is not None
+        return self._functions["run_bias_curve"] is not None
 
     def prediction(self, group: Group) -> dict[str, float] | None:
         """``{"relative_soft", "relative_hard"}`` for the group's configuration, or None."""
@@ -65,7 +65,7 @@ class Theory:
 
     def curve(self, group: Group) -> dict[str, list[float]] | None:
         """``{"sigma", "relative_soft", "relative_hard"}`` lists for the group's configuration, or None."""
-        result = self._call("bias_curve", group)
+        result = self._call("run_bias_curve", group)
         if result is None:
             return None
         try:
@@ -75,7 +75,7 @@ class Theory:
                                                 for k in ("relative_soft", "relative_hard")):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
-            self._note(f"theory.bias_curve returned an unexpected value for {group.task} / {group.loss}")
+            self._note(f"theory.run_bias_curve returned an unexpected value for {group.task} / {group.loss}")
             return None
         return {k: v if len(v) == len(curve["sigma"]) else [math.nan] * len(curve["sigma"]) for k, v in curve.items()}
 

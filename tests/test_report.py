@@ -144,11 +144,11 @@ def test_theory_prediction_is_computed_once_per_configuration(sweep, tmp_path, m
         calls.append(config.loss["_target_"])
         return None if "CrossEntropy" in config.loss["_target_"] else {"relative_soft": 0.3, "relative_hard": 0.1}
 
-    def bias_curve(config):
+    def run_bias_curve(config):
         return {"sigma": [0.0, 1.0, 2.0], "relative_soft": [0.0, 0.1, 0.3], "relative_hard": [0.0, 0.05, 0.1]}
 
     monkeypatch.setattr(theory, "predicted_volume_bias", predicted_volume_bias, raising=False)
-    monkeypatch.setattr(theory, "bias_curve", bias_curve, raising=False)
+    monkeypatch.setattr(theory, "run_bias_curve", run_bias_curve, raising=False)
     from reporting.plots import theory_vs_measured
     from reporting.theory_link import Theory
 
