@@ -63,6 +63,8 @@ class FolderDataModule(SegmentationDataModule):
         **loader,
     ) -> None:
         super().__init__(**loader)
+        if self.label_mode == "soft":
+            raise ValueError("data.label_mode=soft needs the labels' class probabilities; data=folder has label maps only")
         if root in (None, "", "???"):
             raise DatasetError(["data.root is not set: data=folder needs data.root=PATH (a folder with dataset.json)"])
         if fold is not None and not 0 <= fold < num_folds:

@@ -56,11 +56,13 @@ class SegmentationModule(pl.LightningModule):
     """3D U-Net trained with a pluggable loss; validated on whole volumes every epoch.
 
     Args:
-        loss: called as ``loss(logits (B, C, W, H, D), label (B, 1, W, H, D))``.
+        loss: called as ``loss(logits (B, C, W, H, D), target)``, the target a label map
+            ``(B, 1, W, H, D)`` or class probabilities ``(B, C, W, H, D)`` (soft labels).
         in_channels, num_classes: image channels; classes including background.
         features: channels per U-Net stage.
         deep_supervision: also supervise the coarser decoder outputs (nnU-Net weights
-            ``1/2^i``, normalised), with nearest-neighbour downsampled labels.
+            ``1/2^i``, normalised), with nearest-neighbour downsampled label maps or
+            area-averaged class probabilities.
         optimizer: ``params → Optimizer`` (a Hydra partial).
         scheduler: ``optimizer → LRScheduler`` (a Hydra partial), stepped every optimiser
             step; ``total_iters``/``T_max`` are filled with the run's total steps.
@@ -123,7 +125,10 @@ class SegmentationModule(pl.LightningModule):
         weights = [0.5**i for i in range(len(output))]
         total = 0.0
         for weight, logits in zip(weights, output):
-            if logits.shape[2:] != target.shape[2:]:
+            if logits.shape[2:] != target.shape[2:] and target.is_floating_point():
+                # class probabilities: averaged, so every scale keeps the expected volume Σq
+                scaled = F.interpolate(target, size=logits.shape[2:], mode="area")
+            elif logits.shape[2:] != target.shape[2:]:
                 scaled = F.interpolate(target.float(), size=logits.shape[2:], mode="nearest").to(target.dtype)
             else:
                 scaled = target

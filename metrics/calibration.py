@@ -29,7 +29,7 @@ def reliability_bins(probability: torch.Tensor, reference: torch.Tensor, bins: i
         reference: ``(K, N)`` boolean or 0/1 reference of the same classes.
     """
     classes = probability.shape[0]
-    index = (probability.clamp(0, 1) * bins).long().clamp_max(bins - 1)
+    index = (probability.nan_to_num(0.0).clamp(0, 1) * bins).long().clamp_max(bins - 1)  # NaN (a diverged run) in bin 0
     index = index + bins * torch.arange(classes, device=probability.device).view(-1, 1)
     sums = torch.zeros(3, classes * bins, dtype=torch.float64, device=probability.device)
     flat = index.reshape(-1)

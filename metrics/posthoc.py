@@ -1,8 +1,10 @@
 """Post-hoc remedies for the volume bias, computed from per-subject log-odds histograms.
 
 Every validation subject contributes, per foreground class ``c``, a histogram of the
-one-vs-rest log-odds ``z = log p_c − log(1 − p_c)`` of its voxels, split by the reference
+one-vs-rest log-odds ``z = log p_c − log Σ_{k≠c} p_k`` of its voxels, split by the reference
 (``(2, LOG_ODDS_BINS)``: not-``c`` voxels, ``c`` voxels; ``|z|`` clipped at ``LOG_ODDS_LIMIT``).
+The rest is summed from the other classes' probabilities, not taken as ``1 − p_c``, so a
+saturated map (``1 − p_c`` rounds to 0 in float32 beyond ``|z|`` ≈ 16) keeps its log-odds.
 The histograms are small, add up exactly over processes, and hold everything the remedies
 need, so none of them keeps a probability map:
 
@@ -19,11 +21,11 @@ need, so none of them keeps a probability map:
   calibrated ``p``; a class whose largest probability is ≤ 0.5 is left empty (their
   ``pruning_prob``).
 
-``T`` and ``t`` are fitted on the validation subjects they are then measured on
-(optimistic, as in a post-hoc analysis); ``evaluate.py`` on held-out data measures the
-plain decodings. Classes are decoded one-vs-rest, so with several foreground classes the
-threshold and RankSEG masks of two classes may overlap. Resolution: bins are 1/16 wide in
-log-odds (≤ 1.6 % in probability); thresholds and ``τ`` move in whole bins.
+``T`` and ``t`` are fitted on the subjects they are then measured on (optimistic, as in a
+post-hoc analysis), in training's validation and in ``evaluate.py`` alike. Classes are
+decoded one-vs-rest, so with several foreground classes the threshold and RankSEG masks of
+two classes may overlap. Resolution: bins are 1/16 wide in log-odds (≤ 1.6 % in
+probability); thresholds and ``τ`` move in whole bins.
 """
 
 from __future__ import annotations
@@ -32,15 +34,19 @@ import torch
 
 from metrics.calibration import RELIABILITY_BINS, expected_calibration_error
 
-LOG_ODDS_LIMIT = 16.0
-LOG_ODDS_BINS = 512
+LOG_ODDS_LIMIT = 40.0
+LOG_ODDS_BINS = 1280
 TEMPERATURES = torch.logspace(-2, 2, 801, dtype=torch.float64)  # the grid T is chosen from (1.2 % steps)
 
 
-def log_odds(probability: torch.Tensor) -> torch.Tensor:
-    """``log p − log(1 − p)``, finite for ``p`` in ``[0, 1]``."""
-    p = probability.double().clamp(1e-12, 1 - 1e-12)
-    return torch.log(p) - torch.log1p(-p)
+def log_odds(probabilities: torch.Tensor) -> torch.Tensor:
+    """One-vs-rest log-odds ``(C − 1, N)`` of the foreground classes from class probabilities
+    ``(C, N)``: ``log p_c − log Σ_{k≠c} p_k``; ±inf where a side is 0, 0 where not finite."""
+    rest = torch.stack([
+        torch.cat([probabilities[:c], probabilities[c + 1 :]]).sum(0) for c in range(1, probabilities.shape[0])
+    ])
+    z = torch.log(probabilities[1:]) - torch.log(rest)
+    return torch.where(torch.isnan(z), 0.0, z)
 
 
 def bin_centres(device: torch.device | str = "cpu") -> torch.Tensor:
@@ -49,14 +55,14 @@ def bin_centres(device: torch.device | str = "cpu") -> torch.Tensor:
     return -LOG_ODDS_LIMIT + width * (torch.arange(LOG_ODDS_BINS, dtype=torch.float64, device=device) + 0.5)
 
 
-def log_odds_histogram(probability: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Voxel counts ``(K, 2, LOG_ODDS_BINS)`` float64 of ``(K, N)`` probabilities, split by
-    the ``(K, N)`` boolean reference (index 1 = reference voxel of the class)."""
-    classes = probability.shape[0]
-    scaled = (log_odds(probability) + LOG_ODDS_LIMIT) * (LOG_ODDS_BINS / (2 * LOG_ODDS_LIMIT))
+def log_odds_histogram(z: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Voxel counts ``(K, 2, LOG_ODDS_BINS)`` float64 of ``(K, N)`` log-odds (:func:`log_odds`),
+    split by the ``(K, N)`` boolean reference (index 1 = reference voxel of the class)."""
+    classes = z.shape[0]
+    scaled = (z.clamp(-LOG_ODDS_LIMIT, LOG_ODDS_LIMIT) + LOG_ODDS_LIMIT) * (LOG_ODDS_BINS / (2 * LOG_ODDS_LIMIT))
     index = scaled.long().clamp(0, LOG_ODDS_BINS - 1)
     index = index + LOG_ODDS_BINS * reference.long()
-    index = index + 2 * LOG_ODDS_BINS * torch.arange(classes, device=probability.device).view(-1, 1)
+    index = index + 2 * LOG_ODDS_BINS * torch.arange(classes, device=z.device).view(-1, 1)
     counts = torch.bincount(index.reshape(-1), minlength=classes * 2 * LOG_ODDS_BINS)
     return counts.double().view(classes, 2, LOG_ODDS_BINS)
 

@@ -30,7 +30,7 @@ import torch
 from torchmetrics import Metric
 
 from metrics.calibration import RELIABILITY_BINS, expected_calibration_error, reliability_bins
-from metrics.posthoc import LOG_ODDS_BINS, log_odds_histogram, posthoc_remedies
+from metrics.posthoc import LOG_ODDS_BINS, log_odds, log_odds_histogram, posthoc_remedies
 
 MEASURED_KEYS = ("dice", "volume_ref_ml", "volume_pred_ml", "volume_pred_soft_ml", "volume_expected_ml")
 PER_SUBJECT_KEYS = (
@@ -97,7 +97,7 @@ class SubjectSegmentationMetrics(Metric):
         self.subject_index.append(torch.tensor([subject_index], device=device))
         self.voxel_ml.append(torch.tensor([voxel_ml], dtype=torch.float64, device=device))
         self.reliability.append(reliability_bins(foreground, reference)[None])
-        self.log_odds.append(log_odds_histogram(foreground, reference)[None])
+        self.log_odds.append(log_odds_histogram(log_odds(probabilities.reshape(self.num_classes, -1)), reference)[None])
         self.dice.append(dice[None])
         self.volume_ref_ml.append((n_ref * voxel_ml)[None])
         self.volume_pred_ml.append((n_pred * voxel_ml)[None])

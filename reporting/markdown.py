@@ -64,6 +64,8 @@ MAIN_COLUMNS: list[Column] = [
 REMEDY_COLUMNS: list[Column] = [
     ("task", "task", lambda r: str(r["task"])),
     ("loss", "loss", lambda r: str(r["loss"])),
+    ("T", "temperature_mean", lambda r: number(r["temperature_mean"], 3)),
+    ("ECE after T", "ece_calibrated_mean", lambda r: number(r["ece_calibrated_mean"], 2)),
     ("calibrated soft ΔV / ref", "calibrated_relative_volume_bias_mean",
      lambda r: percent(r["calibrated_relative_volume_bias_mean"])),
     ("calibrated soft vs expected", "calibrated_relative_expected_volume_bias_mean",

@@ -27,10 +27,13 @@ MEASURES = (
     "threshold_dice", "threshold_relative_volume_bias", "threshold_relative_expected_volume_bias",
     "rankseg_dice", "rankseg_relative_volume_bias", "rankseg_relative_expected_volume_bias",
 )
+# dataset-level values fitted at the final validation (metrics.json), mean and sd over runs
+FITTED = {"pooled_ece": "val/ece", "ece_calibrated": "val/ece_calibrated", "temperature": "val/temperature",
+          "threshold": "val/threshold"}
 TESTED = ("dice", "volume_bias_ml", "soft_volume_bias_ml")  # paired with cross-entropy
 COLUMNS = (
     "task", "loss", "class", "n_runs", "seeds", "n_subjects",
-    *(f"{m}_{s}" for m in MEASURES for s in ("mean", "sd")),
+    *(f"{m}_{s}" for m in (*MEASURES, *FITTED) for s in ("mean", "sd")),
     "n_pairs_vs_ce", *(f"{c}_{m}_vs_ce" for m in TESTED for c in ("diff", "p")),
     "theory_relative_soft_bias", "theory_relative_hard_bias",
 )
@@ -44,8 +47,8 @@ def group_measures(group: Group, suffix: str = "") -> dict[str, dict[str, float]
     return {name: subject_means(measures[name] for measures in per_run if name in measures) for name in names}
 
 
-def _metric_fallback(group: Group, key: str) -> tuple[float, float]:
-    """Mean and sd over runs of a metrics.json value (for keys subjects.csv lacks)."""
+def _metric_over_runs(group: Group, key: str) -> tuple[float, float]:
+    """Mean and sd over runs of a metrics.json value."""
     return mean_sd(float(run.metrics[key]) for run in group.runs if isinstance(run.metrics.get(key), (int, float)))
 
 
@@ -65,8 +68,8 @@ def result_rows(groups: list[Group], theory: Theory | None = None) -> list[dict[
             for measure in MEASURES:
                 if measure in measures:
                     row[f"{measure}_mean"], row[f"{measure}_sd"] = mean_sd(measures[measure].values())
-            if "ece" not in measures:
-                row["ece_mean"], row["ece_sd"] = _metric_fallback(group, f"val/ece{suffix}")
+            for column, key in FITTED.items():
+                row[f"{column}_mean"], row[f"{column}_sd"] = _metric_over_runs(group, f"{key}{suffix}")
             if reference is not None and reference is not group:
                 reference_measures = group_measures(reference, suffix)
                 tests = {m: paired_wilcoxon(measures[m], reference_measures[m])

@@ -198,3 +198,8 @@ def test_ct_normalisation_uses_training_foreground_statistics(tmp_path):
     top = (upper - dm.intensity.shift) / dm.intensity.scale
     assert (image.reshape(2, -1).max(1) <= top + 1e-5).all()  # clipped, then scaled
     assert dm.inference_settings()["intensity"]["lower"] == pytest.approx(list(lower))
+
+
+def test_soft_labels_are_refused_before_any_preprocessing(tmp_path):
+    with pytest.raises(ValueError, match="label_mode=soft.*folder"):
+        FolderDataModule(root=str(tmp_path), label_mode="soft")

@@ -85,7 +85,7 @@ def test_state_resets_between_epochs():
 
 # --- calibration and post-hoc remedies -------------------------------------------------
 from metrics.calibration import expected_calibration_error, reliability_bins  # noqa: E402
-from metrics.posthoc import log_odds_histogram, posthoc_remedies, rankseg_decoding  # noqa: E402
+from metrics.posthoc import fit_temperature, log_odds, log_odds_histogram, posthoc_remedies, rankseg_decoding  # noqa: E402
 
 
 def test_reliability_bins_and_ece_by_hand():
@@ -150,7 +150,7 @@ def test_rankseg_matches_the_reciprocal_moment_rule_on_voxels():
     tau = torch.arange(1, len(p) + 1, dtype=torch.float64)
     expected_dice = 2 * ordered.cumsum(0) / (p.sum() + tau + 1)
     best_tau = int(expected_dice.argmax()) + 1
-    histogram = log_odds_histogram(probabilities[1:].flatten(1), (label == 1).flatten()[None])
+    histogram = log_odds_histogram(log_odds(probabilities.flatten(1)), (label == 1).flatten()[None])
     dice, voxels = rankseg_decoding(histogram[None], torch.ones(1, dtype=torch.float64))
     assert voxels.item() == pytest.approx(best_tau, rel=0.03)
     selected = torch.zeros_like(p, dtype=torch.bool)
@@ -161,8 +161,8 @@ def test_rankseg_matches_the_reciprocal_moment_rule_on_voxels():
 
 
 def test_rankseg_leaves_a_class_empty_when_no_voxel_is_likely():
-    probability = torch.full((1, 1000), 0.3)
-    histogram = log_odds_histogram(probability, torch.zeros(1, 1000, dtype=torch.bool))
+    z = torch.full((1, 1000), math.log(0.3 / 0.7))
+    histogram = log_odds_histogram(z, torch.zeros(1, 1000, dtype=torch.bool))
     dice, voxels = rankseg_decoding(histogram[None], torch.ones(1, dtype=torch.float64))
     assert voxels.item() == 0 and math.isnan(dice.item())  # nothing predicted, nothing in the reference
 
@@ -179,3 +179,27 @@ def test_remedies_are_finite_for_three_classes_and_empty_classes():
     assert fitted["temperature"].shape == (2,) and torch.isfinite(fitted["ece"]).all()
     summary = summarize(rows, ["liver", "tumour"], fitted)
     assert {"ece/liver", "temperature/tumour", "rankseg_volume_bias_ml", "dice_threshold"} <= set(summary)
+
+
+def test_temperature_of_a_saturated_map_matches_an_exact_fit():
+    """Soft-Dice-like maps put most voxels at |logit| >> 16, where 1 − p rounds to 0 in
+    float32: the log-odds come from the other classes' probabilities, so the fit still sees them."""
+    generator = torch.Generator().manual_seed(4)
+    logit = 3.0 * torch.randn(50_000, generator=generator) * 4  # up to |z| ≈ 50
+    label = torch.rand(50_000, generator=generator) < torch.sigmoid(logit / 12.0)  # true temperature 12
+    probabilities = torch.softmax(torch.stack([torch.zeros_like(logit), logit]), 0)  # float32, saturated
+    histogram = log_odds_histogram(log_odds(probabilities), label[None])
+    grid = torch.logspace(-2, 2, 801, dtype=torch.float64)
+    z = logit.double()[None] / grid[:, None]
+    nll = (torch.nn.functional.softplus(z) * ~label + torch.nn.functional.softplus(-z) * label).sum(1)
+    exact = grid[nll.argmin()].item()
+    assert fit_temperature(histogram[None]).item() == pytest.approx(exact, rel=0.05)
+    assert exact == pytest.approx(12.0, rel=0.1)
+
+
+def test_non_finite_probabilities_do_not_crash_the_metrics():
+    metric = SubjectSegmentationMetrics(num_classes=2)
+    foreground = torch.full((4, 4, 4), float("nan"))
+    metric.update(probabilities_from(foreground), torch.ones(4, 4, 4, dtype=torch.long), (1.0, 1.0, 1.0), 0)
+    rows, fitted = per_subject(metric)
+    assert rows["ece"].shape == (1, 1)

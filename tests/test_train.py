@@ -49,10 +49,11 @@ def test_run_writes_metrics_and_subjects(loss, tmp_path):
     assert sum(int(b["count"]) for b in bins) == 2 * 32 * 32 * 16  # every validation voxel once
 
 
-@pytest.mark.parametrize("loss", ["ce", "softdice"])
-def test_training_on_soft_labels(loss, tmp_path):
+@pytest.mark.parametrize("loss, supervision", [("ce", "false"), ("softdice", "true")])
+def test_training_on_soft_labels(loss, supervision, tmp_path):
     summary = train(compose_config(TINY + ["data.label_mode=soft", "data.num_classes=3", "data.num_structures=2",
-                                           "data.radius_mm=[3,4]", f"loss={loss}"], tmp_path))
+                                           "data.radius_mm=[3,4]", f"loss={loss}",
+                                           f"model.deep_supervision={supervision}"], tmp_path))
     assert all(math.isfinite(summary[k]) for k in ("val/soft_volume_bias_ml", "val/ece", "val/temperature"))
     with open(tmp_path / "csv" / "metrics.csv") as handle:
         losses = [float(r["train/loss"]) for r in csv.DictReader(handle) if r.get("train/loss")]
