@@ -3,8 +3,9 @@
     python evaluate.py ckpt_path=logs/train/runs/<run>/checkpoints/best-….ckpt
     python evaluate.py ckpt_path=… data=folder data.root=/data/Task04_Hippocampus
 
-Writes ``metrics.json`` and ``subjects.csv`` (the format of training's validation) into
-``logs/evaluate/runs/<timestamp>/``. Without ``data=…`` the checkpoint's own data config
+Writes ``metrics.json``, ``subjects.csv`` and ``calibration.csv`` (the format of training's
+validation) into ``logs/evaluate/runs/<timestamp>/``; the post-hoc remedies' temperature
+and threshold are fitted on the evaluated subjects, as in training's validation. Without ``data=…`` the checkpoint's own data config
 is used, with its split (``splits.json`` of the training run, when it still exists).
 ``epoch`` and ``global_step`` in ``metrics.json`` are the checkpoint's.
 """
