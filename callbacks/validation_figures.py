@@ -25,6 +25,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger  # noqa: E402
+import torch  # noqa: E402
+
+from metrics.calibration import expected_calibration_error  # noqa: E402
 
 
 def figure_to_array(figure) -> np.ndarray:
@@ -91,7 +94,7 @@ def reliability_figure(reliability: np.ndarray, class_names: list[str]) -> plt.F
     centres = (np.arange(bins) + 0.5) / bins
     for name, sums in zip(class_names, reliability):
         used = sums[:, 0] > 0
-        ece = np.abs(sums[:, 2] - sums[:, 1]).sum() / max(sums[:, 0].sum(), 1)
+        ece = float(expected_calibration_error(torch.from_numpy(sums)))
         diagram.plot(sums[used, 1] / sums[used, 0], sums[used, 2] / sums[used, 0], marker="o", label=f"{name}: ECE {ece:.4f}")
         counts.bar(centres, sums[:, 0], width=1 / bins, alpha=0.5, label=name)
     diagram.set(xlabel="mean predicted probability", ylabel="observed frequency", title="Reliability", xlim=(0, 1), ylim=(0, 1))
