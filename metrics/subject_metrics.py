@@ -32,6 +32,9 @@ from torchmetrics import Metric
 from metrics.calibration import RELIABILITY_BINS, expected_calibration_error, reliability_bins
 from metrics.posthoc import LOG_ODDS_BINS, log_odds, log_odds_histogram, posthoc_remedies
 
+# voxels per pass of the calibration summaries: their float64/int64 temporaries stay below
+# ~0.7 GB on the device whatever the volume (a 512 x 512 x 300 CT would need ~3 GB at once)
+CALIBRATION_CHUNK = 1 << 24
 MEASURED_KEYS = ("dice", "volume_ref_ml", "volume_pred_ml", "volume_pred_soft_ml", "volume_expected_ml")
 PER_SUBJECT_KEYS = (
     *MEASURED_KEYS,
@@ -96,8 +99,10 @@ class SubjectSegmentationMetrics(Metric):
             expected = torch.as_tensor(expected_volume_ml, dtype=torch.float64, device=device).reshape(-1)
         self.subject_index.append(torch.tensor([subject_index], device=device))
         self.voxel_ml.append(torch.tensor([voxel_ml], dtype=torch.float64, device=device))
-        self.reliability.append(reliability_bins(foreground, reference)[None])
-        self.log_odds.append(log_odds_histogram(log_odds(probabilities.reshape(self.num_classes, -1)), reference)[None])
+        flat = probabilities.reshape(self.num_classes, -1)
+        chunks = [slice(start, start + CALIBRATION_CHUNK) for start in range(0, flat.shape[1], CALIBRATION_CHUNK)]
+        self.reliability.append(sum(reliability_bins(flat[1:, c], reference[:, c]) for c in chunks)[None])
+        self.log_odds.append(sum(log_odds_histogram(log_odds(flat[:, c]), reference[:, c]) for c in chunks)[None])
         self.dice.append(dice[None])
         self.volume_ref_ml.append((n_ref * voxel_ml)[None])
         self.volume_pred_ml.append((n_pred * voxel_ml)[None])

@@ -203,3 +203,17 @@ def test_non_finite_probabilities_do_not_crash_the_metrics():
     metric.update(probabilities_from(foreground), torch.ones(4, 4, 4, dtype=torch.long), (1.0, 1.0, 1.0), 0)
     rows, fitted = per_subject(metric)
     assert rows["ece"].shape == (1, 1)
+
+
+def test_calibration_summaries_do_not_depend_on_the_chunking(monkeypatch):
+    import metrics.subject_metrics as module
+
+    _, label, probabilities = next(overconfident_subjects(2.0, count=1, seed=5))
+    states = []
+    for chunk in (module.CALIBRATION_CHUNK, 1000):
+        monkeypatch.setattr(module, "CALIBRATION_CHUNK", chunk)
+        metric = SubjectSegmentationMetrics(num_classes=2)
+        metric.update(probabilities, label, (1.0, 1.0, 1.0), 0)
+        states.append((metric.reliability[0], metric.log_odds[0]))
+    torch.testing.assert_close(states[0][0], states[1][0])
+    torch.testing.assert_close(states[0][1], states[1][1])
