@@ -21,20 +21,25 @@ import torch
 RELIABILITY_BINS = 15
 
 
-def reliability_bins(probability: torch.Tensor, reference: torch.Tensor, bins: int = RELIABILITY_BINS) -> torch.Tensor:
+def reliability_bins(
+    probability: torch.Tensor, reference: torch.Tensor, count: torch.Tensor | None = None, bins: int = RELIABILITY_BINS
+) -> torch.Tensor:
     """Sums ``(K, bins, 3)``: voxel count, ``Σ p`` and ``Σ y`` per class and bin, float64.
 
     Args:
         probability: ``(K, N)`` one-vs-rest probabilities of ``K`` classes.
-        reference: ``(K, N)`` boolean or 0/1 reference of the same classes.
+        reference: ``(K, N)`` boolean or 0/1 reference of the same classes — or, with
+            ``count``, the number of reference voxels behind each entry.
+        count: ``(K, N)`` voxels behind each entry (a histogram's bins); 1 each by default.
     """
     classes = probability.shape[0]
     index = (probability.nan_to_num(0.0).clamp(0, 1) * bins).long().clamp_max(bins - 1)  # NaN (a diverged run) in bin 0
     index = index + bins * torch.arange(classes, device=probability.device).view(-1, 1)
     sums = torch.zeros(3, classes * bins, dtype=torch.float64, device=probability.device)
     flat = index.reshape(-1)
-    sums[0].index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
-    sums[1].index_add_(0, flat, probability.reshape(-1).double())
+    count = torch.ones_like(flat, dtype=torch.float64) if count is None else count.reshape(-1).double()
+    sums[0].index_add_(0, flat, count)
+    sums[1].index_add_(0, flat, count * probability.reshape(-1).double())
     sums[2].index_add_(0, flat, reference.reshape(-1).double())
     return sums.view(3, classes, bins).permute(1, 2, 0).contiguous()
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from metrics.calibration import RELIABILITY_BINS, expected_calibration_error
+from metrics.calibration import expected_calibration_error, reliability_bins
 
 LOG_ODDS_LIMIT = 40.0
 LOG_ODDS_BINS = 1280
@@ -85,14 +85,7 @@ def calibrated_probabilities(temperature: torch.Tensor) -> torch.Tensor:
 def calibration_error(histograms: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """ECE ``(K,)`` of the pooled histograms after scaling by ``temperature``."""
     pooled = histograms.sum(0)  # (K, 2, B)
-    probability = calibrated_probabilities(temperature)  # (K, B)
-    count = pooled.sum(1)
-    bins = (probability * RELIABILITY_BINS).long().clamp_max(RELIABILITY_BINS - 1)
-    sums = torch.zeros(pooled.shape[0], RELIABILITY_BINS, 3, dtype=torch.float64, device=pooled.device)
-    for k in range(pooled.shape[0]):
-        sums[k, :, 0].index_add_(0, bins[k], count[k])
-        sums[k, :, 1].index_add_(0, bins[k], count[k] * probability[k])
-        sums[k, :, 2].index_add_(0, bins[k], pooled[k, 1])
+    sums = reliability_bins(calibrated_probabilities(temperature), pooled[:, 1], count=pooled.sum(1))
     return expected_calibration_error(sums)
 
 
@@ -101,7 +94,8 @@ def _from_top(values: torch.Tensor) -> torch.Tensor:
     return values.flip(-1).cumsum(-1)
 
 
-def _dice(true_positive: torch.Tensor, predicted: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+def dice_from_counts(true_positive: torch.Tensor, predicted: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``2·TP / (|P| + |R|)`` from voxel counts; NaN where both are empty (nnU-Net's convention)."""
     total = predicted + reference
     return torch.where(total > 0, 2 * true_positive / total.clamp_min(1e-12), torch.nan)
 
@@ -117,7 +111,7 @@ def threshold_decoding(histograms: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     # cut j keeps the bins >= j; j = B keeps none
     true_positive = torch.cat([zero, _from_top(positive)], -1).flip(-1)  # (S, K, B + 1)
     predicted = torch.cat([zero, _from_top(total)], -1).flip(-1)
-    dice = _dice(true_positive, predicted, positive.sum(-1, keepdim=True))
+    dice = dice_from_counts(true_positive, predicted, positive.sum(-1, keepdim=True))
     mean = torch.nanmean(dice, 0).nan_to_num(-1.0)  # (K, B + 1)
     best = mean.argmax(-1)  # (K,)
     edges = torch.linspace(-LOG_ODDS_LIMIT, LOG_ODDS_LIMIT, LOG_ODDS_BINS + 1, dtype=torch.float64, device=best.device)
@@ -144,7 +138,7 @@ def rankseg_decoding(histograms: torch.Tensor, temperature: torch.Tensor) -> tup
     keep = (expected_dice.gather(-1, best)[..., 0] > 0) & (top_probability > 0.5)
     voxels = torch.where(keep, tau.gather(-1, best)[..., 0], 0.0)
     true_positive = torch.where(keep, _from_top(positive).gather(-1, best)[..., 0], 0.0)
-    return _dice(true_positive, voxels, positive.sum(-1)), voxels
+    return dice_from_counts(true_positive, voxels, positive.sum(-1)), voxels
 
 
 def posthoc_remedies(histograms: torch.Tensor, voxel_ml: torch.Tensor) -> tuple[dict, dict]:

@@ -30,7 +30,7 @@ import torch
 from torchmetrics import Metric
 
 from metrics.calibration import RELIABILITY_BINS, expected_calibration_error, reliability_bins
-from metrics.posthoc import LOG_ODDS_BINS, log_odds, log_odds_histogram, posthoc_remedies
+from metrics.posthoc import LOG_ODDS_BINS, dice_from_counts, log_odds, log_odds_histogram, posthoc_remedies
 
 # voxels per pass of the calibration summaries: their float64/int64 temporaries stay below
 # ~0.7 GB on the device whatever the volume (a 512 x 512 x 300 CT would need ~3 GB at once)
@@ -89,8 +89,7 @@ class SubjectSegmentationMetrics(Metric):
         n_pred = prediction.sum(1, dtype=torch.float64)
         n_ref = reference.sum(1, dtype=torch.float64)
         n_both = (prediction & reference).sum(1, dtype=torch.float64)
-        denominator = n_pred + n_ref
-        dice = torch.where(denominator > 0, 2 * n_both / denominator.clamp_min(1), torch.nan)
+        dice = dice_from_counts(n_both, n_pred, n_ref)
         foreground = probabilities[1:].reshape(self.num_classes - 1, -1)
         soft = foreground.sum(1, dtype=torch.float64)
         if expected_volume_ml is None:
