@@ -12,42 +12,54 @@ is used, with its split (``splits.json`` of the training run, when it still exis
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from callbacks import ResultsWriter
-from lightning_modules.checkpoints import load_trained, read_checkpoint
-from train import exit_on_dataset_error
+from input_errors import InputError, exit_on_input_error
+from lightning_modules.checkpoints import check_targets, load_trained, read_checkpoint
 
 
-def data_config(cfg: DictConfig, run_config: DictConfig) -> DictConfig:
-    """``cfg.data`` if given, else the training data. Folder data of the training dataset
-    reuses the training run's split; the split used is written beside the outputs."""
-    data = cfg.data if cfg.get("data") is not None else run_config.data
-    data = OmegaConf.create(OmegaConf.to_container(data, resolve=True))
+def data_config(cfg: DictConfig, run_data: dict, source: str) -> DictConfig:
+    """``cfg.data`` if given, else the training data stored in the checkpoint (``source``),
+    which may only name biasseg's datamodules and TorchIO transforms and writes its cache to
+    this user's cache folder, not to one the checkpoint names. Folder data of the training
+    dataset reuses the training run's split; the split used is written beside the outputs."""
+    if cfg.get("data") is not None:
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+    else:
+        if not isinstance(run_data, dict):
+            raise InputError(f"{source}: its stored config has no data section; give data=…")
+        if "_target_" not in run_data:
+            raise InputError(f"{source}: its stored data config names no datamodule (_target_); give data=…")
+        check_targets(run_data, "data", source)
+        data = dict(run_data)
+        if "cache_dir" in data:
+            data["cache_dir"] = os.environ.get("BIASSEG_CACHE_DIR", "~/.cache/biasseg")
     if "splits_file" in data:
-        with open_dict(data):
-            trained_split = run_config.data.get("splits_file")
-            same_dataset = data.get("root") == run_config.data.get("root")
-            if same_dataset and not data.get("splits_from") and trained_split and Path(trained_split).is_file():
-                data.splits_from = trained_split
-            data.splits_file = str(Path(cfg.paths.output_dir) / "splits.json")
-    return data
+        trained_split = run_data.get("splits_file") if isinstance(run_data, dict) else None
+        same_dataset = data.get("root") == (run_data or {}).get("root")
+        if same_dataset and not data.get("splits_from") and isinstance(trained_split, str) and Path(trained_split).is_file():
+            data["splits_from"] = trained_split
+        data["splits_file"] = str(Path(cfg.paths.output_dir) / "splits.json")
+    return OmegaConf.create(data)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Validate the checkpoint ``cfg.ckpt_path``; returns the summary (``val/…`` keys)."""
     if not cfg.get("ckpt_path"):
-        raise ValueError("evaluate.py needs ckpt_path=PATH")
+        raise InputError("evaluate.py needs ckpt_path=PATH")
     checkpoint = read_checkpoint(cfg.ckpt_path)
-    datamodule = instantiate(data_config(cfg, OmegaConf.create(checkpoint["run_config"])))
-    trained = load_trained(checkpoint, sliding_window=datamodule.sliding_window_settings())
-    source = {"epoch": checkpoint["epoch"], "global_step": checkpoint["global_step"], "ckpt_path": str(cfg.ckpt_path)}
-    writer = ResultsWriter(cfg.paths.output_dir, fields=source)
+    source = f"ckpt_path={cfg.ckpt_path}"
+    datamodule = instantiate(data_config(cfg, checkpoint["run_config"].get("data"), source))
+    trained = load_trained(checkpoint, sliding_window=datamodule.sliding_window_settings(), source=source)
+    origin = {"epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step"), "ckpt_path": str(cfg.ckpt_path)}
+    writer = ResultsWriter(cfg.paths.output_dir, fields=origin)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False)
     trainer.validate(trained.module, datamodule=datamodule)
     return {f"val/{k}": v for k, v in (trained.module.validation_summary or {}).items()}
@@ -55,7 +67,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    exit_on_dataset_error(lambda: evaluate(cfg))
+    exit_on_input_error(lambda: evaluate(cfg))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ class probabilities are resampled back onto the input's grid, so ``<case>.nii.gz
 exactly the input's shape and affine (header copied). ``volumes.csv`` lists each class's
 volume in ml: ``volume_ml`` from the mask (argmax), ``soft_volume_ml`` = Σ p × voxel volume.
 Inputs: ``.nii``/``.nii.gz`` files; several channels either as nnU-Net's
-``CASE_0000.nii.gz, CASE_0001…`` or as one 4D file.
+``CASE_0000.nii.gz, CASE_0001…`` or as one 4D file. Every input is checked before anything
+is written (readable, the size its header declares, one geometry, channels, finite values),
+two inputs that would give one case name are refused, and no existing file is overwritten
+unless ``overwrite=true`` (an input never).
 """
 
 from __future__ import annotations
@@ -28,24 +31,28 @@ from tqdm import tqdm
 
 from callbacks.results_writer import write_atomically
 from datamodules.cases import Intensity
-from datamodules.input_checks import DatasetError, read_image
+from datamodules.image_files import AFFINE_TOLERANCE, NIFTI_ENDINGS, UnreadableImage, physical_memory_bytes, read_image
 from datamodules.preprocessing_cache import preprocess_subject
+from input_errors import DatasetError, InputError, exit_on_input_error
 from lightning_modules.checkpoints import TrainedModel, load_trained, read_checkpoint
-from train import exit_on_dataset_error
 
-ENDINGS = (".nii.gz", ".nii")
+MEMORY_SHARE = 0.5  # refuse a case whose resampled float32 probabilities would need more of the machine's memory
 
 
 def case_name(path: Path) -> str:
-    return next(path.name[: -len(e)] for e in ENDINGS if path.name.endswith(e))
+    return next(path.name[: -len(e)] for e in NIFTI_ENDINGS if path.name.endswith(e))
 
 
 def find_cases(source: Path, in_channels: int) -> dict[str, list[Path]]:
     """``{case: [channel files…]}``: files ``X_0000 … X_{C−1}`` (nnU-Net's naming, exactly the
-    model's ``C`` channels) form case ``X``; every other file is a case of its own."""
+    model's ``C`` channels) form case ``X``; every other file is a case of its own. Two inputs
+    that would give one case name (``x.nii`` and ``x.nii.gz``; ``x_0000.nii.gz`` and
+    ``x.nii.gz`` for a one-channel model) are a :class:`DatasetError`, not a silent choice."""
     if not source.exists():
         raise DatasetError([f"{source}: input does not exist"])
-    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.name.endswith(ENDINGS))
+    files = [source] if source.is_file() else sorted(
+        p for p in source.iterdir() if p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith(".")
+    )
     if not files:
         raise DatasetError([f"{source}: no .nii/.nii.gz files"])
     groups: dict[str, list[tuple[int, Path]]] = {}
@@ -53,37 +60,63 @@ def find_cases(source: Path, in_channels: int) -> dict[str, list[Path]]:
         match = re.fullmatch(r"(.+)_(\d{4})", case_name(path))
         if match:
             groups.setdefault(match.group(1), []).append((int(match.group(2)), path))
-    cases: dict[str, list[Path]] = {}
+    claims: dict[str, list[list[Path]]] = {}
     grouped = set()
     for name, members in groups.items():
         if sorted(i for i, _ in members) == list(range(in_channels)):
-            cases[name] = [p for _, p in sorted(members)]
+            claims.setdefault(name, []).append([p for _, p in sorted(members)])
             grouped.update(p for _, p in members)
     for path in files:
         if path not in grouped:
-            cases[case_name(path)] = [path]
-    return dict(sorted(cases.items()))
+            claims.setdefault(case_name(path), []).append([path])
+    problems = [
+        f"{source}: case {name!r} would come from both " + " and ".join(", ".join(p.name for p in c) for c in claimants)
+        for name, claimants in claims.items() if len(claimants) > 1
+    ]
+    if problems:
+        raise DatasetError(problems)
+    return {name: claimants[0] for name, claimants in sorted(claims.items())}
 
 
-def load_case(files: list[Path], in_channels: int) -> tuple[tio.ScalarImage | None, list[str]]:
-    """The case's image with all channels, or the problems that prevent it."""
-    try:
-        images = [tio.ScalarImage(p) for p in files]
-        for image in images:
-            image.load()
-    except Exception as error:
-        return None, [f"{files}: cannot be read ({type(error).__name__}: {error})"]
-    channels = sum(i.num_channels for i in images)
+def check_case(files: list[Path], trained: TrainedModel) -> list[str]:
+    """The problems of one case's files (empty when it can be segmented), read safely: the
+    header's declared size first, one geometry (see :mod:`datamodules.image_files`),
+    finite stored values (TorchIO's ITK reader would turn NaN into 0), channels and shapes
+    across the channel files, and the memory that resampling to the model's spacing needs."""
+    in_channels = int(trained.module.hparams.in_channels)
+    read = []
+    for path in files:
+        try:
+            data, affine = read_image(path)
+        except UnreadableImage as error:
+            return [f"{path}: {error}"]
+        if not np.isfinite(data).all():
+            return [f"{path}: NaN/inf voxel values"]
+        read.append((path, data.shape, affine))
+    channels = sum(shape[0] for _, shape, _ in read)
     if channels != in_channels:
-        return None, [f"{files[0]}: {channels} channel(s) found, the model expects {in_channels}"]
-    if any(i.spatial_shape != images[0].spatial_shape for i in images):
-        return None, [f"{files[0]}: its channel files differ in shape"]
-    for path in files:  # TorchIO's ITK reader turns NaN into 0; look at the stored values
-        if not np.isfinite(read_image(path)[0]).all():
-            return None, [f"{path}: NaN/inf voxel values"]
+        return [f"{files[0]}: {channels} channel(s) found, the model expects {in_channels}"]
+    for path, shape, affine in read[1:]:
+        if shape[1:] != read[0][1][1:]:
+            return [f"{path}: shape {shape[1:]} differs from {files[0].name}'s {read[0][1][1:]}"]
+        if not np.allclose(affine, read[0][2], atol=AFFINE_TOLERANCE):
+            return [f"{path}: affine differs from {files[0].name}'s"]
+    spacing = trained.inference_settings.get("target_spacing")
+    if spacing is not None:
+        _, shape, affine = read[0]
+        voxels = float(np.prod(np.asarray(shape[1:]) * np.linalg.norm(affine[:3, :3], axis=0) / np.asarray(spacing)))
+        memory = physical_memory_bytes()
+        if memory is not None and voxels * 4 * (len(trained.module.class_names) + 1 + in_channels) > MEMORY_SHARE * memory:
+            return [f"{files[0]}: at the model's spacing {list(spacing)} mm it has {voxels:.3g} voxels, too many for this machine's memory"]
+    return []
+
+
+def load_case(files: list[Path]) -> tio.ScalarImage:
+    """The case's image with all channels (after :func:`check_case` found no problem)."""
+    images = [tio.ScalarImage(p) for p in files]
     if len(images) == 1:
-        return images[0], []
-    return tio.ScalarImage(tensor=torch.cat([i.data for i in images]), affine=images[0].affine), []
+        return images[0]
+    return tio.ScalarImage(tensor=torch.cat([i.data for i in images]), affine=images[0].affine)
 
 
 def intensity_for(image: np.ndarray, settings: dict) -> Intensity:
@@ -122,29 +155,60 @@ def write_like(path: Path, data: np.ndarray, reference: nib.Nifti1Image, dtype) 
     tmp.replace(path)
 
 
+def planned_outputs(output: Path, cases: dict[str, list[Path]], save_probabilities: bool) -> dict[Path, str]:
+    """``{file this run would write: the case it comes from}``, ``volumes.csv`` included."""
+    planned: dict[Path, list[str]] = {output / "volumes.csv": ["the volume table"]}
+    for name in cases:
+        planned.setdefault(output / f"{name}.nii.gz", []).append(name)
+        if save_probabilities:
+            planned.setdefault(output / f"{name}_probabilities.nii.gz", []).append(name)
+    clashes = [f"{path}: would be written for both {' and '.join(names)}" for path, names in planned.items() if len(names) > 1]
+    if clashes:
+        raise DatasetError(clashes)
+    return {path: names[0] for path, names in planned.items()}
+
+
+def check_output(output: Path, source: Path, cases: dict[str, list[Path]], save_probabilities: bool, overwrite: bool) -> None:
+    """Refuse an output folder where this run would replace an input, or (without
+    ``overwrite``) any existing file."""
+    if output == (source if source.is_dir() else source.parent):
+        raise InputError(f"output={output} is the input folder; choose another so no input can be overwritten")
+    planned = planned_outputs(output, cases, save_probabilities)
+    inputs = {p.resolve() for files in cases.values() for p in files}
+    replaced_inputs = sorted(str(p) for p in planned if p.resolve() in inputs)
+    if replaced_inputs:
+        raise InputError(f"output={output}: would replace the input {replaced_inputs[0]}; choose another folder")
+    existing = sorted(str(p) for p in planned if p.exists() or p.is_symlink())
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise InputError(f"output={output}: {existing[0]}{more} already exist(s); choose another folder or set overwrite=true")
+
+
 def predict(cfg: DictConfig) -> Path:
     """Segment every case of ``cfg.input`` into ``cfg.output``; returns the volumes.csv path."""
     for key in ("ckpt_path", "input", "output"):
         if not cfg.get(key):
-            raise ValueError(f"predict.py needs {key}=…")
+            raise InputError(f"predict.py needs {key}=…")
+    if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
+        raise InputError(f"device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
     source, output = Path(cfg.input).expanduser().resolve(), Path(cfg.output).expanduser().resolve()
-    if output == (source if source.is_dir() else source.parent):
-        raise ValueError(f"output={output} is the input folder; choose another so no input can be overwritten")
     window = {k: cfg[k] for k in ("overlap", "batch_size") if cfg.get(k) is not None}
-    trained = load_trained(read_checkpoint(cfg.ckpt_path), sliding_window=window or None)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
-    trained.module.to(device)
+    trained = load_trained(read_checkpoint(cfg.ckpt_path), sliding_window=window or None, source=f"ckpt_path={cfg.ckpt_path}")
     in_channels = int(trained.module.hparams.in_channels)
     class_names = trained.module.class_names
-    cases, problems = find_cases(source, in_channels), []
-    for files in cases.values():  # every input checked before anything is written; images not kept (memory)
-        problems += load_case(files, in_channels)[1]
+    cases = find_cases(source, in_channels)
+    check_output(output, source, cases, bool(cfg.save_probabilities), bool(cfg.get("overwrite", False)))
+    problems = []
+    for files in tqdm(cases.values(), desc="Checking inputs", unit="case", leave=False):  # all, before anything is written
+        problems += check_case(files, trained)
     if problems:
         raise DatasetError(problems)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
+    trained.module.to(device)
     output.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, files in tqdm(cases.items(), desc="Predicting", unit="case"):
-        probabilities = predict_case(trained, load_case(files, in_channels)[0], files[0])
+        probabilities = predict_case(trained, load_case(files), files[0])
         reference = nib.load(files[0])
         segmentation = probabilities.argmax(0)
         write_like(output / f"{name}.nii.gz", segmentation, reference, np.uint8 if len(probabilities) < 256 else np.int16)
@@ -168,7 +232,7 @@ def predict(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    print(f"volumes: {exit_on_dataset_error(lambda: predict(cfg))}")
+    print(f"volumes: {exit_on_input_error(lambda: predict(cfg))}")
 
 
 if __name__ == "__main__":

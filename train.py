@@ -23,8 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from datamodules import DatasetError, SegmentationDataModule
+from datamodules import SegmentationDataModule
+from input_errors import InputError, exit_on_input_error
 from lightning_modules import SegmentationModule
+from lightning_modules.checkpoints import load_untrusted, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +44,24 @@ def instantiate_all(group: DictConfig | None) -> list:
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
+def checked_loss(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
+    """The configured loss, tried once on a tiny input with the data's classes, so that a
+    setting that does not fit them (e.g. ``loss.weight`` of another length) fails now, not
+    at the first training step after preprocessing."""
+    loss = instantiate(cfg.loss)
+    logits = torch.zeros(1, num_classes, 2, 2, 2)
+    try:
+        loss(logits, torch.zeros(1, 1, 2, 2, 2, dtype=torch.long))
+    except InputError as error:
+        raise InputError(f"loss={cfg.loss.get('_target_', '?')} with {num_classes} classes: {error}") from None
+    return loss
+
+
 def build_model(cfg: DictConfig, datamodule: SegmentationDataModule) -> SegmentationModule:
     """The configured model and loss, shaped by what the data provides (channels, classes, patch)."""
     return instantiate(
         cfg.model,
-        loss=instantiate(cfg.loss),
+        loss=checked_loss(cfg, datamodule.num_classes),
         in_channels=datamodule.in_channels,
         num_classes=datamodule.num_classes,
         class_names=datamodule.class_names,
@@ -76,9 +91,8 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     come from the same configuration: two different runs inside one SLURM job share the
     job id, and must not resume from each other."""
     if cfg.get("ckpt_path"):
-        if not Path(cfg.ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
-        return str(cfg.ckpt_path)
+        read_checkpoint(cfg.ckpt_path)  # refuses pickled code and files that are not our checkpoints, in one line
+        return str(Path(cfg.ckpt_path).expanduser())
     if not cfg.get("auto_resume"):
         return None
     output_dir = Path(cfg.paths.output_dir)
@@ -86,11 +100,13 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     if not found:
         return None
     newest = max(found, key=lambda p: p.stat().st_mtime_ns)
-    stored = torch.load(newest, map_location="cpu", weights_only=False, mmap=True).get("run_config", {})
+    stored = load_untrusted(newest, what="auto_resume found", mmap=True).get("run_config", {})
+    if not isinstance(stored, dict):
+        raise InputError(f"auto_resume found={newest}: not a checkpoint written by train.py (no run_config)")
     current = OmegaConf.to_container(cfg, resolve=True)
     differ = [k for k in differing_keys(stored, current) if k.split(".")[0] not in RESUME_INDEPENDENT]
     if differ:
-        raise ValueError(
+        raise InputError(
             f"{output_dir} already holds {newest.name} of a run with another configuration "
             f"(differs in {', '.join(differ[:5])}); give this run its own hydra.run.dir, "
             "or set auto_resume=false to start over in it"
@@ -112,31 +128,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers or False)
     for logger in trainer.loggers:
         logger.log_hyperparams(run_config)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # never unpickle code
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):  # flush and close the run, so sweeps start fresh ones
             logger.experiment.finish()
     return {f"val/{k}": v for k, v in (model.validation_summary or {}).items()}
 
 
-def exit_on_dataset_error(run):
-    """Run ``run()``; problems with the user's data end the program with their list, no traceback."""
-    try:
-        return run()
-    except Exception as error:
-        cause: BaseException | None = error  # Hydra's instantiate wraps constructor errors
-        while cause is not None and not isinstance(cause, DatasetError):
-            cause = cause.__cause__
-        if cause is None:
-            raise
-        print(f"error: {cause}", file=sys.stderr)
-        sys.exit(1)
-
-
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        summary = exit_on_dataset_error(lambda: train(cfg))
+        summary = exit_on_input_error(lambda: train(cfg))
     except SIGTERMException:  # Lightning exits with status 0 here; schedulers must see the stop
         sys.exit(128 + signal.SIGTERM)
     return summary.get(cfg.get("optimized_metric"))

@@ -65,17 +65,38 @@ def csv_text(table: list[dict[str, object]]) -> str:
     return text.getvalue()
 
 
+def current_umask() -> int:
+    """The process's file-creation mask (read without changing it where Linux allows)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: Path, content: str | Callable[[BinaryIO], None]) -> None:
     """Write ``content`` (text, or a function writing to a binary file) to ``path`` through a
     uniquely named temporary file in the same folder, so readers never see half a file and
-    concurrent writers (DDP ranks, nodes sharing a cache) never share a temporary."""
+    concurrent writers (DDP ranks, nodes sharing a cache) never share a temporary. The file
+    gets the permissions of a plain ``open``: ``0o666`` less the user's umask (``mkstemp``
+    alone would leave ``0o600``, unreadable for collaborators and other users of a cache)."""
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "wb") as file:
-        if callable(content):
-            content(file)
-        else:
-            file.write(content.encode())
-    os.replace(tmp, path)
+    try:
+        os.fchmod(handle, 0o666 & ~current_umask())
+        with os.fdopen(handle, "wb") as file:
+            if callable(content):
+                content(file)
+            else:
+                file.write(content.encode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class ResultsWriter(pl.Callback):

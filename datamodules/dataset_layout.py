@@ -15,17 +15,28 @@ nnU-Net v2 raw::
     labelsTr/X.nii.gz                          cases are the files in labelsTr
 
 Label values must be the consecutive integers ``0 … C − 1`` (0 = background).
+
+A dataset folder may come from anyone, so ``dataset.json`` is checked like the images: its
+fields must have the documented types, every file it names must lie inside the folder
+(``..``, absolute paths and symbolic links out of it are refused unless
+``allow_outside_root``), case names are the file names without their image ending (so
+``sub.1.nii.gz`` is case ``sub.1``) and must be unique, and the dataset's name only reaches
+the cache path as a safe file name.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from datamodules.input_checks import DatasetError
+from input_errors import DatasetError
 
 LAYOUTS = ("msd", "nnunet")
+# Image endings the readers (nibabel, ITK through TorchIO) understand; a case name is the file
+# name without one of them (nnU-Net v2's ``file_ending``).
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 @dataclass(frozen=True)
@@ -65,29 +76,81 @@ class DatasetLayout:
         """MSD stores all channels in one 4D file; nnU-Net one file per channel."""
         return self.layout == "msd"
 
+    @property
+    def safe_name(self) -> str:
+        """The dataset's name as a harmless file name (for the cache path): letters, digits,
+        ``._-`` only, no leading dot, at most 64 characters."""
+        cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", self.name).lstrip(".")[:64]
+        return cleaned or "dataset"
 
-def _indexed(mapping: dict, what: str, json_path: Path) -> tuple[str, ...]:
+
+def case_name(path: Path) -> str:
+    """``path``'s file name without its image ending (``sub.1.nii.gz`` → ``sub.1``)."""
+    name = path.name
+    ending = next((e for e in IMAGE_ENDINGS if name.lower().endswith(e)), "")
+    return name[: len(name) - len(ending)] if ending else name
+
+
+def _indexed(mapping: object, what: str, json_path: Path) -> tuple[str, ...]:
     """``{"0": a, "1": b}`` → ``(a, b)``, requiring the keys 0 … n − 1."""
+    if not isinstance(mapping, dict) or not mapping:
+        raise DatasetError([f"{json_path}: '{what}' must be a non-empty mapping, got {_short(mapping)}"])
     try:
         items = sorted((int(k), str(v)) for k, v in mapping.items())
     except (TypeError, ValueError):
-        raise DatasetError([f"{json_path}: {what} keys must be integers, got {list(mapping)}"]) from None
+        raise DatasetError([f"{json_path}: '{what}' keys must be integers, got {_short(list(mapping))}"]) from None
     if [k for k, _ in items] != list(range(len(items))):
-        raise DatasetError([f"{json_path}: {what} must be numbered 0 … {len(items) - 1}, got {[k for k, _ in items]}"])
+        raise DatasetError([f"{json_path}: '{what}' must be numbered 0 … {len(items) - 1}, got {_short([k for k, _ in items])}"])
     return tuple(v for _, v in items)
 
 
-def _class_names_nnunet(labels: dict, json_path: Path) -> tuple[str, ...]:
+def _short(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a hostile file must not flood the message)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _class_names_nnunet(labels: object, json_path: Path) -> tuple[str, ...]:
     """nnU-Net's ``{"background": 0, "PZ": 1}`` → ``("background", "PZ")``."""
-    if any(not isinstance(v, int) for v in labels.values()):
-        raise DatasetError([f"{json_path}: region-based labels (lists of values) are not supported: {labels}"])
-    return _indexed({v: k for k, v in labels.items()}, "label values", json_path)
+    if not isinstance(labels, dict) or not labels:
+        raise DatasetError([f"{json_path}: 'labels' must be a non-empty mapping, got {_short(labels)}"])
+    if any(isinstance(v, (list, tuple)) for v in labels.values()):
+        raise DatasetError([f"{json_path}: region-based labels (lists of values) are not supported: {_short(labels)}"])
+    if any(not isinstance(v, int) or isinstance(v, bool) for v in labels.values()):
+        raise DatasetError([f"{json_path}: 'labels' values must be integers, got {_short(labels)}"])
+    if len(set(labels.values())) != len(labels):
+        raise DatasetError([f"{json_path}: 'labels' gives one value to several names: {_short(labels)}"])
+    return _indexed({v: k for k, v in labels.items()}, "labels", json_path)
 
 
-def read_layout(root: str | Path) -> DatasetLayout:
+class _Confinement:
+    """Resolves the paths ``dataset.json`` names and collects those outside the dataset folder."""
+
+    def __init__(self, root: Path, json_path: Path, allow_outside_root: bool) -> None:
+        self.root, self.json_path, self.allow = root, json_path, allow_outside_root
+        self.problems: list[str] = []
+
+    def __call__(self, path: Path, given: str | None = None) -> Path:
+        """``path`` made absolute (``..`` resolved, symbolic links followed), noting an escape."""
+        resolved = (self.root / path).resolve()
+        if not self.allow and not resolved.is_relative_to(self.root):
+            named = f"{given!r} names" if given is not None else f"{self.root / path} is"
+            self.problems.append(
+                f"{self.json_path}: {named} {resolved}, outside the dataset folder "
+                "(set data.allow_outside_root=true if that is intended)"
+            )
+        return resolved
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise DatasetError(self.problems)
+
+
+def read_layout(root: str | Path, allow_outside_root: bool = False) -> DatasetLayout:
     """Read ``root/dataset.json`` (either layout) and list the training cases.
 
-    Raises :class:`DatasetError` naming the file when the description itself is unusable;
+    Raises :class:`DatasetError` naming the file when the description itself is unusable
+    (wrong types, files outside ``root`` unless ``allow_outside_root``, repeated case names);
     the files it lists are checked later by :func:`datamodules.input_checks.check_cases`.
     """
     root = Path(root).expanduser().resolve()
@@ -98,50 +161,90 @@ def read_layout(root: str | Path) -> DatasetLayout:
         description = json.loads(json_path.read_text())
     except (OSError, ValueError) as error:
         raise DatasetError([f"{json_path}: cannot be read as JSON: {error}"]) from None
+    if not isinstance(description, dict):
+        raise DatasetError([f"{json_path}: must hold a JSON object, got {type(description).__name__}"])
+    confine = _Confinement(root, json_path, allow_outside_root)
     if "channel_names" in description and "file_ending" in description:
-        return _nnunet_layout(root, json_path, description)
-    if "training" in description and "modality" in description:
-        return _msd_layout(root, json_path, description)
-    raise DatasetError([
-        f"{json_path}: neither a Decathlon dataset.json (needs 'modality' and 'training') "
-        "nor an nnU-Net v2 one (needs 'channel_names' and 'file_ending')"
-    ])
+        layout = _nnunet_layout(root, json_path, description, confine)
+    elif "training" in description and "modality" in description:
+        layout = _msd_layout(root, json_path, description, confine)
+    else:
+        raise DatasetError([
+            f"{json_path}: neither a Decathlon dataset.json (needs 'modality' and 'training') "
+            "nor an nnU-Net v2 one (needs 'channel_names' and 'file_ending')"
+        ])
+    confine.raise_problems()
+    if not layout.cases:
+        raise DatasetError([f"{json_path}: lists no training cases"])
+    return layout
 
 
-def _msd_layout(root: Path, json_path: Path, description: dict) -> DatasetLayout:
-    cases = []
-    for entry in description["training"]:
-        image, label = root / entry["image"], root / entry["label"]
-        cases.append(CaseFiles(Path(entry["label"]).name.split(".")[0], (image,), label))
+def _unique_names(cases: list[CaseFiles], json_path: Path) -> None:
+    """Refuse two cases with one name (they would share results and cache entries)."""
+    first: dict[str, CaseFiles] = {}
+    problems = []
+    for case in cases:
+        if case.name in first:
+            problems.append(f"{json_path}: case name {case.name!r} is used by both {first[case.name].label} and {case.label}")
+        else:
+            first[case.name] = case
+    if problems:
+        raise DatasetError(problems)
+
+
+def _msd_layout(root: Path, json_path: Path, description: dict, confine: _Confinement) -> DatasetLayout:
+    training = description["training"]
+    if not isinstance(training, list):
+        raise DatasetError([f"{json_path}: 'training' must be a list of {{'image': …, 'label': …}}, got {_short(training)}"])
+    cases, problems = [], []
+    for index, entry in enumerate(training):
+        fields = entry if isinstance(entry, dict) else {}
+        missing = [k for k in ("image", "label") if not isinstance(fields.get(k), str) or not fields.get(k)]
+        if missing:
+            problems.append(f"{json_path}: training entry {index} needs {' and '.join(repr(k) for k in missing)} (file paths), got {_short(entry)}")
+            continue
+        image, label = confine(Path(fields["image"]), fields["image"]), confine(Path(fields["label"]), fields["label"])
+        name = case_name(Path(fields["label"]))
+        if not name or name in (".", ".."):
+            problems.append(f"{json_path}: training entry {index}: {fields['label']!r} gives no case name")
+            continue
+        cases.append(CaseFiles(name, (image,), label))
+    if problems:
+        raise DatasetError(problems)
+    _unique_names(cases, json_path)
     return DatasetLayout(
         root=root,
         layout="msd",
         name=str(description.get("name", root.name)),
         channel_names=_indexed(description["modality"], "modality", json_path),
-        class_names=_indexed(description["labels"], "labels", json_path),
+        class_names=_indexed(description.get("labels"), "labels", json_path),
         cases=tuple(cases),
     )
 
 
-def _nnunet_layout(root: Path, json_path: Path, description: dict) -> DatasetLayout:
+def _nnunet_layout(root: Path, json_path: Path, description: dict, confine: _Confinement) -> DatasetLayout:
     ending = description["file_ending"]
+    if ending not in IMAGE_ENDINGS:
+        raise DatasetError([f"{json_path}: 'file_ending' must be one of {list(IMAGE_ENDINGS)}, got {_short(ending)}"])
     channels = _indexed(description["channel_names"], "channel_names", json_path)
+    class_names = _class_names_nnunet(description.get("labels"), json_path)
     labels_dir = root / "labelsTr"
     if not labels_dir.is_dir():
         raise DatasetError([f"{labels_dir}: missing (nnU-Net datasets keep their labels in labelsTr/)"])
     cases = []
-    for label in sorted(labels_dir.glob(f"*{ending}")):
+    # hidden files (macOS "._case.nii.gz" resource forks, editors' temporaries) are not cases
+    for label in sorted(p for p in labels_dir.iterdir() if p.name.endswith(ending) and not p.name.startswith(".")):
         name = label.name[: -len(ending)]
-        images = tuple(root / "imagesTr" / f"{name}_{c:04d}{ending}" for c in range(len(channels)))
-        cases.append(CaseFiles(name, images, label))
+        images = tuple(confine(Path("imagesTr") / f"{name}_{c:04d}{ending}") for c in range(len(channels)))
+        cases.append(CaseFiles(name, images, confine(label.relative_to(root))))
     expected = description.get("numTraining")
     if expected is not None and expected != len(cases):
-        raise DatasetError([f"{json_path}: numTraining is {expected} but {labels_dir} holds {len(cases)} *{ending} files"])
+        raise DatasetError([f"{json_path}: numTraining is {_short(expected)} but {labels_dir} holds {len(cases)} *{ending} files"])
     return DatasetLayout(
         root=root,
         layout="nnunet",
         name=root.name,
         channel_names=channels,
-        class_names=_class_names_nnunet(description["labels"], json_path),
+        class_names=class_names,
         cases=tuple(cases),
     )

@@ -11,9 +11,9 @@ import numpy as np
 from callbacks.results_writer import write_atomically
 from datamodules.cases import Case
 from datamodules.dataset_layout import DatasetLayout, read_layout
-from datamodules.input_checks import DatasetError
 from datamodules.preprocessing_cache import PreprocessingCache, median_spacing
 from datamodules.segmentation import SegmentationDataModule, distributed_context
+from input_errors import DatasetError, InputError
 
 
 def split_cases(names: Sequence[str], seed: int, val_fraction: float, fold: int | None, num_folds: int) -> list[dict]:
@@ -31,6 +31,40 @@ def split_cases(names: Sequence[str], seed: int, val_fraction: float, fold: int 
     return [{"train": sorted(n for n in names if n not in set(g)), "val": sorted(g)} for g in groups]
 
 
+def read_splits(path: Path, known: set[str]) -> list[dict]:
+    """A ``splits.json`` someone gave us: a list of ``{"train": [names], "val": [names]}`` whose
+    names are cases of the dataset (:class:`DatasetError` naming the file otherwise)."""
+    try:
+        splits = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise DatasetError([f"{path}: cannot be read as JSON splits ({error})"]) from None
+    shape_ok = isinstance(splits, list) and splits and all(
+        isinstance(s, dict) and all(isinstance(s.get(k), list) and all(isinstance(n, str) for n in s[k]) for k in ("train", "val"))
+        for s in splits
+    )
+    if not shape_ok:
+        raise DatasetError([f"{path}: not a splits file (a non-empty list of {{\"train\": [case names], \"val\": [case names]}})"])
+    unknown = sorted({n for s in splits for k in ("train", "val") for n in s[k]} - known)
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise DatasetError([f"{path}: cases {shown} are not in the dataset"])
+    return splits
+
+
+def chosen_split(splits: list[dict], fold: int | None, where: str) -> dict:
+    """Fold ``fold`` of ``splits`` (the only one when None), with cases to train and validate on."""
+    index = fold or 0
+    if not 0 <= index < len(splits):
+        raise InputError(f"data.fold={fold}, but {where} has {len(splits)} fold(s)")
+    split = splits[index]
+    if not split["train"] or not split["val"]:
+        raise InputError(f"{where}, fold {index}: {len(split['train'])} training and {len(split['val'])} validation cases; both need one")
+    overlap = sorted(set(split["train"]) & set(split["val"]))
+    if overlap:
+        raise DatasetError([f"{where}, fold {index}: cases {overlap[:5]} are both training and validation cases"])
+    return split
+
+
 class FolderDataModule(SegmentationDataModule):
     """Cases listed by ``root/dataset.json``, checked, preprocessed once into the cache.
 
@@ -45,6 +79,8 @@ class FolderDataModule(SegmentationDataModule):
         split_seed: seed of the split (fixed by default so every run sees the same split).
         splits_file: where the split used is written (nnU-Net's ``splits_final.json`` format).
         splits_from: a ``splits.json`` to reuse instead of drawing a split.
+        allow_outside_root: accept files that ``dataset.json`` places outside ``root`` (``..``,
+            absolute paths, symbolic links out of it); refused by default.
         **loader: :class:`SegmentationDataModule` arguments.
     """
 
@@ -60,27 +96,34 @@ class FolderDataModule(SegmentationDataModule):
         split_seed: int = 0,
         splits_file: str | None = None,
         splits_from: str | None = None,
+        allow_outside_root: bool = False,
         **loader,
     ) -> None:
         super().__init__(**loader)
         if self.label_mode == "soft":
-            raise ValueError("data.label_mode=soft needs the labels' class probabilities; data=folder has label maps only")
+            raise InputError("data.label_mode=soft needs the labels' class probabilities; data=folder has label maps only")
         if root in (None, "", "???"):
             raise DatasetError(["data.root is not set: data=folder needs data.root=PATH (a folder with dataset.json)"])
-        if fold is not None and not 0 <= fold < num_folds:
-            raise ValueError(f"data.fold must be in [0, {num_folds}), got {fold}")
+        if splits_from is None and fold is not None and not 0 <= fold < num_folds:
+            raise InputError(f"data.fold must be in [0, {num_folds}) (data.num_folds), got {fold}")
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-        self.layout: DatasetLayout = read_layout(root)
+            raise InputError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if int(num_folds) < 2:
+            raise InputError(f"data.num_folds must be >= 2, got {num_folds}")
+        self.layout: DatasetLayout = read_layout(root, allow_outside_root=bool(allow_outside_root))
         if self.layout.num_classes > 256:
             raise DatasetError([f"{self.layout.root / 'dataset.json'}: more than 256 classes are not supported"])
         self.cache_dir = cache_dir
         self.target_spacing = [float(s) for s in target_spacing] if target_spacing is not None else None
+        if self.target_spacing is not None and (len(self.target_spacing) != 3 or min(self.target_spacing) <= 0):
+            raise InputError(f"data.target_spacing must be three positive numbers (mm), got {list(target_spacing)}")
         self.crop_nonzero = bool(crop_nonzero)
         self.val_fraction, self.fold, self.num_folds = float(val_fraction), fold, int(num_folds)
         self.split_seed = int(split_seed)
         self.splits_file, self.splits_from = splits_file, splits_from
         self._cache: PreprocessingCache | None = None
+        self.all_splits = self.splits()  # checked now, before any preprocessing
+        self.split = chosen_split(self.all_splits, fold, self.splits_from or "the drawn split")
 
     @property
     def num_classes(self) -> int:
@@ -107,22 +150,23 @@ class FolderDataModule(SegmentationDataModule):
         self.cache.prepare(self.layout.cases, self.num_workers)
 
     def splits(self) -> list[dict]:
+        """Every split: the reused ``splits_from`` file, or drawn from the cases."""
+        names = [c.name for c in self.layout.cases]
         if self.splits_from:
-            return json.loads(Path(self.splits_from).expanduser().read_text())
-        return split_cases([c.name for c in self.layout.cases], self.split_seed, self.val_fraction, self.fold, self.num_folds)
+            return read_splits(Path(self.splits_from).expanduser(), set(names))
+        if len(names) < 2:
+            raise DatasetError([f"{self.layout.root / 'dataset.json'}: {len(names)} case(s); a training and a validation case are needed"])
+        if self.fold is not None and len(names) < self.num_folds:
+            raise InputError(f"data.num_folds={self.num_folds} folds need at least as many cases; {self.layout.root} has {len(names)}")
+        return split_cases(names, self.split_seed, self.val_fraction, self.fold, self.num_folds)
 
     def load_cases(self) -> tuple[list[Case], list[Case]]:
         self.prepare_data()  # a no-op when fresh; makes setup() alone enough outside a Trainer
-        splits = self.splits()
-        split = splits[self.fold or 0]
         known = {c.name: c for c in self.layout.cases}
-        unknown = sorted((set(split["train"]) | set(split["val"])) - set(known))
-        if unknown:
-            raise DatasetError([f"{self.splits_from}: cases {unknown} are not in {self.layout.root}"])
         if self.splits_file and distributed_context()[0] == 0:
-            write_atomically(Path(self.splits_file), json.dumps(splits, indent=2))
-        train = [self.cache.load(known[n]) for n in split["train"]]
-        val = [self.cache.load(known[n]) for n in split["val"]]
+            write_atomically(Path(self.splits_file), json.dumps(self.all_splits, indent=2))
+        train = [self.cache.load(known[n]) for n in self.split["train"]]
+        val = [self.cache.load(known[n]) for n in self.split["val"]]
         return train, val
 
     def inference_settings(self) -> dict:

@@ -8,44 +8,19 @@ read, never modified.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING
 
-import nibabel as nib
 import numpy as np
-import torchio as tio
 from tqdm import tqdm
+
+from datamodules.image_files import AFFINE_TOLERANCE, UnreadableImage, read_image
+from input_errors import DatasetError
 
 if TYPE_CHECKING:
     from datamodules.dataset_layout import CaseFiles, DatasetLayout
 
-AFFINE_TOLERANCE = 1e-3  # mm (and direction cosines): the agreement nnU-Net also asks for
-
-
-class DatasetError(ValueError):
-    """Expected problems with user data; the entry points print them without a traceback."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        count = f"{len(self.problems)} problem" + ("s" if len(self.problems) != 1 else "")
-        super().__init__(f"{count} found in the input data (nothing was written):\n" + "\n".join(f"  - {p}" for p in self.problems))
-
-
-def read_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(data (C, W, H, D), affine)`` of one file exactly as stored.
-
-    NIfTI through nibabel (TorchIO's ITK reader silently turns NaN into 0, hiding them);
-    other formats through TorchIO.
-    """
-    if path.name.endswith((".nii", ".nii.gz")):
-        image = nib.load(path)
-        data = np.asanyarray(image.dataobj)
-        data = data.reshape(data.shape[:3] + (-1,))  # 3D → one channel; 4D channels last
-        return np.moveaxis(data, -1, 0), image.affine
-    image = tio.ScalarImage(path)
-    image.load()
-    return image.data.numpy(), image.affine
+__all__ = ["DatasetError", "check_case", "check_cases"]
 
 
 def check_case(case: CaseFiles, in_channels: int, num_classes: int, channels_in_one_file: bool) -> list[str]:
@@ -57,8 +32,8 @@ def check_case(case: CaseFiles, in_channels: int, num_classes: int, channels_in_
     for path in case.images:
         try:
             data, affine = read_image(path)
-        except Exception as error:  # any reader failure (truncated gzip, bad header, …) is the file's problem
-            problems.append(f"{path}: cannot be read ({type(error).__name__}: {error})")
+        except UnreadableImage as error:
+            problems.append(f"{path}: {error}")
             continue
         expected = in_channels if channels_in_one_file else 1
         if data.shape[0] != expected:
@@ -69,8 +44,8 @@ def check_case(case: CaseFiles, in_channels: int, num_classes: int, channels_in_
         images.append((path, data.shape[1:], affine))
     try:
         label, label_affine = read_image(case.label)
-    except Exception as error:
-        return problems + [f"{case.label}: cannot be read ({type(error).__name__}: {error})"]
+    except UnreadableImage as error:
+        return problems + [f"{case.label}: {error}"]
     if label.shape[0] != 1:
         problems.append(f"{case.label}: label maps must have one channel, found {label.shape[0]}")
     if not np.all(np.isfinite(label)) or not np.array_equal(label, np.round(label)):

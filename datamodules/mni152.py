@@ -19,6 +19,7 @@ import torchio as tio
 
 from datamodules.cases import Case, in_memory_case
 from datamodules.segmentation import SegmentationDataModule
+from input_errors import InputError
 
 TISSUES = ("grey_matter", "white_matter")
 
@@ -88,7 +89,7 @@ class MNI152DataModule(SegmentationDataModule):
         super().__init__(**loader)
         unknown = sorted(set(tissues) - set(TISSUES))
         if unknown or not tissues or len(set(tissues)) != len(tissues):
-            raise ValueError(f"data.tissues must be distinct names from {TISSUES}, got {list(tissues)}")
+            raise InputError(f"data.tissues must be distinct names from {TISSUES}, got {list(tissues)}")
         self.num_train, self.num_val = int(num_train), int(num_val)
         self.tissues = tuple(tissues)
         self.resolution_mm = float(resolution_mm)

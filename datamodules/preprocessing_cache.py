@@ -15,16 +15,24 @@ Layout::
         <case>.json            affine, spacing, statistics and the source files' fingerprint
 
 A case is reused only while its source files keep their size and modification time
-(``make``'s rule) and the settings are unchanged; anything else is rebuilt. Files are
-written under temporary names and renamed into place, the ``.json`` last, so an
-interrupted run never leaves an entry that looks complete.
+(``make``'s rule), the settings are unchanged and its arrays are intact (the sizes and
+``.npy`` headers recorded in its ``.json``); anything else is rebuilt. Files are written
+under temporary names and renamed into place, the ``.json`` last, so an interrupted run never
+leaves an entry that looks complete. Preparing holds a lock on the settings directory
+(``.lock``, ``flock``): a second run on the same new cache waits instead of preprocessing the
+same cases again, and temporaries left by a killed run are removed under it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
-from collections.abc import Sequence
+import logging
+import os
+import zipfile
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -37,8 +45,12 @@ from callbacks.results_writer import write_atomically
 from datamodules.cases import Case, class_locations, foreground_samples
 from datamodules.dataset_layout import CaseFiles, DatasetLayout
 from datamodules.input_checks import check_cases
+from input_errors import InputError
 
-CACHE_VERSION = 1  # bump when the stored arrays change meaning
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 2  # bump when the stored arrays or their .json change meaning
+ARRAYS = ("image.npy", "label.npy", "sampling.npz")
 
 
 def fingerprint(case: CaseFiles) -> list:
@@ -120,38 +132,95 @@ class PreprocessingCache:
         }
         dataset_key = hashlib.sha1(str(layout.root).encode()).hexdigest()[:8]
         settings_key = hashlib.sha1(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:12]
-        self.directory = Path(cache_dir).expanduser() / f"{layout.name}-{dataset_key}" / settings_key
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.directory = self.cache_dir / f"{layout.safe_name}-{dataset_key}" / settings_key
 
     def meta_path(self, name: str) -> Path:
         return self.directory / f"{name}.json"
 
+    def array_path(self, name: str, kind: str) -> Path:
+        return self.directory / f"{name}.{kind}"
+
     def is_fresh(self, case: CaseFiles) -> bool:
-        """Whether a complete entry built from the current source files exists."""
-        meta = self.meta_path(case.name)
-        arrays = [self.directory / f"{case.name}.{kind}" for kind in ("image.npy", "label.npy", "sampling.npz")]
-        if not meta.is_file() or not all(p.is_file() for p in [*case.files, *arrays]):
+        """Whether an intact entry built from the current source files exists."""
+        meta_path = self.meta_path(case.name)
+        if not meta_path.is_file() or not all(p.is_file() for p in case.files):
             return False
         try:
-            return json.loads(meta.read_text()).get("fingerprint") == fingerprint(case)
-        except ValueError:
-            return False
+            meta = json.loads(meta_path.read_text())
+            return meta.get("fingerprint") == fingerprint(case) and self.intact(case.name, meta)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, zipfile.BadZipFile):
+            return False  # a damaged entry is rebuilt
+
+    def intact(self, name: str, meta: dict) -> bool:
+        """The entry's arrays have the sizes, shapes and types recorded when they were written."""
+        sizes = meta.get("sizes", {})
+        for kind in ARRAYS:
+            path = self.array_path(name, kind)
+            if not path.is_file() or path.stat().st_size != sizes.get(kind):
+                return False
+        for kind, dtype in (("image.npy", "float32"), ("label.npy", "uint8")):
+            with open(self.array_path(name, kind), "rb") as file:
+                version = np.lib.format.read_magic(file)
+                if version not in ((1, 0), (2, 0)):
+                    return False
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, stored = read_header(file)
+            expected = (meta["channels"], *meta["shape"]) if kind == "image.npy" else tuple(meta["shape"])
+            if tuple(shape) != tuple(expected) or stored != np.dtype(dtype):
+                return False
+        with zipfile.ZipFile(self.array_path(name, "sampling.npz")) as archive:
+            return archive.testzip() is None
+
+    def not_writable(self, error: PermissionError) -> InputError:
+        return InputError(
+            f"data.cache_dir={self.cache_dir}: {error.filename or self.directory} is not writable by you "
+            "(another user's cache?); set data.cache_dir=… or BIASSEG_CACHE_DIR to a folder of yours"
+        )
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the settings directory's lock (created if needed; a read-only handle is enough)."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            handle = os.fdopen(os.open(self.directory / ".lock", os.O_RDONLY | os.O_CREAT, 0o666))
+        except PermissionError as error:
+            raise self.not_writable(error) from None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info(f"Waiting for another process preprocessing into {self.directory}")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def prepare(self, cases: Sequence[CaseFiles], num_workers: int = 0) -> None:
         """Check and preprocess every case without a fresh entry (checks first, all of them)."""
         stale = [c for c in cases if not self.is_fresh(c)]
         if not stale:
             return
-        check_cases(self.layout, stale, num_workers)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.directory / "settings.json", json.dumps(self.settings, indent=2))
-        progress = dict(total=len(stale), desc=f"Preprocessing {self.layout.name} → {self.directory}", unit="case")
-        if num_workers > 0 and len(stale) > 1:
-            with ProcessPoolExecutor(min(num_workers, len(stale))) as pool:
-                for _ in tqdm(pool.map(self.build, stale), **progress):
-                    pass
-        else:
-            for case in tqdm(stale, **progress):
-                self.build(case)
+        check_cases(self.layout, stale, num_workers)  # before anything is written
+        with self.locked():
+            for orphan in self.directory.glob(".*.tmp"):  # left by a killed run: nobody else writes while we hold the lock
+                orphan.unlink(missing_ok=True)
+            stale = [c for c in stale if not self.is_fresh(c)]  # another process may have built them meanwhile
+            if not stale:
+                return
+            try:
+                write_atomically(self.directory / "settings.json", json.dumps(self.settings, indent=2))
+            except PermissionError as error:
+                raise self.not_writable(error) from None
+            progress = dict(total=len(stale), desc=f"Preprocessing {self.layout.name} → {self.directory}", unit="case")
+            if num_workers > 0 and len(stale) > 1:
+                with ProcessPoolExecutor(min(num_workers, len(stale))) as pool:
+                    for _ in tqdm(pool.map(self.build, stale), **progress):
+                        pass
+            else:
+                for case in tqdm(stale, **progress):
+                    self.build(case)
 
     def build(self, case: CaseFiles) -> None:
         """Preprocess one case and write its entry atomically."""
@@ -167,20 +236,21 @@ class PreprocessingCache:
         rng = np.random.default_rng(0)
         locations = class_locations(label, self.layout.num_classes, rng)
         flat = image.reshape(len(image), -1)
+        arrays = {f"class_{c}": v for c, v in locations.items()}
+        arrays["foreground_samples"] = foreground_samples(image, label, rng)
+        write_atomically(self.array_path(case.name, "image.npy"), lambda h: np.save(h, image))
+        write_atomically(self.array_path(case.name, "label.npy"), lambda h: np.save(h, label))
+        write_atomically(self.array_path(case.name, "sampling.npz"), lambda h: np.savez(h, **arrays))
         meta = {
             "name": case.name,
             "fingerprint": source,
             "affine": subject["image"].affine.tolist(),
             "shape": list(label.shape),
+            "channels": len(image),
+            "sizes": {kind: self.array_path(case.name, kind).stat().st_size for kind in ARRAYS},
             "channel_mean": flat.mean(1, dtype=np.float64).tolist(),
             "channel_std": flat.std(1, dtype=np.float64).tolist(),
         }
-        base = self.directory / case.name
-        write_atomically(base.with_name(f"{case.name}.image.npy"), lambda h: np.save(h, image))
-        write_atomically(base.with_name(f"{case.name}.label.npy"), lambda h: np.save(h, label))
-        arrays = {f"class_{c}": v for c, v in locations.items()}
-        arrays["foreground_samples"] = foreground_samples(image, label, rng)
-        write_atomically(base.with_name(f"{case.name}.sampling.npz"), lambda h: np.savez(h, **arrays))
         write_atomically(self.meta_path(case.name), json.dumps(meta))
 
     def load(self, case: CaseFiles) -> Case:
@@ -188,13 +258,13 @@ class PreprocessingCache:
         if not self.is_fresh(case):
             raise RuntimeError(f"{self.meta_path(case.name)}: cache entry missing or stale; run prepare() first")
         meta = json.loads(self.meta_path(case.name).read_text())
-        with np.load(self.directory / f"{case.name}.sampling.npz") as sampling:
+        with np.load(self.array_path(case.name, "sampling.npz")) as sampling:
             locations = {int(k.split("_")[1]): sampling[k] for k in sampling.files if k.startswith("class_")}
             samples = sampling["foreground_samples"]
         return Case(
             name=case.name,
-            image=self.directory / f"{case.name}.image.npy",
-            label=self.directory / f"{case.name}.label.npy",
+            image=self.array_path(case.name, "image.npy"),
+            label=self.array_path(case.name, "label.npy"),
             affine=np.asarray(meta["affine"]),
             locations=locations,
             channel_mean=np.asarray(meta["channel_mean"]),

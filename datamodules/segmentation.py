@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from datamodules.cases import Case, Intensity
 from datamodules.patch_stream import PatchBatches
 from datamodules.transforms import augmentation as compose_augmentation
+from input_errors import InputError
 
 # PatchBatches gives every worker its own batches, so its __len__ is exact; Lightning's
 # generic warning about IterableDataset lengths does not apply.
@@ -47,7 +48,7 @@ def resolve_num_workers(num_workers: int | str) -> int:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return max(0, min(8, cores - 1))
     if int(num_workers) < 0:
-        raise ValueError(f"data.num_workers must be >= 0 or 'auto', got {num_workers}")
+        raise InputError(f"data.num_workers must be >= 0 or 'auto', got {num_workers}")
     return int(num_workers)
 
 
@@ -81,7 +82,7 @@ def ct_intensity(cases: Sequence[Case]) -> Intensity:
     intensities, then z-score with their mean and standard deviation (per channel)."""
     samples = [c.foreground_samples for c in cases if c.foreground_samples is not None and c.foreground_samples.size]
     if not samples:
-        raise ValueError("data.normalization=ct needs foreground voxels in the training labels; none found")
+        raise InputError("data.normalization=ct needs foreground voxels in the training labels; none found")
     pooled = np.concatenate(samples, axis=1).astype(np.float64)
     lower, upper = np.percentile(pooled, [0.5, 99.5], axis=1)
     clipped = np.clip(pooled, lower[:, None], upper[:, None])
@@ -149,19 +150,19 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
     ) -> None:
         super().__init__()
         if label_mode not in LABEL_MODES:
-            raise ValueError(f"data.label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
+            raise InputError(f"data.label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
         if len(patch_size) != 3 or min(patch_size) < 1:
-            raise ValueError(f"data.patch_size must be three positive ints, got {list(patch_size)}")
+            raise InputError(f"data.patch_size must be three positive ints, got {list(patch_size)}")
         if sampler not in SAMPLERS:
-            raise ValueError(f"data.sampler must be one of {SAMPLERS}, got {sampler!r}")
+            raise InputError(f"data.sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not 0.0 <= foreground_probability <= 1.0:
-            raise ValueError(f"data.foreground_probability must be in [0, 1], got {foreground_probability}")
+            raise InputError(f"data.foreground_probability must be in [0, 1], got {foreground_probability}")
         if batch_size < 1 or samples_per_volume < 1:
-            raise ValueError("data.batch_size and data.samples_per_volume must be >= 1")
+            raise InputError("data.batch_size and data.samples_per_volume must be >= 1")
         if normalization not in NORMALISATIONS:
-            raise ValueError(f"data.normalization must be one of {NORMALISATIONS}, got {normalization!r}")
+            raise InputError(f"data.normalization must be one of {NORMALISATIONS}, got {normalization!r}")
         if augmentation_context < 0:
-            raise ValueError(f"data.augmentation_context must be >= 0, got {augmentation_context}")
+            raise InputError(f"data.augmentation_context must be >= 0, got {augmentation_context}")
         self.patch_size = tuple(int(p) for p in patch_size)
         self.batch_size = int(batch_size)
         self.samples_per_volume = int(samples_per_volume)
@@ -207,7 +208,13 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
             return
         train, val = self.load_cases()
         if not train or not val:
-            raise ValueError(f"need at least one training and one validation subject, got {len(train)} and {len(val)}")
+            raise InputError(f"need at least one training and one validation subject, got {len(train)} and {len(val)}")
+        if not any(case.locations for case in train):
+            warnings.warn(
+                f"every training label of this {type(self).__name__} is empty (background only): "
+                "the model can only learn to predict background",
+                stacklevel=2,
+            )
         if self.normalization == "ct":
             self.intensity = ct_intensity(train)
         for case in [*train, *val]:
@@ -254,7 +261,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         subject_sampler = None
         if world_size > 1:
             if len(self.train_cases) < world_size:
-                raise ValueError(f"{len(self.train_cases)} training subjects cannot be shared by {world_size} processes")
+                raise InputError(f"{len(self.train_cases)} training subjects cannot be shared by {world_size} processes")
             subject_sampler = DistributedSampler(
                 range(len(self.train_cases)), num_replicas=world_size, rank=rank, shuffle=True, drop_last=True
             )
@@ -285,7 +292,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         assert self.val_cases is not None, "call setup() first"
         rank, world_size = distributed_context()
         if len(self.val_cases) < world_size:
-            raise ValueError(f"{len(self.val_cases)} validation subjects cannot be shared by {world_size} processes")
+            raise InputError(f"{len(self.val_cases)} validation subjects cannot be shared by {world_size} processes")
         dataset = SubjectList(self.val_cases, self.num_classes)
         return DataLoader(
             dataset,

@@ -9,6 +9,7 @@ import numpy as np
 from datamodules.cases import Case, in_memory_case
 from datamodules.segmentation import SegmentationDataModule
 from datamodules.synthetic_volumes import UNCERTAINTY_KINDS, SyntheticCase, generate_case
+from input_errors import InputError
 
 
 def synthetic_case(case: SyntheticCase, name: str, num_classes: int) -> Case:
@@ -58,9 +59,9 @@ class SyntheticDataModule(SegmentationDataModule):
     ) -> None:
         super().__init__(**loader)
         if uncertainty_kind not in UNCERTAINTY_KINDS:
-            raise ValueError(f"data.uncertainty_kind must be one of {UNCERTAINTY_KINDS}, got {uncertainty_kind!r}")
+            raise InputError(f"data.uncertainty_kind must be one of {UNCERTAINTY_KINDS}, got {uncertainty_kind!r}")
         if num_classes < 2:
-            raise ValueError(f"data.num_classes must be >= 2, got {num_classes}")
+            raise InputError(f"data.num_classes must be >= 2, got {num_classes}")
         self.num_train, self.num_val = int(num_train), int(num_val)
         self.case_kwargs = dict(
             shape=tuple(int(s) for s in shape),

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import ndtr
 
+from input_errors import InputError
+
 UNCERTAINTY_KINDS = ("boundary", "voxel")
 
 
@@ -110,7 +112,7 @@ def place_structures(
             label = 1 + len(structures) % (num_classes - 1)
             structures.append(Structure(tuple(float(c) for c in centre), radius, label))
     if not structures:
-        raise ValueError(
+        raise InputError(
             f"no structure of radius {radius_mm} mm fits a volume of {tuple(extent)} mm; "
             "reduce data.radius_mm or enlarge data.shape"
         )
@@ -139,7 +141,7 @@ def sample_label(
     ``distances`` is :func:`structure_distances` of the case (computed once, reused per draw).
     """
     if kind not in UNCERTAINTY_KINDS:
-        raise ValueError(f"unknown uncertainty kind {kind!r}; choose one of {UNCERTAINTY_KINDS}")
+        raise InputError(f"unknown uncertainty kind {kind!r}; choose one of {UNCERTAINTY_KINDS}")
     shape = distances.shape[1:]
     label = np.zeros(shape, dtype=np.int64)
     if kind == "boundary":
@@ -175,9 +177,9 @@ def generate_case(
     and offset, and white Gaussian noise of ``noise_std`` is added.
     """
     if num_classes < 2:
-        raise ValueError("num_classes must be >= 2 (background + at least one structure)")
+        raise InputError("num_classes must be >= 2 (background + at least one structure)")
     if sigma_mm < 0:
-        raise ValueError("the uncertainty sigma must be >= 0 mm")
+        raise InputError("the uncertainty sigma must be >= 0 mm")
     shape = tuple(int(s) for s in shape)
     spacing_mm = tuple(float(s) for s in spacing_mm)
     structures = place_structures(rng, shape, spacing_mm, num_structures, radius_mm, num_classes, sigma_mm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -12,9 +13,12 @@ import torch.nn.functional as F
 import torchio as tio
 from torch import nn
 
+from input_errors import InputError
+from lightning_modules.callback_state import confine_callback_state
 from lightning_modules.sliding_window import SlidingWindow
 from lightning_modules.unet import UNet3D
 from metrics import SubjectSegmentationMetrics, per_subject, summarize
+
 
 def preview_slices(subject: tio.Subject, probabilities: torch.Tensor) -> dict:
     """Axial and coronal slices (numpy) through the reference's largest foreground extent.
@@ -98,13 +102,13 @@ class SegmentationModule(pl.LightningModule):
         window["patch_size"] = tuple(int(p) for p in window["patch_size"])
         self.sliding_window = SlidingWindow(**window)
         if any(p % self.net.size_divisor for p in self.sliding_window.patch_size):
-            raise ValueError(
+            raise InputError(
                 f"patch size {self.sliding_window.patch_size} must be divisible by {self.net.size_divisor} "
                 f"for a U-Net with {len(self.net.features)} stages (model.features)"
             )
         self.class_names = list(class_names or [f"class{c}" for c in range(1, num_classes)])
         if len(self.class_names) != num_classes - 1:
-            raise ValueError(f"{len(self.class_names)} class names for {num_classes - 1} foreground classes")
+            raise InputError(f"{len(self.class_names)} class names for {num_classes - 1} foreground classes")
         self.val_metrics = SubjectSegmentationMetrics(num_classes)
         self.validation_rows: dict[str, torch.Tensor] | None = None
         self.validation_reliability: torch.Tensor | None = None  # (C − 1, bins, 3), see metrics.calibration
@@ -185,7 +189,7 @@ class SegmentationModule(pl.LightningModule):
     # --- optimisation -----------------------------------------------------------------
     def configure_optimizers(self):
         if self.optimizer_factory is None:
-            raise ValueError("training needs an optimizer (model.optimizer in the config)")
+            raise InputError("training needs an optimizer (model.optimizer in the config)")
         optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
@@ -194,6 +198,11 @@ class SegmentationModule(pl.LightningModule):
         length = {name: total_steps for name in ("total_iters", "T_max") if name in accepted}
         scheduler = self.scheduler_factory(optimizer, **length)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        dropped = confine_callback_state(checkpoint)
+        if dropped:
+            warnings.warn(f"the checkpoint's callback state named files outside its folder, ignored: {dropped[:3]}", stacklevel=2)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:

@@ -13,7 +13,6 @@ probability map whose soft volume is meaningful.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,13 +20,15 @@ import torch
 import torch.nn.functional as F
 import torchio as tio
 
+from input_errors import InputError
+
 WEIGHTINGS = ("hann", "gaussian", "constant")
 
 
 def blending_window(patch_size: Sequence[int], weighting: str, device: torch.device) -> torch.Tensor:
     """Separable blending weights of shape ``patch_size``, all > 0."""
     if weighting not in WEIGHTINGS:
-        raise ValueError(f"sliding-window weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        raise InputError(f"sliding-window weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     window = torch.ones((), device=device)
     for size in patch_size:
         if weighting == "hann":
@@ -111,9 +112,9 @@ class SlidingWindow:
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"sliding-window weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+            raise InputError(f"sliding-window weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if not 0.0 <= self.overlap < 1.0:
-            raise ValueError(f"sliding-window overlap must be in [0, 1), got {self.overlap}")
+            raise InputError(f"sliding-window overlap must be in [0, 1), got {self.overlap}")
 
     def __call__(self, image: torch.Tensor, predict: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         return sliding_window_probabilities(

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from input_errors import InputError
+
 
 def conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
     """``conv3³(stride) → InstanceNorm(affine) → LeakyReLU(0.01)`` as in nnU-Net."""
@@ -46,7 +48,7 @@ class UNet3D(nn.Module):
         super().__init__()
         features = [int(f) for f in features]
         if len(features) < 2 or min(features) < 1:
-            raise ValueError(f"model.features needs >= 2 positive channel counts, got {features}")
+            raise InputError(f"model.features needs >= 2 positive channel counts, got {features}")
         self.features = features
         self.deep_supervision = deep_supervision
         self.encoder = nn.ModuleList(
@@ -71,7 +73,7 @@ class UNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if any(s % self.size_divisor for s in x.shape[2:]):
-            raise ValueError(
+            raise InputError(
                 f"U-Net input spatial shape {tuple(x.shape[2:])} must be divisible by "
                 f"{self.size_divisor} (2 ** (len(model.features) - 1)); choose data.patch_size accordingly"
             )

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from input_errors import InputError
+
 
 class CompoundLoss(nn.Module):
     """``Σ_k weights[k] · terms[k](logits, target)``.
@@ -19,11 +21,11 @@ class CompoundLoss(nn.Module):
     def __init__(self, terms: Mapping[str, nn.Module], weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
         if not terms:
-            raise ValueError("CompoundLoss needs at least one term")
+            raise InputError("CompoundLoss needs at least one term")
         weights = dict(weights or {})
         unknown = set(weights) - set(terms)
         if unknown:
-            raise ValueError(f"weights name unknown terms {sorted(unknown)}; terms are {sorted(terms)}")
+            raise InputError(f"weights name unknown terms {sorted(unknown)}; terms are {sorted(terms)}")
         self.terms = nn.ModuleDict(dict(terms))
         self.weights = {name: float(weights.get(name, 1.0)) for name in terms}
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from input_errors import InputError
 from losses.targets import class_probabilities, is_soft_target, label_map
 
 
@@ -41,7 +42,7 @@ def focal_cross_entropy(
     logits = logits.float()
     num_classes = logits.shape[1]
     if weight is not None and weight.numel() != num_classes:
-        raise ValueError(f"class weight has {weight.numel()} entries for {num_classes} classes")
+        raise InputError(f"class weight has {weight.numel()} entries for {num_classes} classes")
     num_voxels = logits.numel() // num_classes
     if not isinstance(gamma, torch.Tensor) and gamma == 0:
         target = target.float() if is_soft_target(logits, target) else label_map(target)
@@ -72,7 +73,7 @@ class CrossEntropyLoss(nn.Module):
     def __init__(self, weight: Sequence[float] | None = None, gamma: float = 0.0) -> None:
         super().__init__()
         if gamma < 0:
-            raise ValueError(f"gamma must be >= 0; got {gamma}")
+            raise InputError(f"gamma must be >= 0; got {gamma}")
         self.gamma = float(gamma)
         self.register_buffer(
             "weight", None if weight is None else torch.as_tensor(list(weight), dtype=torch.float32)

@@ -53,6 +53,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from input_errors import InputError
 from losses.distributed import sum_across_processes
 from losses.targets import class_probabilities
 
@@ -95,17 +96,17 @@ class SoftDiceLoss(nn.Module):
     ) -> None:
         super().__init__()
         if smooth_nr < 0 or smooth_dr < 0:
-            raise ValueError("smooth_nr and smooth_dr must be >= 0")
+            raise InputError("smooth_nr and smooth_dr must be >= 0")
         if alpha < 0 or beta < 0 or alpha + beta == 0:
-            raise ValueError(f"alpha and beta must be >= 0 and not both 0; got {alpha}, {beta}")
+            raise InputError(f"alpha and beta must be >= 0 and not both 0; got {alpha}, {beta}")
         if squared and alpha != beta:
-            raise ValueError(f"squared needs alpha == beta (else the denominator can be negative); got {alpha}, {beta}")
+            raise InputError(f"squared needs alpha == beta (else the denominator can be negative); got {alpha}, {beta}")
         if error_exponent < 1:
-            raise ValueError(f"error_exponent must be >= 1 (its gradient at 0 is infinite below 1); got {error_exponent}")
+            raise InputError(f"error_exponent must be >= 1 (its gradient at 0 is infinite below 1); got {error_exponent}")
         if error_exponent != 1 and (squared or soft_label):
-            raise ValueError("error_exponent (DSC++) cannot be combined with squared or soft_label")
+            raise InputError("error_exponent (DSC++) cannot be combined with squared or soft_label")
         if generalised not in (None, *GENERALISED_WEIGHTS):
-            raise ValueError(f"generalised must be None or one of {GENERALISED_WEIGHTS}; got {generalised!r}")
+            raise InputError(f"generalised must be None or one of {GENERALISED_WEIGHTS}; got {generalised!r}")
         self.batch_dice = batch_dice
         self.include_background = include_background
         self.alpha = float(alpha)
@@ -154,7 +155,7 @@ class SoftDiceLoss(nn.Module):
         """Scores ``(B, C')`` per image, ``(C',)`` with ``batch_dice``; ``C'`` is ``C`` or ``C − 1``
         without background. With ``generalised`` the classes are pooled: ``(B,)``, or ``()``."""
         if logits.shape[1] < 2:
-            raise ValueError("SoftDiceLoss expects at least 2 classes (softmax); got 1 channel")
+            raise InputError("SoftDiceLoss expects at least 2 classes (softmax); got 1 channel")
         logits = logits.float()
         probs = torch.softmax(logits, dim=1)
         target = class_probabilities(logits, target)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from input_errors import InputError
 from losses.cross_entropy import focal_cross_entropy
 from losses.soft_dice import SoftDiceLoss
 
@@ -62,7 +63,7 @@ class UnifiedFocalLoss(nn.Module):
     ) -> None:
         super().__init__()
         if not (0 <= weight <= 1 and 0 <= delta <= 1 and 0 <= gamma < 1):
-            raise ValueError(f"need 0 <= weight, delta <= 1 and 0 <= gamma < 1; got {weight}, {delta}, {gamma}")
+            raise InputError(f"need 0 <= weight, delta <= 1 and 0 <= gamma < 1; got {weight}, {delta}, {gamma}")
         self.weight = float(weight)
         self.delta = float(delta)
         self.gamma = float(gamma)

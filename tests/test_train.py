@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, compose_config
+from input_errors import InputError
 from train import train
 
 EXPECTED_METRICS = [
@@ -91,7 +92,7 @@ def test_last_checkpoint_is_the_latest_epoch_even_without_improvement(tmp_path):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+    with pytest.raises(InputError, match="nope.ckpt: no such file"):
         train(compose_config(TINY + [f"ckpt_path={tmp_path}/nope.ckpt"], tmp_path))
 
 
