@@ -23,5 +23,5 @@ class CheckpointOnSigterm(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # the full state, to resume from
             rank_zero_info(f"SIGTERM: saved {self.path} at epoch {trainer.current_epoch}, step {trainer.global_step}")

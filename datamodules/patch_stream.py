@@ -14,6 +14,12 @@ voxel of a foreground class chosen uniformly among those present (patches that f
 the volume preferred), otherwise uniformly over the volume. Every batch is drawn from its
 own seed ``(seed, epoch, rank, batch index)``, so the stream is reproducible and independent
 of the number of workers, and different on every rank.
+
+Which epoch a pass serves, and from which batch, is set with :meth:`PatchBatches.set_epoch`
+before the pass (the LightningModule does so at every epoch start, the datamodule when a run
+resumes) and kept in shared memory, so persistent workers, which hold their own copy of the
+stream, read it too. A run resumed in the middle of an epoch therefore continues with
+exactly the batches an uninterrupted run would have trained on next.
 """
 
 from __future__ import annotations
@@ -80,11 +86,17 @@ class PatchBatches(IterableDataset):
         self.seed = int(seed)
         self.subject_sampler = subject_sampler
         self.rank = subject_sampler.rank if subject_sampler is not None else 0
-        self.epoch = 0
+        # (epoch, first batch) of the next pass, in shared memory: persistent workers see changes
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next pass epoch ``epoch`` (each pass then moves on by one by itself)."""
-        self.epoch = int(epoch)
+    @property
+    def epoch(self) -> int:
+        return int(self._position[0])
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next passes serve epoch ``epoch`` from its batch ``start_batch`` on (every
+        worker, also persistent ones); call it before each epoch's pass."""
+        self._position[0], self._position[1] = int(epoch), int(start_batch)
 
     def subjects(self, epoch: int) -> list[int]:
         """This rank's subject indices in ``epoch``."""
@@ -97,14 +109,14 @@ class PatchBatches(IterableDataset):
         return math.ceil(len(self.subjects(self.epoch)) * self.samples_per_volume / self.batch_size)
 
     def __iter__(self):
-        # The epoch advances with every pass, so persistent workers (which keep their own copy
-        # of this object) follow the epochs without being told; set_epoch() resets it.
-        epoch, self.epoch = self.epoch, self.epoch + 1
+        epoch, start = (int(v) for v in self._position)
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         jobs = np.repeat(self.subjects(epoch), self.samples_per_volume)
         np.random.default_rng([self.seed, epoch, self.rank]).shuffle(jobs)
-        for index in range(worker_id, math.ceil(len(jobs) / self.batch_size), num_workers):
+        # worker w yields batches start + w, start + w + W, …: the DataLoader's round robin over
+        # the workers then hands them out in index order
+        for index in range(start + worker_id, math.ceil(len(jobs) / self.batch_size), num_workers):
             chunk = jobs[index * self.batch_size : (index + 1) * self.batch_size]
             yield self.batch(chunk, [self.seed, epoch, self.rank, index])
 

@@ -181,6 +181,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         self.val_cases: list[Case] | None = None
         self.intensity: Intensity | None = None  # dataset-wide mapping (ct), None = per subject
         self._patches: PatchBatches | None = None
+        self._resume_point: tuple[int, int] | None = None
 
     # --- what a data source provides -------------------------------------------------
     @property
@@ -277,13 +278,17 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
             subject_sampler=subject_sampler,
             soft_labels=self.label_mode == "soft",
         )
-        if self.trainer is not None:  # resumed runs and reloaded loaders start at the current epoch
-            self._patches.set_epoch(self.trainer.current_epoch)
+        epoch, start = (self.trainer.current_epoch if self.trainer is not None else 0), 0
+        if self._resume_point is not None:  # a restored run: continue where its checkpoint stopped
+            (epoch, start), self._resume_point = self._resume_point, None
+            if start >= len(self._patches):  # saved at the end of an epoch: the next one starts afresh
+                epoch, start = epoch + 1, 0
+        self._patches.set_epoch(epoch, start)
         return DataLoader(
             self._patches,
             batch_size=None,  # PatchBatches yields whole batches
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,  # no worker start-up per epoch; the stream tracks epochs itself
+            persistent_workers=self.num_workers > 0,  # no worker start-up per epoch; set_epoch reaches them (shared memory)
             prefetch_factor=4 if self.num_workers > 0 else None,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
         )
@@ -302,7 +307,15 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
             num_workers=min(self.num_workers, math.ceil(len(dataset) / world_size)),
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle patches and the subjects' split across processes (each epoch start)."""
+    def resume_from(self, epoch: int, batches_done: int) -> None:
+        """A checkpoint is being restored that was saved in ``epoch`` after ``batches_done`` of
+        its batches: the training loader's first pass continues there. (Lightning creates
+        the loader, and its workers copy the patch stream, before it restores its loops, so
+        the position is taken from the checkpoint itself.)"""
+        self._resume_point = (int(epoch), int(batches_done))
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Reshuffle patches and the subjects' split across processes (each epoch start);
+        ``start_batch`` > 0 continues an interrupted epoch after the batches it trained on."""
         if self._patches is not None:
-            self._patches.set_epoch(epoch)
+            self._patches.set_epoch(epoch, start_batch)

@@ -203,6 +203,12 @@ class SegmentationModule(pl.LightningModule):
         dropped = confine_callback_state(checkpoint)
         if dropped:
             warnings.warn(f"the checkpoint's callback state named files outside its folder, ignored: {dropped[:3]}", stacklevel=2)
+        # Resumed runs continue the patch stream exactly where the checkpoint stopped, also in
+        # the middle of an epoch (SIGTERM, requeue), instead of replaying the epoch's batches.
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {}).get("current", {})
+        if datamodule is not None and hasattr(datamodule, "resume_from") and "completed" in progress:
+            datamodule.resume_from(int(checkpoint.get("epoch", 0)), int(progress["completed"]))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
