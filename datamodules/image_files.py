@@ -17,6 +17,7 @@ Two rules make a file safe to check and preprocess:
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -93,6 +94,10 @@ def nifti_header(path: Path) -> nib.Nifti1Header:
         raise UnreadableImage(f"data type {dtype} is not a real number type")
     if len(shape) not in (3, 4) or min(shape) < 1:
         raise UnreadableImage(f"header declares the shape {shape}; a 3D volume (4D: channels last) is needed")
+    with nib.openers.ImageOpener(path) as stored:  # the fields as written (nibabel's loaded header resets the scaling)
+        problem = scaling_problem(type(header).from_fileobj(stored))
+    if problem:
+        raise UnreadableImage(problem)
     declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
     memory = physical_memory_bytes()
     as_float32 = int(np.prod(shape, dtype=object)) * 4
@@ -101,7 +106,7 @@ def nifti_header(path: Path) -> nib.Nifti1Header:
             f"header declares {shape} voxels ({_human(as_float32)} as float32), "
             f"more than {MEMORY_SHARE:.0%} of this machine's {_human(memory)} memory"
         )
-    offset = int(header.get_data_offset())
+    offset = int(getattr(image.dataobj, "offset", header.get_data_offset()))  # where nibabel will read from
     stored = _stored_bytes(path, offset + declared)
     if stored < offset + declared:
         raise UnreadableImage(
@@ -109,6 +114,21 @@ def nifti_header(path: Path) -> nib.Nifti1Header:
             f"the file holds {_human(max(stored - offset, 0))} of them"
         )
     return header
+
+
+def scaling_problem(header: nib.Nifti1Header) -> str | None:
+    """Why the header's intensity scaling is ambiguous, or None. NIfTI scales stored values by
+    ``scl_slope`` and ``scl_inter`` unless the slope is 0; ITK and nibabel agree when both
+    fields are "unset" (0 or NaN) or both are ordinary numbers, not otherwise (e.g. a slope of 0
+    with an intercept: ITK adds the intercept, nibabel does not — a label map would shift by it)."""
+    if "scl_slope" not in header:
+        return None
+    slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+    unset = (slope == 0 or math.isnan(slope)) and (inter == 0 or math.isnan(inter))
+    ordinary = math.isfinite(slope) and abs(slope) >= 1e-30 and math.isfinite(inter)
+    if unset or ordinary:
+        return None
+    return f"its intensity scaling (scl_slope={slope:g}, scl_inter={inter:g}) is read differently by ITK and nibabel"
 
 
 def itk_affine(path: Path) -> np.ndarray:
@@ -125,10 +145,11 @@ def geometry_problem(header: nib.Nifti1Header, affine: np.ndarray) -> str | None
     qform, qcode = header.get_qform(coded=True)
     sform, scode = header.get_sform(coded=True)
     if qform is not None and sform is not None and not np.allclose(qform, sform, atol=AFFINE_TOLERANCE):
+        itk_uses = "sform" if np.allclose(affine, sform, atol=AFFINE_TOLERANCE) else "qform"
         return (
-            f"its qform and sform disagree by up to {np.abs(qform - sform).max():.4g} "
-            f"(ITK, which preprocesses it, would use the {'sform' if np.allclose(affine, sform, atol=AFFINE_TOLERANCE) else 'qform'}, "
-            "nibabel and most viewers the sform); make them agree, e.g. nibabel's img.set_qform(img.get_sform())"
+            f"its qform and sform disagree by up to {np.abs(qform - sform).max():.4g} mm, so tools place it differently "
+            f"(ITK, which preprocesses it, uses the {itk_uses}; nibabel the sform; others the qform); "
+            "make them agree, e.g. with nibabel: img.set_qform(img.get_sform())"
         )
     if sform is not None and not np.allclose(affine, sform, atol=AFFINE_TOLERANCE):
         return "its sform is not a rotation and scaling (ITK ignores it, nibabel uses it); store a rigid sform or only a qform"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,9 +24,22 @@ if TYPE_CHECKING:
 __all__ = ["DatasetError", "check_case", "check_cases"]
 
 
+def access_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be opened for reading (missing, permission), or None."""
+    try:
+        if not path.is_file():
+            return f"{path}: missing file"
+        with open(path, "rb"):
+            return None
+    except PermissionError:
+        return f"{path}: not readable by you (permission denied)"
+    except OSError as error:
+        return f"{path}: cannot be opened ({error.strerror or error})"
+
+
 def check_case(case: CaseFiles, in_channels: int, num_classes: int, channels_in_one_file: bool) -> list[str]:
     """All problems of one case (an empty list when it is usable)."""
-    problems = [f"{path}: missing file" for path in case.files if not path.is_file()]
+    problems = [p for p in map(access_problem, case.files) if p]
     if problems:
         return problems
     images = []

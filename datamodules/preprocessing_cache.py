@@ -44,6 +44,7 @@ from tqdm import tqdm
 from callbacks.results_writer import write_atomically
 from datamodules.cases import Case, class_locations, foreground_samples
 from datamodules.dataset_layout import CaseFiles, DatasetLayout
+from datamodules.image_files import UnreadableImage, itk_affine
 from datamodules.input_checks import check_cases
 from input_errors import InputError
 
@@ -58,12 +59,6 @@ def fingerprint(case: CaseFiles) -> list:
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in case.files]
 
 
-def header_spacing(path: Path) -> np.ndarray:
-    """Voxel spacing (mm) from a file's header, without reading its voxels."""
-    affine = tio.io.read_affine(path)
-    return np.linalg.norm(affine[:3, :3], axis=0)
-
-
 def median_spacing(cases: Sequence[CaseFiles]) -> list[float]:
     """nnU-Net's default target spacing: the per-axis median over the cases (in RAS+ order).
 
@@ -72,8 +67,8 @@ def median_spacing(cases: Sequence[CaseFiles]) -> list[float]:
     spacings = []
     for case in cases:
         try:
-            affine = tio.io.read_affine(case.label)
-        except Exception:
+            affine = itk_affine(case.label)
+        except (UnreadableImage, OSError):
             continue
         canonical = tio.ToCanonical()(tio.ScalarImage(tensor=torch.zeros(1, 1, 1, 1), affine=affine)).affine
         spacings.append(np.linalg.norm(canonical[:3, :3], axis=0))
@@ -144,9 +139,9 @@ class PreprocessingCache:
     def is_fresh(self, case: CaseFiles) -> bool:
         """Whether an intact entry built from the current source files exists."""
         meta_path = self.meta_path(case.name)
-        if not meta_path.is_file() or not all(p.is_file() for p in case.files):
-            return False
         try:
+            if not meta_path.is_file() or not all(p.is_file() for p in case.files):
+                return False
             meta = json.loads(meta_path.read_text())
             return meta.get("fingerprint") == fingerprint(case) and self.intact(case.name, meta)
         except (OSError, ValueError, TypeError, KeyError, AttributeError, zipfile.BadZipFile):

@@ -58,6 +58,8 @@ def load_untrusted(path: str | Path, what: str = "ckpt_path", mmap: bool = False
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"{what}={path}: no such file")
+    if not zipfile.is_zipfile(path):  # torch.save's format is a zip archive with an index at its end
+        raise InputError(f"{what}={path}: not a readable PyTorch checkpoint (not torch.save's zip format: truncated, damaged or another file)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from conftest import ROOT, TINY
@@ -77,3 +79,58 @@ def test_auto_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
     train(compose_config(TINY, tmp_path))
     with pytest.raises(ValueError, match="another configuration.*seed"):
         train(compose_config(TINY + ["seed=7"], tmp_path))
+
+
+class BatchRecorder(pl.Callback):
+    """Records ``(epoch, batch index, global step, hash of the batch)``; stops the run as SIGTERM
+    would (Lightning's own flag) after global step ``stop_at``."""
+
+    stop_at: int | None = None
+    rows: list = []
+
+    def __init__(self) -> None:
+        pass
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        digest = hashlib.sha1(batch["image"]["data"].numpy().tobytes()).hexdigest()[:12]
+        BatchRecorder.rows.append((trainer.current_epoch, batch_idx, trainer.global_step, digest))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == BatchRecorder.stop_at:
+            trainer._signal_connector.received_sigterm = True
+
+
+@pytest.mark.parametrize("workers,stop_at", [(0, 21), (2, 21), (2, 16)])
+def test_a_run_stopped_mid_epoch_resumes_with_the_same_batches_and_ends_identically(tmp_path, workers, stop_at):
+    """The patch stream continues exactly where the checkpoint stopped — also with persistent
+    workers and when stopped after an epoch's last batch — so the resumed run trains on the
+    batches an uninterrupted one would have, and ends with the same validation."""
+    from omegaconf import open_dict
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from conftest import compose_config
+    from train import train
+
+    overrides = [o for o in TINY if not o.startswith(("trainer.max_epochs", "data.samples_per_volume", "data.num_workers"))]
+    overrides += ["trainer.max_epochs=3", "data.samples_per_volume=8", f"data.num_workers={workers}", "callbacks.validation_figures=null"]
+
+    def run(directory, stop_at):
+        cfg = compose_config(overrides, directory)
+        with open_dict(cfg):
+            cfg.callbacks.recorder = {"_target_": f"{__name__}.BatchRecorder"}
+        BatchRecorder.stop_at, BatchRecorder.rows = stop_at, []
+        try:
+            train(cfg)
+        except SIGTERMException:
+            pass
+        return BatchRecorder.rows
+
+    uninterrupted = run(tmp_path / "full", None)
+    first = run(tmp_path / "cut", stop_at)
+    resumed = run(tmp_path / "cut", None)
+    assert len(uninterrupted) == 48 and len(first) == stop_at
+    assert first + resumed == uninterrupted  # same batches, same steps, nothing replayed or skipped
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert (cut["epoch"], cut["global_step"]) == (full["epoch"], full["global_step"]) == (2, 48)
+    assert cut["val/dice"] == full["val/dice"] and cut["val/soft_volume_bias_ml"] == full["val/soft_volume_bias_ml"]
