@@ -173,6 +173,8 @@ def check_output(output: Path, source: Path, cases: dict[str, list[Path]], save_
     ``overwrite``) any existing file."""
     if output == (source if source.is_dir() else source.parent):
         raise InputError(f"output={output} is the input folder; choose another so no input can be overwritten")
+    if output.exists() and not output.is_dir():
+        raise InputError(f"output={output} is a file; give a folder")
     planned = planned_outputs(output, cases, save_probabilities)
     inputs = {p.resolve() for files in cases.values() for p in files}
     replaced_inputs = sorted(str(p) for p in planned if p.resolve() in inputs)

@@ -181,6 +181,8 @@ class PreprocessingCache:
             handle = os.fdopen(os.open(self.directory / ".lock", os.O_RDONLY | os.O_CREAT, 0o666))
         except PermissionError as error:
             raise self.not_writable(error) from None
+        except OSError as error:  # e.g. a file where a folder should be
+            raise InputError(f"data.cache_dir={self.cache_dir}: cannot create {self.directory} ({error.strerror or error})") from None
         with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
