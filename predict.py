@@ -17,7 +17,9 @@ unless ``overwrite=true`` (an input never).
 from __future__ import annotations
 
 import csv
+import gzip
 import io
+import os
 import re
 from pathlib import Path
 
@@ -31,16 +33,11 @@ from tqdm import tqdm
 
 from callbacks.results_writer import write_atomically
 from datamodules.cases import Intensity
-from datamodules.image_files import AFFINE_TOLERANCE, NIFTI_ENDINGS, UnreadableImage, physical_memory_bytes, read_image
+from datamodules.dataset_layout import case_name
+from datamodules.image_files import AFFINE_TOLERANCE, NIFTI_ENDINGS, UnreadableImage, read_image, resampled_size_problem
 from datamodules.preprocessing_cache import preprocess_subject
 from input_errors import DatasetError, InputError, exit_on_input_error
 from lightning_modules.checkpoints import TrainedModel, load_trained, read_checkpoint
-
-MEMORY_SHARE = 0.5  # refuse a case whose resampled float32 probabilities would need more of the machine's memory
-
-
-def case_name(path: Path) -> str:
-    return next(path.name[: -len(e)] for e in NIFTI_ENDINGS if path.name.endswith(e))
 
 
 def find_cases(source: Path, in_channels: int) -> dict[str, list[Path]]:
@@ -50,6 +47,8 @@ def find_cases(source: Path, in_channels: int) -> dict[str, list[Path]]:
     ``x.nii.gz`` for a one-channel model) are a :class:`DatasetError`, not a silent choice."""
     if not source.exists():
         raise DatasetError([f"{source}: input does not exist"])
+    if source.is_file() and not source.name.endswith(NIFTI_ENDINGS):
+        raise DatasetError([f"{source}: not a .nii/.nii.gz file (only NIfTI is read; convert it first)"])
     files = [source] if source.is_file() else sorted(
         p for p in source.iterdir() if p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith(".")
     )
@@ -101,14 +100,12 @@ def check_case(files: list[Path], trained: TrainedModel) -> list[str]:
             return [f"{path}: shape {shape[1:]} differs from {files[0].name}'s {read[0][1][1:]}"]
         if not np.allclose(affine, read[0][2], atol=AFFINE_TOLERANCE):
             return [f"{path}: affine differs from {files[0].name}'s"]
-    spacing = trained.inference_settings.get("target_spacing")
-    if spacing is not None:
-        _, shape, affine = read[0]
-        voxels = float(np.prod(np.asarray(shape[1:]) * np.linalg.norm(affine[:3, :3], axis=0) / np.asarray(spacing)))
-        memory = physical_memory_bytes()
-        if memory is not None and voxels * 4 * (len(trained.module.class_names) + 1 + in_channels) > MEMORY_SHARE * memory:
-            return [f"{files[0]}: at the model's spacing {list(spacing)} mm it has {voxels:.3g} voxels, too many for this machine's memory"]
-    return []
+    _, shape, affine = read[0]
+    classes = len(trained.module.class_names) + 1
+    # the image's channels, and the class probabilities at the model's grid and back on the input's
+    problem = resampled_size_problem((1, *shape[1:]), affine, trained.inference_settings.get("target_spacing"),
+                                     arrays=in_channels + 2 * classes)
+    return [f"{files[0]}: {problem}"] if problem else []
 
 
 def load_case(files: list[Path]) -> tio.ScalarImage:
@@ -145,14 +142,13 @@ def predict_case(trained: TrainedModel, image: tio.ScalarImage, reference: Path)
 
 
 def write_like(path: Path, data: np.ndarray, reference: nib.Nifti1Image, dtype) -> None:
-    """Save ``data`` with the reference's affine and header (only the data type changes)."""
+    """Save ``data`` as ``.nii.gz`` with the reference's affine and header (only the data
+    type changes), atomically."""
     header = reference.header.copy()
     header.set_data_dtype(dtype)
     header.set_slope_inter(1, 0)
     image = nib.Nifti1Image(data.astype(dtype), reference.affine, header)
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz" if path.name.endswith(".gz") else f".{path.name}.tmp.nii")
-    nib.save(image, tmp)
-    tmp.replace(path)
+    write_atomically(path, lambda handle: handle.write(gzip.compress(image.to_bytes(), compresslevel=6)))
 
 
 def planned_outputs(output: Path, cases: dict[str, list[Path]], save_probabilities: bool) -> dict[Path, str]:
@@ -193,6 +189,8 @@ def predict(cfg: DictConfig) -> Path:
             raise InputError(f"predict.py needs {key}=…")
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         raise InputError(f"device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device={cfg.device}, but this machine has no usable CUDA device; use device=cpu or auto")
     source, output = Path(cfg.input).expanduser().resolve(), Path(cfg.output).expanduser().resolve()
     window = {k: cfg[k] for k in ("overlap", "batch_size") if cfg.get(k) is not None}
     trained = load_trained(read_checkpoint(cfg.ckpt_path), sliding_window=window or None, source=f"ckpt_path={cfg.ckpt_path}")
@@ -207,7 +205,12 @@ def predict(cfg: DictConfig) -> Path:
         raise DatasetError(problems)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
     trained.module.to(device)
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"output={output}: cannot be created ({error.strerror or error})") from None
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise InputError(f"output={output}: not writable by you")
     rows = []
     for name, files in tqdm(cases.items(), desc="Predicting", unit="case"):
         probabilities = predict_case(trained, load_case(files), files[0])

@@ -91,7 +91,7 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     come from the same configuration: two different runs inside one SLURM job share the
     job id, and must not resume from each other."""
     if cfg.get("ckpt_path"):
-        read_checkpoint(cfg.ckpt_path)  # refuses pickled code and files that are not our checkpoints, in one line
+        read_checkpoint(cfg.ckpt_path, mmap=True)  # refuses pickled code and files that are not our checkpoints, in one line
         return str(Path(cfg.ckpt_path).expanduser())
     if not cfg.get("auto_resume"):
         return None

@@ -16,8 +16,10 @@ nnU-Net v2 raw::
 
 Label values must be the consecutive integers ``0 … C − 1`` (0 = background).
 
-A dataset folder may come from anyone, so ``dataset.json`` is checked like the images: its
-fields must have the documented types, every file it names must lie inside the folder
+Images and labels are NIfTI files (``.nii.gz``, ``.nii``): other formats (``.mha``, ``.nrrd``,
+whose headers may name data files elsewhere) are refused; convert them first, e.g. with
+SimpleITK. A dataset folder may come from anyone, so ``dataset.json`` is checked like the
+images: its fields must have the documented types, every file it names must lie inside the folder
 (``..``, absolute paths and symbolic links out of it are refused unless
 ``allow_outside_root``), case names are the file names without their image ending (so
 ``sub.1.nii.gz`` is case ``sub.1``) and must be unique, and the dataset's name only reaches
@@ -31,12 +33,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from datamodules.image_files import NIFTI_ENDINGS
 from input_errors import DatasetError
 
 LAYOUTS = ("msd", "nnunet")
-# Image endings the readers (nibabel, ITK through TorchIO) understand; a case name is the file
-# name without one of them (nnU-Net v2's ``file_ending``).
-IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+MAX_NAME_LENGTH = 200  # characters of a case name (cache files add theirs; file systems stop at 255 bytes)
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,9 @@ class DatasetLayout:
 
 
 def case_name(path: Path) -> str:
-    """``path``'s file name without its image ending (``sub.1.nii.gz`` → ``sub.1``)."""
+    """``path``'s file name without its NIfTI ending (``sub.1.nii.gz`` → ``sub.1``)."""
     name = path.name
-    ending = next((e for e in IMAGE_ENDINGS if name.lower().endswith(e)), "")
+    ending = next((e for e in NIFTI_ENDINGS if name.endswith(e)), "")
     return name[: len(name) - len(ending)] if ending else name
 
 
@@ -131,8 +132,15 @@ class _Confinement:
         self.problems: list[str] = []
 
     def __call__(self, path: Path, given: str | None = None) -> Path:
-        """``path`` made absolute (``..`` resolved, symbolic links followed), noting an escape."""
-        resolved = (self.root / path).resolve()
+        """``path`` made absolute (``..`` resolved, symbolic links followed), noting an escape
+        and a file that is not NIfTI."""
+        if not path.name.endswith(NIFTI_ENDINGS):
+            self.problems.append(f"{self.json_path}: {given or path}: only NIfTI files (.nii.gz, .nii) are read; convert it first")
+        try:
+            resolved = (self.root / path).resolve()
+        except (RuntimeError, OSError) as error:  # a symbolic link loop
+            self.problems.append(f"{self.json_path}: {given or self.root / path}: cannot be resolved ({error})")
+            return self.root / path
         if not self.allow and not resolved.is_relative_to(self.root):
             named = f"{given!r} names" if given is not None else f"{self.root / path} is"
             self.problems.append(
@@ -159,8 +167,8 @@ def read_layout(root: str | Path, allow_outside_root: bool = False) -> DatasetLa
         raise DatasetError([f"{json_path}: missing (data.root must hold a Decathlon or nnU-Net dataset.json)"])
     try:
         description = json.loads(json_path.read_text())
-    except (OSError, ValueError) as error:
-        raise DatasetError([f"{json_path}: cannot be read as JSON: {error}"]) from None
+    except (OSError, ValueError, RecursionError) as error:
+        raise DatasetError([f"{json_path}: cannot be read as JSON: {str(error)[:200] or type(error).__name__}"]) from None
     if not isinstance(description, dict):
         raise DatasetError([f"{json_path}: must hold a JSON object, got {type(description).__name__}"])
     confine = _Confinement(root, json_path, allow_outside_root)
@@ -180,11 +188,14 @@ def read_layout(root: str | Path, allow_outside_root: bool = False) -> DatasetLa
 
 
 def _unique_names(cases: list[CaseFiles], json_path: Path) -> None:
-    """Refuse two cases with one name (they would share results and cache entries)."""
+    """Refuse two cases with one name (they would share results and cache entries), and names
+    too long for the cache's file names."""
     first: dict[str, CaseFiles] = {}
     problems = []
     for case in cases:
-        if case.name in first:
+        if len(case.name) > MAX_NAME_LENGTH:
+            problems.append(f"{case.label}: case name longer than {MAX_NAME_LENGTH} characters")
+        elif case.name in first:
             problems.append(f"{json_path}: case name {case.name!r} is used by both {first[case.name].label} and {case.label}")
         else:
             first[case.name] = case
@@ -224,8 +235,8 @@ def _msd_layout(root: Path, json_path: Path, description: dict, confine: _Confin
 
 def _nnunet_layout(root: Path, json_path: Path, description: dict, confine: _Confinement) -> DatasetLayout:
     ending = description["file_ending"]
-    if ending not in IMAGE_ENDINGS:
-        raise DatasetError([f"{json_path}: 'file_ending' must be one of {list(IMAGE_ENDINGS)}, got {_short(ending)}"])
+    if ending not in NIFTI_ENDINGS:
+        raise DatasetError([f"{json_path}: 'file_ending' must be one of {list(NIFTI_ENDINGS)} (NIfTI is read), got {_short(ending)}"])
     channels = _indexed(description["channel_names"], "channel_names", json_path)
     class_names = _class_names_nnunet(description.get("labels"), json_path)
     labels_dir = root / "labelsTr"
@@ -237,6 +248,7 @@ def _nnunet_layout(root: Path, json_path: Path, description: dict, confine: _Con
         name = label.name[: -len(ending)]
         images = tuple(confine(Path("imagesTr") / f"{name}_{c:04d}{ending}") for c in range(len(channels)))
         cases.append(CaseFiles(name, images, confine(label.relative_to(root))))
+    _unique_names(cases, json_path)
     expected = description.get("numTraining")
     if expected is not None and expected != len(cases):
         raise DatasetError([f"{json_path}: numTraining is {_short(expected)} but {labels_dir} holds {len(cases)} *{ending} files"])

@@ -36,14 +36,17 @@ def read_splits(path: Path, known: set[str]) -> list[dict]:
     names are cases of the dataset (:class:`DatasetError` naming the file otherwise)."""
     try:
         splits = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise DatasetError([f"{path}: cannot be read as JSON splits ({error})"]) from None
+    except (OSError, ValueError, RecursionError) as error:
+        raise DatasetError([f"{path}: cannot be read as JSON splits ({str(error)[:200] or type(error).__name__})"]) from None
     shape_ok = isinstance(splits, list) and splits and all(
         isinstance(s, dict) and all(isinstance(s.get(k), list) and all(isinstance(n, str) for n in s[k]) for k in ("train", "val"))
         for s in splits
     )
     if not shape_ok:
         raise DatasetError([f"{path}: not a splits file (a non-empty list of {{\"train\": [case names], \"val\": [case names]}})"])
+    repeated = sorted({n for s in splits for k in ("train", "val") for n in s[k] if s[k].count(n) > 1})
+    if repeated:
+        raise DatasetError([f"{path}: cases {repeated[:5]} are listed more than once in one split"])
     unknown = sorted({n for s in splits for k in ("train", "val") for n in s[k]} - known)
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
@@ -164,6 +167,7 @@ class FolderDataModule(SegmentationDataModule):
         self.prepare_data()  # a no-op when fresh; makes setup() alone enough outside a Trainer
         known = {c.name: c for c in self.layout.cases}
         if self.splits_file and distributed_context()[0] == 0:
+            Path(self.splits_file).parent.mkdir(parents=True, exist_ok=True)
             write_atomically(Path(self.splits_file), json.dumps(self.all_splits, indent=2))
         train = [self.cache.load(known[n]) for n in self.split["train"]]
         val = [self.cache.load(known[n]) for n in self.split["val"]]

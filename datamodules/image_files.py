@@ -131,6 +131,24 @@ def scaling_problem(header: nib.Nifti1Header) -> str | None:
     return f"its intensity scaling (scl_slope={slope:g}, scl_inter={inter:g}) is read differently by ITK and nibabel"
 
 
+def resampled_size_problem(shape: tuple[int, ...], affine: np.ndarray, target_spacing, arrays: int) -> str | None:
+    """Why resampling an image of ``shape`` (C, W, H, D) on ``affine`` to ``target_spacing``
+    (mm) would not fit in memory, counting ``arrays`` float32 copies per channel, or None. A
+    file whose header claims a spacing far from the others' is small on disk and huge after."""
+    if target_spacing is None:
+        return None
+    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    voxels = float(np.prod(np.asarray(shape[-3:]) * spacing / np.asarray(target_spacing, dtype=float)))
+    need = voxels * 4 * max(int(shape[0]), 1) * arrays
+    memory = physical_memory_bytes()
+    if not math.isfinite(need) or (memory is not None and need > MEMORY_SHARE * memory):
+        return (
+            f"its spacing {np.round(spacing, 3).tolist()} mm, resampled to {list(target_spacing)} mm, gives {voxels:.3g} voxels, "
+            f"more than {MEMORY_SHARE:.0%} of this machine's memory"
+        )
+    return None
+
+
 def itk_affine(path: Path) -> np.ndarray:
     """The RAS+ affine the preprocessing will use (TorchIO's ITK reader, header only)."""
     try:
@@ -157,21 +175,12 @@ def geometry_problem(header: nib.Nifti1Header, affine: np.ndarray) -> str | None
 
 
 def read_image(path: Path, with_data: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
-    """``(data (C, W, H, D) as stored or None, affine)`` of one file; raises :class:`UnreadableImage`.
-
-    NIfTI: the declared size is checked first, voxel values through nibabel (TorchIO's ITK
-    reader turns NaN into 0, hiding them), the geometry as ITK reads it (see the module
-    docstring). Other formats: through TorchIO.
-    """
+    """``(data (C, W, H, D) as stored or None, affine)`` of one NIfTI file; raises
+    :class:`UnreadableImage`. The declared size is checked first, voxel values come through
+    nibabel (TorchIO's ITK reader turns NaN into 0, hiding them), the geometry as ITK reads
+    it (see the module docstring)."""
     if not is_nifti(path):
-        try:
-            image = tio.ScalarImage(path)
-            affine = image.affine
-            if with_data:
-                image.load()
-        except Exception as error:
-            raise UnreadableImage(f"cannot be read ({_reason(error, path)})") from None
-        return (image.data.numpy() if with_data else None), affine
+        raise UnreadableImage("only NIfTI files (.nii.gz, .nii) are read; convert it first")
     header = nifti_header(path)
     affine = itk_affine(path)
     problem = geometry_problem(header, affine)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from datamodules.image_files import AFFINE_TOLERANCE, UnreadableImage, read_image
+from datamodules.image_files import AFFINE_TOLERANCE, UnreadableImage, read_image, resampled_size_problem
 from input_errors import DatasetError
 
 if TYPE_CHECKING:
@@ -37,8 +37,11 @@ def access_problem(path: Path) -> str | None:
         return f"{path}: cannot be opened ({error.strerror or error})"
 
 
-def check_case(case: CaseFiles, in_channels: int, num_classes: int, channels_in_one_file: bool) -> list[str]:
-    """All problems of one case (an empty list when it is usable)."""
+def check_case(
+    case: CaseFiles, in_channels: int, num_classes: int, channels_in_one_file: bool, target_spacing=None
+) -> list[str]:
+    """All problems of one case (an empty list when it is usable); with ``target_spacing``
+    (mm) also whether its resampled arrays fit in memory."""
     problems = [p for p in map(access_problem, case.files) if p]
     if problems:
         return problems
@@ -55,6 +58,9 @@ def check_case(case: CaseFiles, in_channels: int, num_classes: int, channels_in_
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
             problems.append(f"{path}: {bad} NaN/inf voxel value(s)")
+        problem = resampled_size_problem(data.shape, affine, target_spacing, arrays=3)
+        if problem:
+            problems.append(f"{path}: {problem}")
         images.append((path, data.shape[1:], affine))
     try:
         label, label_affine = read_image(case.label)
@@ -79,11 +85,12 @@ def check_case(case: CaseFiles, in_channels: int, num_classes: int, channels_in_
     return problems
 
 
-def check_cases(layout: DatasetLayout, cases: Sequence[CaseFiles], num_workers: int = 0) -> None:
-    """Check ``cases`` of ``layout``; raise :class:`DatasetError` listing every problem."""
+def check_cases(layout: DatasetLayout, cases: Sequence[CaseFiles], num_workers: int = 0, target_spacing=None) -> None:
+    """Check ``cases`` of ``layout`` (to be resampled to ``target_spacing`` mm); raise
+    :class:`DatasetError` listing every problem."""
     if not cases:
         return
-    args = [(c, layout.in_channels, layout.num_classes, layout.channels_in_one_file) for c in cases]
+    args = [(c, layout.in_channels, layout.num_classes, layout.channels_in_one_file, target_spacing) for c in cases]
     progress = dict(total=len(cases), desc=f"Checking {layout.name}", unit="case", leave=False)
     if num_workers > 0 and len(cases) > 1:
         with ProcessPoolExecutor(min(num_workers, len(cases))) as pool:

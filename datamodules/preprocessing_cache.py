@@ -12,12 +12,12 @@ Layout::
         <case>.image.npy       float32 (C, W, H, D), read memory-mapped
         <case>.label.npy       uint8 (W, H, D)
         <case>.sampling.npz    foreground voxel locations per class, foreground intensities
-        <case>.json            affine, spacing, statistics and the source files' fingerprint
+        <case>.meta.json       affine, spacing, statistics and the source files' fingerprint
 
 A case is reused only while its source files keep their size and modification time
 (``make``'s rule), the settings are unchanged and its arrays are intact (the sizes and
-``.npy`` headers recorded in its ``.json``); anything else is rebuilt. Files are written
-under temporary names and renamed into place, the ``.json`` last, so an interrupted run never
+``.npy`` headers recorded in its ``.meta.json``); anything else is rebuilt. Files are written
+under temporary names and renamed into place, the ``.meta.json`` last, so an interrupted run never
 leaves an entry that looks complete. Preparing holds a lock on the settings directory
 (``.lock``, ``flock``): a second run on the same new cache waits instead of preprocessing the
 same cases again, and temporaries left by a killed run are removed under it.
@@ -50,8 +50,13 @@ from input_errors import InputError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when the stored arrays or their .json change meaning
+CACHE_VERSION = 3  # bump when the stored arrays or their .meta.json change meaning
 ARRAYS = ("image.npy", "label.npy", "sampling.npz")
+
+
+def default_cache_dir() -> str:
+    """``$BIASSEG_CACHE_DIR``, else ``~/.cache/biasseg`` (as ``configs/data/folder.yaml``)."""
+    return os.environ.get("BIASSEG_CACHE_DIR", "~/.cache/biasseg")
 
 
 def fingerprint(case: CaseFiles) -> list:
@@ -131,7 +136,7 @@ class PreprocessingCache:
         self.directory = self.cache_dir / f"{layout.safe_name}-{dataset_key}" / settings_key
 
     def meta_path(self, name: str) -> Path:
-        return self.directory / f"{name}.json"
+        return self.directory / f"{name}.meta.json"  # no case name can make this settings.json
 
     def array_path(self, name: str, kind: str) -> Path:
         return self.directory / f"{name}.{kind}"
@@ -164,8 +169,8 @@ class PreprocessingCache:
             expected = (meta["channels"], *meta["shape"]) if kind == "image.npy" else tuple(meta["shape"])
             if tuple(shape) != tuple(expected) or stored != np.dtype(dtype):
                 return False
-        with zipfile.ZipFile(self.array_path(name, "sampling.npz")) as archive:
-            return archive.testzip() is None
+        with zipfile.ZipFile(self.array_path(name, "sampling.npz")) as archive:  # reads the index only
+            return all(info.filename.endswith(".npy") for info in archive.infolist())
 
     def not_writable(self, error: PermissionError) -> InputError:
         return InputError(
@@ -199,7 +204,7 @@ class PreprocessingCache:
         stale = [c for c in cases if not self.is_fresh(c)]
         if not stale:
             return
-        check_cases(self.layout, stale, num_workers)  # before anything is written
+        check_cases(self.layout, stale, num_workers, self.settings["target_spacing_mm"])  # before anything is written
         with self.locked():
             for orphan in self.directory.glob(".*.tmp"):  # left by a killed run: nobody else writes while we hold the lock
                 orphan.unlink(missing_ok=True)
@@ -252,8 +257,8 @@ class PreprocessingCache:
 
     def load(self, case: CaseFiles) -> Case:
         """The cached case (arrays memory-mapped on use); it must be fresh."""
-        if not self.is_fresh(case):
-            raise RuntimeError(f"{self.meta_path(case.name)}: cache entry missing or stale; run prepare() first")
+        if not self.is_fresh(case):  # changed since prepare() (an edited source, another run): build it again
+            self.prepare([case])
         meta = json.loads(self.meta_path(case.name).read_text())
         with np.load(self.array_path(case.name, "sampling.npz")) as sampling:
             locations = {int(k.split("_")[1]): sampling[k] for k in sampling.files if k.startswith("class_")}

@@ -20,22 +20,31 @@ def _inside(path: object, folder: Path) -> bool:
     return folder in resolved.parents
 
 
+PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+
 def confine_callback_state(checkpoint: dict) -> list[str]:
     """Drop the checkpoint files named by ``ModelCheckpoint`` states that lie outside that
-    callback's own folder (Lightning deletes superseded "best" and "last" files it finds there);
-    returns what was dropped. Changes ``checkpoint`` in place."""
+    callback's own folder (Lightning deletes superseded "best" and "last" files it finds
+    there); a state without a usable folder keeps none. Returns what was dropped; changes
+    ``checkpoint`` in place."""
     dropped = []
-    for state in (checkpoint.get("callbacks") or {}).values():
-        if not isinstance(state, dict) or "dirpath" not in state:
+    callbacks = checkpoint.get("callbacks")
+    for state in (callbacks.values() if isinstance(callbacks, dict) else []):
+        if not isinstance(state, dict) or not (set(state) & {*PATH_KEYS, "best_k_models"}):
             continue
-        folder = Path(os.path.normpath(os.path.abspath(str(state.get("dirpath") or "."))))
+        dirpath = state.get("dirpath")
+        folder = Path(os.path.normpath(os.path.abspath(dirpath))) if isinstance(dirpath, str) and dirpath else None
         best = state.get("best_k_models")
         if isinstance(best, dict):
-            for path in [p for p in best if not _inside(p, folder)]:
+            for path in [p for p in best if folder is None or not _inside(p, folder)]:
                 dropped.append(str(path))
                 del best[path]
-        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
-            if state.get(key) and not _inside(state[key], folder):
+        elif best is not None:
+            dropped.append(str(best)[:80])
+            state["best_k_models"] = {}
+        for key in PATH_KEYS:
+            if state.get(key) and (folder is None or not _inside(state[key], folder)):
                 dropped.append(str(state[key]))
                 state[key] = ""
     return dropped

@@ -205,10 +205,18 @@ class SegmentationModule(pl.LightningModule):
             warnings.warn(f"the checkpoint's callback state named files outside its folder, ignored: {dropped[:3]}", stacklevel=2)
         # Resumed runs continue the patch stream exactly where the checkpoint stopped, also in
         # the middle of an epoch (SIGTERM, requeue), instead of replaying the epoch's batches.
+        # "processed" counts the batches trained on (a checkpoint written at a batch's end has
+        # not yet counted it as "completed").
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {}).get("current", {})
-        if datamodule is not None and hasattr(datamodule, "resume_from") and "completed" in progress:
-            datamodule.resume_from(int(checkpoint.get("epoch", 0)), int(progress["completed"]))
+        loops = checkpoint.get("loops")
+        try:
+            done = loops["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"]
+            epoch = checkpoint["epoch"]
+        except (KeyError, TypeError):
+            return
+        valid = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (done, epoch))
+        if valid and datamodule is not None and hasattr(datamodule, "resume_from") and self.trainer.state.fn == "fit":
+            datamodule.resume_from(epoch, done)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:

@@ -82,14 +82,14 @@ def test_auto_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
 
 
 class BatchRecorder(pl.Callback):
-    """Records ``(epoch, batch index, global step, hash of the batch)``; stops the run as SIGTERM
-    would (Lightning's own flag) after global step ``stop_at``."""
+    """Records ``(epoch, batch index, global step, hash of the batch)``. After global step
+    ``stop_at`` it stops the run as SIGTERM would (Lightning's own flag), having first saved
+    ``save_to`` there when set (a checkpoint written at a training batch's end, as
+    ``ModelCheckpoint(every_n_train_steps=…)`` writes them)."""
 
     stop_at: int | None = None
+    save_to: str | None = None
     rows: list = []
-
-    def __init__(self) -> None:
-        pass
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         digest = hashlib.sha1(batch["image"]["data"].numpy().tobytes()).hexdigest()[:12]
@@ -97,14 +97,18 @@ class BatchRecorder(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == BatchRecorder.stop_at:
+            if BatchRecorder.save_to:
+                trainer.save_checkpoint(BatchRecorder.save_to, weights_only=False)
             trainer._signal_connector.received_sigterm = True
 
 
-@pytest.mark.parametrize("workers,stop_at", [(0, 21), (2, 21), (2, 16)])
-def test_a_run_stopped_mid_epoch_resumes_with_the_same_batches_and_ends_identically(tmp_path, workers, stop_at):
+@pytest.mark.parametrize("workers,stop_at,saved_at", [(0, 21, "sigterm"), (2, 21, "sigterm"), (2, 16, "sigterm"),
+                                                      (2, 21, "batch_end")])
+def test_a_run_stopped_mid_epoch_resumes_with_the_same_batches_and_ends_identically(tmp_path, workers, stop_at, saved_at):
     """The patch stream continues exactly where the checkpoint stopped — also with persistent
-    workers and when stopped after an epoch's last batch — so the resumed run trains on the
-    batches an uninterrupted one would have, and ends with the same validation."""
+    workers, when stopped after an epoch's last batch, and from a checkpoint written at a
+    batch's end — so the resumed run trains on the batches an uninterrupted one would have,
+    and ends with the same validation."""
     from omegaconf import open_dict
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -114,11 +118,11 @@ def test_a_run_stopped_mid_epoch_resumes_with_the_same_batches_and_ends_identica
     overrides = [o for o in TINY if not o.startswith(("trainer.max_epochs", "data.samples_per_volume", "data.num_workers"))]
     overrides += ["trainer.max_epochs=3", "data.samples_per_volume=8", f"data.num_workers={workers}", "callbacks.validation_figures=null"]
 
-    def run(directory, stop_at):
-        cfg = compose_config(overrides, directory)
+    def run(directory, stop_at, save_to=None, ckpt_path=None):
+        cfg = compose_config(overrides + ([f"ckpt_path={ckpt_path}"] if ckpt_path else []), directory)
         with open_dict(cfg):
             cfg.callbacks.recorder = {"_target_": f"{__name__}.BatchRecorder"}
-        BatchRecorder.stop_at, BatchRecorder.rows = stop_at, []
+        BatchRecorder.stop_at, BatchRecorder.save_to, BatchRecorder.rows = stop_at, save_to, []
         try:
             train(cfg)
         except SIGTERMException:
@@ -126,11 +130,15 @@ def test_a_run_stopped_mid_epoch_resumes_with_the_same_batches_and_ends_identica
         return BatchRecorder.rows
 
     uninterrupted = run(tmp_path / "full", None)
-    first = run(tmp_path / "cut", stop_at)
-    resumed = run(tmp_path / "cut", None)
+    if saved_at == "sigterm":  # the same command again: auto_resume from the run directory's last.ckpt
+        first = run(tmp_path / "cut", stop_at)
+        resumed = run(tmp_path / "cut", None)
+    else:
+        first = run(tmp_path / "cut", stop_at, save_to=str(tmp_path / "batch_end.ckpt"))
+        resumed = run(tmp_path / "resumed", None, ckpt_path=tmp_path / "batch_end.ckpt")
     assert len(uninterrupted) == 48 and len(first) == stop_at
     assert first + resumed == uninterrupted  # same batches, same steps, nothing replayed or skipped
     full = json.loads((tmp_path / "full" / "metrics.json").read_text())
-    cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    cut = json.loads((tmp_path / ("cut" if saved_at == "sigterm" else "resumed") / "metrics.json").read_text())
     assert (cut["epoch"], cut["global_step"]) == (full["epoch"], full["global_step"]) == (2, 48)
     assert cut["val/dice"] == full["val/dice"] and cut["val/soft_volume_bias_ml"] == full["val/soft_volume_bias_ml"]

@@ -102,12 +102,63 @@ def test_a_foreign_target_in_the_stored_config_is_refused(trained, tmp_path):
     def nested(checkpoint):
         checkpoint["run_config"]["loss"] = {"_target_": "losses.CompoundLoss", "terms": {"x": {"_target_": "os.remove", "path": str(victim)}}}
 
-    for change in (open_victim, load_anything, nested):
+    def torchio_that_unpickles(checkpoint):  # a TorchIO class, but one that torch.loads a file of its choosing
+        checkpoint["run_config"]["loss"] = {"_target_": "losses.CompoundLoss", "terms": {
+            "x": {"_target_": "torchio.HistogramStandardization", "landmarks": str(victim)}}}
+
+    def data_reader(checkpoint):
+        checkpoint["run_config"]["data"]["augmentation"] = {"x": {"_target_": "torchio.HistogramStandardization",
+                                                                  "landmarks": str(victim)}}
+
+    for change in (open_victim, load_anything, nested, torchio_that_unpickles, data_reader):
         crafted = modified_checkpoint(trained / "checkpoints" / "last.ckpt", tmp_path / f"{change.__name__}.ckpt", change)
         line = one_line_error(run_entry_point("evaluate.py", f"ckpt_path={crafted}", f"hydra.run.dir={tmp_path / change.__name__}",
-                                              cwd=tmp_path))
-        assert crafted.name in line and "only biasseg's losses, datamodules and TorchIO transforms" in line
+                                              cwd=tmp_path, env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}))
+        assert crafted.name in line and "its stored config names" in line and "are built from it" in line
         assert victim.read_text() == "precious"
+
+
+def test_a_compressed_checkpoint_is_refused_before_it_expands(trained, tmp_path):
+    import zipfile
+
+    source = trained / "checkpoints" / "last.ckpt"
+    bomb = tmp_path / "bomb.ckpt"
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as packed:
+        for info in original.infolist():
+            packed.writestr(info.filename, original.read(info.filename))
+    from lightning_modules.checkpoints import read_checkpoint
+
+    with pytest.raises(InputError, match="compressed entries"):
+        read_checkpoint(bomb)
+
+
+def test_hyper_parameters_cannot_size_allocations(trained, tmp_path):
+    from lightning_modules.checkpoints import load_trained, read_checkpoint
+
+    def absurd_features(checkpoint):
+        checkpoint["hyper_parameters"]["features"] = [4, 300000]
+
+    def huge_features(checkpoint):  # within range, 1.7 GB of weights the file does not hold: checked on the meta device
+        checkpoint["hyper_parameters"]["features"] = [4, 4000]
+
+    def huge_window(checkpoint):
+        checkpoint["hyper_parameters"]["sliding_window"]["patch_size"] = [4000, 4000, 4000]
+
+    def not_a_window(checkpoint):
+        checkpoint["hyper_parameters"]["sliding_window"] = "big"
+
+    def unknown_loss_argument(checkpoint):
+        checkpoint["run_config"]["loss"]["from_the_future"] = 1
+
+    for change, message in ((absurd_features, "documented type and range"), (huge_features, "weights do not fit"),
+                            (huge_window, "would need about"),
+                            (not_a_window, "sliding_window must be a mapping"),
+                            (unknown_loss_argument, "cannot be built by this version of biasseg")):
+        crafted = modified_checkpoint(trained / "checkpoints" / "last.ckpt", tmp_path / f"{change.__name__}.ckpt", change)
+        started = time.perf_counter()
+        with pytest.raises(InputError, match=message):
+            load_trained(read_checkpoint(crafted), source=str(crafted))
+        assert time.perf_counter() - started < 20
 
 
 def test_interpolations_and_unknown_hyper_parameters_are_refused(trained, tmp_path):
@@ -160,6 +211,10 @@ def test_a_resumed_checkpoint_cannot_make_lightning_delete_files_outside_its_fol
     assert sorted(confine_callback_state(checkpoint)) == sorted([escape, "s3://bucket/model.ckpt"])
     assert list(checkpoint["callbacks"][key]["best_k_models"]) == [inside]
     assert checkpoint["callbacks"][key]["last_model_path"] == ""
+    del checkpoint["callbacks"][key]["dirpath"]  # without a folder, Lightning would use its own: keep nothing
+    checkpoint["callbacks"][key]["best_model_path"] = "s3://bucket/best.ckpt"
+    assert "s3://bucket/best.ckpt" in confine_callback_state(checkpoint)
+    assert checkpoint["callbacks"][key]["best_k_models"] == {} and checkpoint["callbacks"][key]["best_model_path"] == ""
 
 
 def test_not_a_checkpoint_and_a_truncated_one_are_one_line_errors(trained, tmp_path):
@@ -208,6 +263,26 @@ def test_a_label_whose_readers_disagree_on_its_geometry_is_refused(tmp_path, bre
     assert str(label) in str(caught.value)
     assert folder_digest(root) == before
     assert not (tmp_path / "cache").exists() or not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_a_file_whose_spacing_would_explode_when_resampled_is_refused(tmp_path):
+    root = write_nnunet(tmp_path / "data")
+    label = root / "labelsTr" / "case_002.nii.gz"
+    image = root / "imagesTr" / "case_002_0000.nii.gz"
+    for path in (label, image, root / "imagesTr" / "case_002_0001.nii.gz"):
+        original = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asarray(original.dataobj), np.diag([-400.0, -400.0, 400.0, 1.0])), path)
+    with pytest.raises(DatasetError, match="case_002_0000.nii.gz: its spacing .* more than 50% of this machine's memory"):
+        folder_module(root, tmp_path / "cache").setup()
+
+
+@pytest.mark.parametrize("ending", [".mha", ".mhd", ".nrrd"])
+def test_only_nifti_is_read(tmp_path, ending):
+    """Other formats' headers may name data files anywhere (.mhd's ElementDataFile, .nrrd's data file)."""
+    root = write_msd(tmp_path / "data")
+    rewrite_json(root, lambda d: d["training"][0].update(image=f"./imagesTr/case_000{ending}"))
+    with pytest.raises(DatasetError, match=f"case_000{ending}: only NIfTI files"):
+        folder_module(root, tmp_path / "cache")
 
 
 def test_the_checked_geometry_is_the_one_itk_reads(tmp_path):
@@ -283,6 +358,23 @@ def test_predict_reports_inputs_that_would_share_a_case_name(trained, tmp_path, 
         predict(predict_config(trained / "checkpoints" / "last.ckpt", folder, tmp_path / "out"))
     assert all(name in str(caught.value) for name in names)
     assert not (tmp_path / "out").exists()
+
+
+def test_predict_refuses_what_it_cannot_do_in_one_line(trained, scans, tmp_path):
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    other = tmp_path / "scan.mha"
+    other.write_bytes(b"not read")
+    with pytest.raises(DatasetError, match="scan.mha: not a .nii/.nii.gz file"):
+        predict(predict_config(ckpt, other, tmp_path / "out"))
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no usable CUDA device"):
+            predict(predict_config(ckpt, scans, tmp_path / "out", device="cuda"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="is a file|cannot be created"):
+        predict(predict_config(ckpt, scans, blocker))
+    with pytest.raises(InputError, match="cannot be created"):
+        predict(predict_config(ckpt, scans, blocker / "sub"))
 
 
 def test_predict_names_a_truncated_input(trained, scans, tmp_path):
@@ -361,6 +453,44 @@ def test_malformed_dataset_json_entries_are_named(tmp_path, change, message):
     rewrite_json(root, change)
     with pytest.raises(DatasetError, match=message):
         folder_module(root, tmp_path / "cache")
+
+
+def test_hostile_json_shapes_and_names_are_one_line(tmp_path):
+    root = write_msd(tmp_path / "data")
+    (root / "dataset.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(DatasetError, match="cannot be read as JSON"):
+        folder_module(root, tmp_path / "cache")
+    root = write_msd(tmp_path / "long")
+    long_name = "x" * 240
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder / "case_000.nii.gz").rename(root / folder / f"{long_name}.nii.gz")
+    rewrite_json(root, lambda d: d["training"][0].update(image=f"./imagesTr/{long_name}.nii.gz", label=f"./labelsTr/{long_name}.nii.gz"))
+    with pytest.raises(DatasetError, match="case name longer than 200 characters"):
+        folder_module(root, tmp_path / "cache")
+    root = write_msd(tmp_path / "loop")
+    (root / "labelsTr" / "case_001.nii.gz").unlink()
+    (root / "labelsTr" / "case_001.nii.gz").symlink_to(root / "labelsTr" / "case_001.nii.gz")
+    with pytest.raises(DatasetError, match="case_001.nii.gz"):
+        folder_module(root, tmp_path / "cache")
+
+
+def test_repeated_cases_in_a_splits_file_are_refused(tmp_path):
+    root = write_msd(tmp_path / "data")
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps([{"train": ["case_000", "case_000", "case_001"], "val": ["case_002"]}]))
+    with pytest.raises(DatasetError, match="listed more than once"):
+        folder_module(root, tmp_path / "cache", splits_from=str(splits))
+
+
+def test_evaluate_keeps_the_users_settings_for_a_checkpoints_data(tmp_path):
+    from evaluate import data_config
+
+    stored = {"_target_": "datamodules.FolderDataModule", "root": "/data/x", "cache_dir": "/somewhere/else",
+              "allow_outside_root": True, "num_workers": 512, "splits_file": "/x/splits.json"}
+    cfg = OmegaConf.create({"data": None, "paths": {"output_dir": str(tmp_path)}})
+    data = data_config(cfg, stored, "ckpt_path=x")
+    assert data.allow_outside_root is False and data.num_workers == "auto"
+    assert data.cache_dir != "/somewhere/else" and data.splits_file == str(tmp_path / "splits.json")
 
 
 def test_nnunet_file_ending_must_be_an_image_ending(tmp_path):
