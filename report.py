@@ -6,7 +6,9 @@
 Every folder under the given directories that holds ``.hydra/config.yaml`` is a run. Runs
 form one row per task × loss (seeds pooled, see reporting.grouping); incomplete or failed
 runs are listed with the reason and left out. Writes into ``--output`` (default
-``<DIR>/report``, or ``<common parent>/report`` for several directories): results.csv,
+``<DIR>/report``, or ``<common parent>/report`` for several directories): results.csv (per
+task × loss: mean and sd over seeds, run-level tests against cross-entropy, Holm-corrected),
+subjects.csv (every run's per-subject values, from which every number can be recomputed),
 report.md and PNG figures. Exit status 1 when no run is complete.
 """
 
@@ -21,7 +23,7 @@ from reporting.grouping import group_runs
 from reporting.markdown import report_markdown
 from reporting.plots import write_figures
 from reporting.runs import find_run_dirs, read_run
-from reporting.table import result_rows, write_csv
+from reporting.table import SUBJECT_COLUMNS, result_rows, subject_rows, write_csv
 from reporting.theory_link import Theory
 
 
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     theory = Theory(enabled=not args.no_theory)
     rows = result_rows(groups, theory)
     write_csv(rows, output / "results.csv")
+    write_csv(subject_rows(groups, output), output / "subjects.csv", SUBJECT_COLUMNS)
     figures, notes = write_figures(groups, rows, theory, output)
     notes += theory.notes + [f"{run.path}: {w}" for run in runs for w in run.warnings]
     report = output / "report.md"

@@ -32,7 +32,8 @@ AUGMENTATIONS = (
     tio.RandomFlip, tio.RandomAffine, tio.RandomElasticDeformation, tio.RandomAnisotropy, tio.RandomGamma, tio.RandomNoise,
     tio.RandomBiasField, tio.RandomBlur, tio.RandomMotion, tio.RandomGhosting, tio.RandomSpike, tio.RandomSwap,
 )
-MODULE_ARGUMENTS = ("in_channels", "num_classes", "features", "deep_supervision", "sliding_window", "class_names", "preview_subjects")
+MODULE_ARGUMENTS = ("in_channels", "num_classes", "features", "deep_supervision", "sliding_window", "class_names",
+                    "preview_subjects", "soft_volume_margin_mm")
 WINDOW_ARGUMENTS = ("patch_size", "overlap", "batch_size", "weighting")
 
 
@@ -143,6 +144,7 @@ def module_arguments(hparams: object, source: str) -> dict:
         "features": isinstance(features, (list, tuple)) and 2 <= len(features) <= 8 and all(_integer(f, 1, 4096) for f in features),
         "deep_supervision": isinstance(hparams.get("deep_supervision", False), bool),
         "preview_subjects": _integer(hparams.get("preview_subjects", 2), 0, 1024),
+        "soft_volume_margin_mm": _numbers([hparams.get("soft_volume_margin_mm", 10.0)], 1) and hparams.get("soft_volume_margin_mm", 10.0) >= 0,
         "class_names": hparams.get("class_names") is None or (
             isinstance(hparams["class_names"], (list, tuple)) and all(isinstance(n, str) for n in hparams["class_names"])),
     }

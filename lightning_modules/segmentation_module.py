@@ -73,6 +73,8 @@ class SegmentationModule(pl.LightningModule):
         sliding_window: :class:`SlidingWindow` settings for validation.
         class_names: names of the foreground classes, for per-class metric keys.
         preview_subjects: keep slices of this many validation subjects for pictures.
+        soft_volume_margin_mm: the near-structure soft volume sums ``p`` within this many mm of
+            the predicted structure (see :mod:`metrics.subject_metrics`).
 
     After each validation epoch ``validation_rows`` holds the per-subject rows (CPU tensors,
     see :mod:`metrics.subject_metrics`), ``validation_reliability`` the pooled reliability
@@ -91,6 +93,7 @@ class SegmentationModule(pl.LightningModule):
         sliding_window: Mapping[str, Any] | None = None,
         class_names: Sequence[str] | None = None,
         preview_subjects: int = 2,
+        soft_volume_margin_mm: float = 10.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
@@ -109,7 +112,7 @@ class SegmentationModule(pl.LightningModule):
         self.class_names = list(class_names or [f"class{c}" for c in range(1, num_classes)])
         if len(self.class_names) != num_classes - 1:
             raise InputError(f"{len(self.class_names)} class names for {num_classes - 1} foreground classes")
-        self.val_metrics = SubjectSegmentationMetrics(num_classes)
+        self.val_metrics = SubjectSegmentationMetrics(num_classes, soft_volume_margin_mm)
         self.validation_rows: dict[str, torch.Tensor] | None = None
         self.validation_reliability: torch.Tensor | None = None  # (C − 1, bins, 3), see metrics.calibration
         self.validation_summary: dict[str, float] | None = None

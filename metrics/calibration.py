@@ -1,24 +1,31 @@
-"""Calibration of the foreground probabilities: reliability bins and expected calibration error.
+"""Calibration of the predicted probabilities: reliability bins and expected calibration errors.
 
-For each foreground class ``c`` the one-vs-rest probability ``p_c`` of every voxel is put in
-one of ``RELIABILITY_BINS`` equal-width bins of ``[0, 1]``; a bin keeps three sums: the voxel
-count, ``Σ p_c`` and ``Σ y_c`` (the reference's one-hot). Then, per bin, the mean
-probability is ``Σ p / n`` and the observed frequency ``Σ y / n``: the reliability diagram.
-The expected calibration error (Guo et al. 2017, classwise) is
+Two calibration errors, both pooled over all validation voxels (bins add up, so subjects and
+DDP processes pool exactly), ``RELIABILITY_BINS`` = 20 equal-width bins of ``[0, 1]``:
 
-    ECE = Σ_b (n_b / N) · |Σ y / n_b − Σ p / n_b| = Σ_b |Σ_b y − Σ_b p| / N
+* **class-wise** (Kull et al. 2019, NeurIPS, "classwise-ECE"): for each foreground class ``c``
+  the one-vs-rest probability ``p_c`` of every voxel is binned; a bin keeps the voxel count,
+  ``Σ p_c`` and ``Σ y_c`` (the reference's one-hot), and
 
-over all voxels of the volume. Bins add up, so subjects and DDP processes pool exactly.
-Background voxels far from any structure (p ≈ 0, y = 0) are counted too, as in most
-segmentation calibration studies; they dilute the ECE equally for every loss, so compare
-ECEs between runs on the same data only.
+      ECE_c = Σ_b (n_b / N) · |Σ_b y / n_b − Σ_b p / n_b| = Σ_b |Σ_b y − Σ_b p| / N;
+
+* **top-label** (Guo et al. 2017, ICML, the ECE that Bertels et al. report, 20 bins): the
+  confidence ``max_c p_c`` of every voxel is binned against whether its argmax class is the
+  reference class.
+
+Background voxels far from any structure (p ≈ 0, y = 0) count too, as in most segmentation
+calibration studies: they dilute both errors equally for every loss, so compare ECEs between
+runs on the same data only. A per-subject ECE is also kept (``subjects.csv``), but it is not a
+calibration measure of the model on boundary-type uncertainty: there each subject's label is
+one coherent draw, so even a perfectly calibrated model is miscalibrated *for that subject*;
+the pooled values are the ones to compare.
 """
 
 from __future__ import annotations
 
 import torch
 
-RELIABILITY_BINS = 15
+RELIABILITY_BINS = 20
 
 
 def reliability_bins(

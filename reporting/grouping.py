@@ -1,9 +1,9 @@
 """Which runs form one row of the report: a task × loss, over training seeds.
 
 * The task is the run's ``task_name``. When runs of one task name differ in their data
-  settings, each setting becomes its own task, labelled by what tells them apart: the
-  experiment choice, the data option, else the differing ``data.`` keys, e.g.
-  ``train [uncertainty=2.5]``.
+  settings, model or optimiser settings, or training length, each setting becomes its own
+  task, labelled by what tells them apart: the experiment choice, the data option, else the
+  differing keys, e.g. ``train [uncertainty=2.5]``, ``train [lr=0.01]``.
 * The loss is the ``loss`` option (``hydra.runtime.choices``), else the loss class name;
   runs of one option with different loss settings are told apart the same way, e.g.
   ``softdice [squared=True]``.
@@ -50,7 +50,11 @@ def flatten(section: object, prefix: str = "") -> dict[str, str]:
 
 
 def data_signature(run: Run) -> dict[str, str]:
-    return {k: v for k, v in flatten(run.data).items() if k.split(".")[0] not in IGNORED_DATA_KEYS}
+    """What defines a task: the data settings, the model and optimiser, the training length."""
+    signature = {k: v for k, v in flatten(run.data).items() if k.split(".")[0] not in IGNORED_DATA_KEYS}
+    signature.update(flatten(run.model, "model."))
+    signature["max_epochs"] = json.dumps(run.max_epochs)
+    return signature
 
 
 def loss_signature(run: Run) -> dict[str, str]:
@@ -103,7 +107,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
         by_name.setdefault(run.task_name, []).append(run)
     task_of: dict[int, str] = {}
     for name, members in by_name.items():
-        task_of.update(labels(name, members, data_signature, ("experiment", "data")))
+        task_of.update(labels(name, members, data_signature, ("experiment", "data", "model", "model/optimizer")))
     by_task_loss: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
         by_task_loss.setdefault((task_of[id(run)], run.loss_name), []).append(run)

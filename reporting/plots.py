@@ -6,7 +6,10 @@ the class-mean columns of subjects.csv; every point is one subject of one run (s
 * ``volumes.png``: predicted (argmax, soft) against reference volume, colour per loss;
 * ``dice_vs_volume_bias.png``: per run, mean Dice against mean relative volume bias;
 * ``reliability.png``: reliability diagrams pooled over seeds and classes (calibration.csv);
-* ``theory_vs_measured.png``: measured relative volume bias against the theory.
+* ``theory_vs_measured.png``: measured relative volume bias against the theory;
+* ``bias_vs_steps.png``: the relative soft and argmax volume bias at every validation against
+  the training step (runs logged with ``logger=csv``), the mean over seeds as a line, each
+  seed faint: how far a run is from its converged bias.
 """
 
 from __future__ import annotations
@@ -226,6 +229,33 @@ def _draw_bars(ax, members, measured, colours) -> None:
     ax.set_xticks(positions, [g.loss for g in members])
 
 
+def bias_vs_steps(groups: list[Group], path: Path) -> bool:
+    """Draw the bias learning curves; False (nothing written) when no run has a csv history."""
+    tasks = {t: ms for t, ms in by_task(groups).items() if any(r.history for g in ms for r in g.runs)}
+    if not tasks:
+        return False
+    colours = loss_colours(groups)
+    figure, axes = plt.subplots(1, len(tasks), figsize=(PANEL[0] * len(tasks), PANEL[1] + 0.4), squeeze=False)
+    for ax, (task, members) in zip(axes[0], tasks.items()):
+        for group in members:
+            key = next((k for k in ("val/relative_soft_expected_volume_bias", "val/soft_relative_volume_bias")
+                        if any(k in r.history for r in group.runs)), None)
+            if key is None:
+                continue
+            curves = [dict(r.history[key]) for r in group.runs if key in r.history]
+            for curve in curves:
+                ax.plot(list(curve), [100 * v for v in curve.values()], color=colours[group.loss], alpha=0.25, linewidth=0.8)
+            steps = sorted(set().union(*curves))
+            mean = [100 * float(np.nanmean([c.get(s, math.nan) for c in curves])) for s in steps]
+            ax.plot(steps, mean, color=colours[group.loss], label=f"{group.loss} (soft)")
+        ax.axhline(0, color="gray", linewidth=0.8)
+        _title(ax, task)
+        ax.set(xlabel="training step", ylabel="relative soft volume bias (%)", yscale="symlog")
+        ax.legend(fontsize=7)
+    _save(figure, path)
+    return True
+
+
 def write_figures(groups: list[Group], rows: list[dict], theory: Theory, folder: Path) -> tuple[list, list[str]]:
     """Write every figure into ``folder``: ``[(file name, title, caption)]`` and notes on skipped ones."""
     figures, notes = [], []
@@ -243,4 +273,7 @@ def write_figures(groups: list[Group], rows: list[dict], theory: Theory, folder:
         notes.append("No reliability diagram: no run has a calibration.csv.")
     caption = theory_vs_measured(groups, rows, theory, folder / "theory_vs_measured.png")
     figures.append(("theory_vs_measured.png", "Theory vs measured volume bias", caption))
+    if bias_vs_steps(groups, folder / "bias_vs_steps.png"):
+        figures.append(("bias_vs_steps.png", "Volume bias during training",
+                        "soft volume vs expected (or reference) at every validation; line: mean over seeds, faint: each seed"))
     return figures, notes

@@ -1,7 +1,7 @@
 """Finding training run directories and reading what they wrote.
 
 A run directory is any folder holding ``.hydra/config.yaml``. From it we read only the keys
-a report needs (task name, seed, data and loss sections, ``trainer.max_epochs``), resolving
+a report needs (task name, seed, data, model and loss sections, ``trainer.max_epochs``), resolving
 each value on its own: interpolations that need Hydra (``${hydra:…}``, ``${now:…}``) cannot be
 resolved afterwards and become ``None`` instead of failing the whole file.
 """
@@ -33,9 +33,11 @@ class Run:
     max_epochs: int | None = None
     data: dict = field(default_factory=dict)
     loss: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     subjects: dict[str, dict[str, float]] = field(default_factory=dict)
     calibration: list[dict[str, float | str]] | None = None
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # val key -> [(step, value)], from csv/metrics.csv
     problem: str | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -113,6 +115,8 @@ def read_run(path: Path) -> Run:
     max_epochs = trainer.get("max_epochs") if isinstance(trainer, dict) else None
     run.max_epochs = int(max_epochs) if isinstance(max_epochs, (int, float)) else None
     run.data = plain(_resolved(config, "data")) or {}
+    model = plain(_resolved(config, "model"))
+    run.model = model if isinstance(model, dict) else {}
     run.loss = plain(_resolved(config, "loss")) or {}
     run.choices = _choices(path)
     target = str(run.loss.get("_target_", "")) if isinstance(run.loss, dict) else ""
@@ -157,6 +161,7 @@ def _read_results(run: Run) -> str | None:
         return f"subjects.csv lacks {', '.join(missing)}"
     if not run.subjects["dice"]:
         return "subjects.csv has no rows"
+    run.history = read_history(run.path / "csv" / "metrics.csv")
     calibration_path = run.path / "calibration.csv"
     if calibration_path.is_file():
         try:
@@ -185,6 +190,28 @@ def read_columns(path: Path) -> dict[str, dict[str, float]]:
             for name, values in columns.items():
                 values[row["subject"]] = to_float(row.get(name))
     return columns
+
+
+HISTORY_KEYS = ("val/relative_soft_expected_volume_bias", "val/relative_expected_volume_bias",
+                "val/soft_relative_volume_bias", "val/relative_volume_bias", "val/dice")
+
+
+def read_history(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """The validation values of :data:`HISTORY_KEYS` at every logged step (``logger=csv``);
+    empty without the file or when it cannot be read."""
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, csv.Error):
+        return {}
+    history: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        step = to_float(row.get("step"))
+        for key in HISTORY_KEYS:
+            value = to_float(row.get(key))
+            if not math.isnan(value) and not math.isnan(step):
+                history.setdefault(key, []).append((int(step), value))
+    return history
 
 
 def read_calibration(path: Path) -> list[dict[str, float | str]]:

@@ -217,3 +217,117 @@ def test_calibration_summaries_do_not_depend_on_the_chunking(monkeypatch):
         states.append((metric.reliability[0], metric.log_odds[0]))
     torch.testing.assert_close(states[0][0], states[1][0])
     torch.testing.assert_close(states[0][1], states[1][1])
+
+
+def test_a_class_absent_from_every_subject_is_decoded_as_nothing():
+    """Regression: "predict nothing" scored NaN → −1, so the threshold that predicts every
+    voxel won (sigmoid(−40), the whole image, Dice 0)."""
+    from metrics.posthoc import threshold_decoding
+
+    generator = torch.Generator().manual_seed(3)
+    histograms = []
+    for _ in range(3):
+        z = torch.randn(1, 2000, generator=generator) * 3 - 4  # some voxels fairly likely, none in the reference
+        histograms.append(log_odds_histogram(z, torch.zeros(1, 2000, dtype=torch.bool)))
+    threshold, dice, voxels = threshold_decoding(torch.stack(histograms))
+    assert (voxels == 0).all() and torch.isnan(dice).all()
+    assert threshold.item() > 0.99
+
+
+def test_rankseg_equals_the_reference_package_on_random_maps():
+    """Our histogram RankSEG against rankseg.rankseg_rma (RMA, metric=dice, smooth=0,
+    pruning_prob=0.5) on voxel maps whose probabilities sit on the histogram's bin centres,
+    so both see the same numbers; ties inside a bin never split an optimum (the objective
+    is monotone along a run of equal probabilities)."""
+    rankseg = pytest.importorskip("rankseg")
+    from metrics.posthoc import bin_centres
+
+    generator = torch.Generator().manual_seed(7)
+    centres = bin_centres()
+    for trial in range(12):
+        size = int(torch.randint(50, 3000, (1,), generator=generator))
+        spread = float(torch.rand(1, generator=generator)) * 6
+        shift = float(torch.randn(1, generator=generator)) * 3
+        wanted = torch.randn(size, generator=generator, dtype=torch.float64) * spread + shift
+        z = centres[torch.bucketize(wanted.clamp(-39.9, 39.9), centres).clamp(0, len(centres) - 1)]
+        p = torch.sigmoid(z)
+        label = torch.rand(size, generator=generator, dtype=torch.float64) < p
+        histogram = log_odds_histogram(z[None], label[None])
+        dice, voxels = rankseg_decoding(histogram[None], torch.ones(1, dtype=torch.float64))
+        masks = rankseg.rankseg_rma(torch.stack([1 - p, p])[None], metric="dice", smooth=0.0,
+                                    output_mode="multilabel", pruning_prob=0.5)
+        reference_voxels = int(masks[0, 1].sum())
+        assert voxels.item() == reference_voxels, trial
+        if reference_voxels:
+            tp = int((masks[0, 1] & label).sum())
+            assert dice.item() == pytest.approx(2 * tp / (reference_voxels + int(label.sum())))
+
+
+def test_platt_scaling_recovers_a_known_slope_and_bias():
+    from metrics.posthoc import fit_platt
+
+    generator = torch.Generator().manual_seed(11)
+    z = torch.randn(1, 200_000, generator=generator, dtype=torch.float64) * 4
+    label = torch.rand(1, 200_000, generator=generator, dtype=torch.float64) < torch.sigmoid(0.5 * z - 1.5)
+    slope, bias = fit_platt(log_odds_histogram(z, label)[None])
+    assert slope.item() == pytest.approx(0.5, abs=0.02) and bias.item() == pytest.approx(-1.5, abs=0.05)
+
+
+def test_isotonic_regression_is_monotone_and_matches_pool_adjacent_violators_by_hand():
+    from metrics.posthoc import bin_centres, fit_isotonic
+
+    centres = bin_centres()
+    histogram = torch.zeros(1, 1, 2, len(centres), dtype=torch.float64)
+    # three occupied bins (low to high log-odds) with frequencies 0.5, 0.25, 0.9: the first
+    # two violate monotonicity and pool to (2 + 1) / (4 + 4) = 0.375
+    for b, (negative, positive) in zip((100, 600, 1100), ((2, 2), (3, 1), (1, 9))):
+        histogram[0, 0, 0, b], histogram[0, 0, 1, b] = negative, positive
+    fitted = fit_isotonic(histogram)[0]
+    assert fitted[100].item() == pytest.approx(0.375) and fitted[600].item() == pytest.approx(0.375)
+    assert fitted[1100].item() == pytest.approx(0.9)
+    assert (fitted[1:] >= fitted[:-1]).all()  # empty bins take their neighbours' value
+
+
+def test_recalibrated_soft_volumes_fix_a_biased_map():
+    """A map whose every probability is pushed up (a bias, not a temperature): Platt and
+    isotonic bring the soft volume back to the reference; temperature scaling cannot."""
+    metric = SubjectSegmentationMetrics(num_classes=2)
+    generator = torch.Generator().manual_seed(5)
+    for index in range(4):
+        q = torch.rand(20, 20, 20, generator=generator) ** 3
+        label = (torch.rand(20, 20, 20, generator=generator) < q).long()
+        p = torch.sigmoid(torch.log(q) - torch.log1p(-q) + 1.0)
+        metric.update(torch.stack([1 - p, p]), label, (1.0, 1.0, 1.0), index)
+    rows, fitted = per_subject(metric)
+    reference = rows["volume_ref_ml"].sum()
+    for name in ("platt", "isotonic"):
+        assert abs(rows[f"volume_soft_{name}_ml"].sum() / reference - 1) < 0.03, name
+        assert fitted[f"ece_{name}"].item() < 0.01
+    assert abs(rows["volume_pred_soft_ml"].sum() / reference - 1) > 0.2
+    assert fitted["platt_bias"].item() == pytest.approx(-1.0, abs=0.1)
+
+
+def test_top_label_ece_by_hand():
+    metric = SubjectSegmentationMetrics(num_classes=2)
+    foreground = torch.tensor([0.9, 0.9, 0.2, 0.2, 0.6]).view(5, 1, 1)
+    label = torch.tensor([1, 0, 0, 0, 1]).view(5, 1, 1)
+    metric.update(probabilities_from(foreground), label, (1.0, 1.0, 1.0), 0)
+    _, fitted = per_subject(metric)
+    # confidences 0.9 (right), 0.9 (wrong), 0.8, 0.8 (both right), 0.6 (right): bins 0.9, 0.8, 0.6
+    expected = (abs(1 - 1.8) + abs(2 - 1.6) + abs(1 - 0.6)) / 5
+    assert fitted["ece_top_label"].item() == pytest.approx(expected)
+
+
+def test_the_near_soft_volume_ignores_far_background():
+    spacing = (1.0, 1.0, 2.0)
+    foreground = torch.full((40, 40, 20), 0.01)  # a faint haze everywhere
+    foreground[18:22, 18:22, 9:11] = 0.9  # the structure: 4 × 4 × 2 voxels
+    label = (foreground > 0.5).long()
+    metric = SubjectSegmentationMetrics(num_classes=2, soft_volume_margin_mm=4.0)
+    metric.update(probabilities_from(foreground), label, spacing, 0)
+    rows = metric.compute()
+    # near: the box grown by 4 voxels in x, y and 2 voxels (4 mm) in z: 12 × 12 × 6 voxels
+    near_voxels = 12 * 12 * 6
+    expected_near = (32 * 0.9 + (near_voxels - 32) * 0.01) * 0.002
+    assert rows["volume_pred_soft_near_ml"].item() == pytest.approx(expected_near, rel=1e-5)
+    assert rows["volume_pred_soft_ml"].item() == pytest.approx((32 * 0.9 + (32000 - 32) * 0.01) * 0.002, rel=1e-5)

@@ -17,8 +17,8 @@ from conftest import ROOT, TINY
 from report import main as report_main
 from reporting.grouping import group_runs
 from reporting.runs import Run, find_run_dirs, read_run
-from reporting.statistics import paired_wilcoxon, subject_means
-from reporting.table import result_rows
+from reporting.statistics import holm, subject_means, welch_test
+from reporting.table import result_rows, subject_rows
 
 SWEEP = [o for o in TINY if not o.startswith("data.num_val")] + [
     "data.num_val=6", "callbacks.validation_figures=null", "logger=none",
@@ -55,10 +55,15 @@ def test_report_cli_compares_the_losses_of_a_sweep(sweep, tmp_path):
                        "relative_soft_expected_volume_bias_mean", "relative_expected_volume_bias_mean"):
             assert math.isfinite(float(row[column])), column
         assert row["theory_relative_soft_bias"] == "nan"  # --no-theory
-    for column in ("p_dice_vs_ce", "p_volume_bias_ml_vs_ce"):
+    for column in ("p_dice_vs_ce", "p_volume_bias_ml_vs_ce", "p_holm_dice_vs_ce", "p_holm_soft_volume_bias_ml_vs_ce"):
         assert 0 <= float(rows["softdice"][column]) <= 1
         assert math.isnan(float(rows["ce"][column]))
-    assert rows["softdice"]["n_pairs_vs_ce"] == "6"
+    assert float(rows["softdice"]["p_holm_dice_vs_ce"]) >= float(rows["softdice"]["p_dice_vs_ce"])
+    assert rows["softdice"]["n_runs_ce"] == "2" and math.isfinite(float(rows["softdice"]["dice_sd"]))  # sd over the 2 seeds
+    with open(output / "subjects.csv") as handle:
+        subjects = list(csv.DictReader(handle))
+    assert len(subjects) == 2 * 2 * 6  # losses × seeds × subjects, one class
+    assert {(r["loss"], r["seed"]) for r in subjects} == {("ce", "0"), ("ce", "1"), ("softdice", "0"), ("softdice", "1")}
     pictures = list(output.glob("*.png"))
     assert len(pictures) >= 3 and all(p.stat().st_size > 1000 for p in pictures)
     text = (output / "report.md").read_text()
@@ -67,15 +72,19 @@ def test_report_cli_compares_the_losses_of_a_sweep(sweep, tmp_path):
     assert text.count("| complete |") == 4
 
 
-REMEDY_WORDS = ("ece", "temperature", "threshold", "rankseg", "calibrated")
+REMEDY_WORDS = ("ece", "temperature", "threshold", "rankseg", "calibrated", "platt", "isotonic")
 
 
 def test_failed_and_incomplete_runs_are_named_and_the_rest_reported(sweep, tmp_path, capsys):
     copy = tmp_path / "sweep"
     shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("checkpoints", "report"))
     (copy / "1" / "metrics.json").unlink()  # ce, seed 1: never validated
-    config = copy / "2" / ".hydra" / "config.yaml"  # softdice, seed 0: stopped after 1 of 3 epochs
-    config.write_text(config.read_text().replace("max_epochs: 1", "max_epochs: 3"))
+    for job in ("0", "1", "2", "3"):  # all planned 3 epochs; softdice seed 0 (job 2) stopped after its first
+        config = copy / job / ".hydra" / "config.yaml"
+        config.write_text(config.read_text().replace("max_epochs: 1", "max_epochs: 3"))
+        if job != "2" and (copy / job / "metrics.json").exists():
+            metrics = json.loads((copy / job / "metrics.json").read_text())
+            (copy / job / "metrics.json").write_text(json.dumps({**metrics, "epoch": 2}))
     for job in ("0", "3"):  # runs written before calibration and the post-hoc remedies existed
         (copy / job / "calibration.csv").unlink(missing_ok=True)
         metrics = json.loads((copy / job / "metrics.json").read_text())
@@ -109,18 +118,64 @@ def test_failed_and_incomplete_runs_are_named_and_the_rest_reported(sweep, tmp_p
     assert "none of the 4 run(s) found is complete" in capsys.readouterr().err
 
 
-def test_paired_wilcoxon_matches_scipy_and_pairs_subjects_by_name():
-    rng = np.random.default_rng(0)
-    names = [f"s{i}" for i in range(9)]
-    reference = dict(zip(names, rng.normal(0.8, 0.05, 9)))
-    values = {s: reference[s] + d for s, d in zip(names, rng.normal(0.03, 0.02, 9))}
-    expected = stats.wilcoxon([values[s] - reference[s] for s in names]).pvalue
-    test = paired_wilcoxon(dict(reversed(values.items())), {**reference, "other": 0.1})
-    assert (test.pairs, test.p_value) == (9, pytest.approx(expected))
-    assert test.mean_difference == pytest.approx(np.mean([values[s] - reference[s] for s in names]))
-    assert math.isnan(paired_wilcoxon(dict(list(values.items())[:4]), reference).p_value)  # < 5 pairs
-    assert math.isnan(paired_wilcoxon(reference, reference).p_value)  # all differences zero
-    # each subject is averaged over the seeds before pairing; NaNs (no Dice) are skipped
+def fixture_run(task: str, loss: str, seed: int, dice: dict[str, float], soft: dict[str, float]) -> Run:
+    """A run with given per-subject Dice and soft volume (reference 10 ml, argmax 10 ml)."""
+    subjects = {"dice": dice, "volume_ref_ml": {s: 10.0 for s in dice}, "volume_pred_ml": {s: 10.0 for s in dice},
+                "volume_pred_soft_ml": soft}
+    return Run(path=ROOT / f"{task}_{loss}_{seed}", task_name=task, loss_name=loss, choices={"loss": loss}, seed=seed,
+               data={}, loss={"_target_": "x"}, metrics={"epoch": 0, "val/ece": 0.01 * (seed + 1)}, subjects=subjects)
+
+
+def test_seeds_are_the_unit_numbers_by_hand():
+    """Two tasks × (ce, softdice) × seeds: means and sds over seeds, Welch on run means, Holm
+    over the report's four tests, the per-subject rows; all recomputed by hand."""
+    runs = [
+        fixture_run("a", "ce", 0, {"s1": 0.70, "s2": 0.80}, {"s1": 11.0, "s2": 12.0}),
+        fixture_run("a", "ce", 1, {"s1": 0.72, "s2": 0.86}, {"s1": 10.0, "s2": 11.0}),
+        fixture_run("a", "ce", 2, {"s1": 0.68, "s2": 0.84}, {"s1": 10.5, "s2": 10.5}),
+        fixture_run("a", "softdice", 0, {"s1": 0.80, "s2": 0.90}, {"s1": 13.0, "s2": 14.0}),
+        fixture_run("a", "softdice", 1, {"s1": 0.82, "s2": 0.88}, {"s1": 14.0, "s2": 15.0}),
+        fixture_run("a", "softdice", 2, {"s1": 0.79, "s2": 0.93}, {"s1": 13.5, "s2": 13.5}),
+        fixture_run("b", "ce", 0, {"s1": 0.5}, {"s1": 10.0}),
+        fixture_run("b", "ce", 1, {"s1": 0.6}, {"s1": 10.0}),
+        fixture_run("b", "softdice", 0, {"s1": 0.55}, {"s1": 10.0}),
+        fixture_run("b", "softdice", 1, {"s1": 0.65}, {"s1": 10.0}),
+    ]
+    rows = {(r["task"], r["loss"]): r for r in result_rows(group_runs(runs))}
+    ce_a, sd_a = [0.75, 0.79, 0.76], [0.85, 0.85, 0.86]  # run means of Dice
+    row = rows[("a", "softdice")]
+    assert row["dice_mean"] == pytest.approx(np.mean(sd_a)) and row["dice_sd"] == pytest.approx(np.std(sd_a, ddof=1))
+    assert rows[("a", "ce")]["dice_mean"] == pytest.approx(np.mean(ce_a))
+    assert rows[("a", "ce")]["dice_sd"] == pytest.approx(np.std(ce_a, ddof=1))
+    # the spread between subjects: each subject averaged over the seeds first
+    assert rows[("a", "ce")]["dice_subject_sd"] == pytest.approx(np.std([0.70, 0.8333333333], ddof=1))
+    assert row["diff_dice_vs_ce"] == pytest.approx(np.mean(sd_a) - np.mean(ce_a))
+    p_dice_a = stats.ttest_ind(sd_a, ce_a, equal_var=False).pvalue
+    assert row["p_dice_vs_ce"] == pytest.approx(p_dice_a)
+    soft_ce, soft_sd = [1.5, 0.5, 0.5], [3.5, 4.5, 3.5]  # run means of the soft ΔV (ml)
+    p_soft_a = stats.ttest_ind(soft_sd, soft_ce, equal_var=False).pvalue
+    assert row["p_soft_volume_bias_ml_vs_ce"] == pytest.approx(p_soft_a)
+    assert math.isnan(row["p_volume_bias_ml_vs_ce"])  # argmax ΔV is 0 everywhere: no spread, no test
+    p_dice_b = stats.ttest_ind([0.55, 0.65], [0.5, 0.6], equal_var=False).pvalue
+    assert rows[("b", "softdice")]["p_dice_vs_ce"] == pytest.approx(p_dice_b)
+    raw = sorted([p_dice_a, p_soft_a, p_dice_b])  # the family: three tests with a p-value
+    holm = [min(1, 3 * raw[0])]
+    holm += [max(holm[-1], min(1, 2 * raw[1]))]
+    holm += [max(holm[-1], raw[2])]
+    adjusted = {rows[("a", "softdice")]["p_holm_dice_vs_ce"], rows[("a", "softdice")]["p_holm_soft_volume_bias_ml_vs_ce"],
+                rows[("b", "softdice")]["p_holm_dice_vs_ce"]}
+    assert sorted(adjusted) == pytest.approx(sorted(holm))
+    assert rows[("a", "ce")]["pooled_ece_mean"] == pytest.approx(0.02) and rows[("a", "ce")]["pooled_ece_sd"] == pytest.approx(0.01)
+    per_subject = [r for r in subject_rows(group_runs(runs), ROOT) if r["task"] == "a" and r["loss"] == "softdice"]
+    assert len(per_subject) == 6 and {r["seed"] for r in per_subject} == {0, 1, 2}
+    assert sorted(r["soft_volume_bias_ml"] for r in per_subject) == pytest.approx([3.0, 3.5, 3.5, 4.0, 4.0, 5.0])
+
+
+def test_holm_and_welch_edge_cases():
+    assert holm([0.01, math.nan, 0.04, 0.03]) == pytest.approx([0.03, math.nan, 0.06, 0.06], nan_ok=True)
+    assert math.isnan(welch_test([0.5], [0.4, 0.6]).p_value)  # one run: no test
+    assert welch_test([0.5], [0.4, 0.6]).difference == pytest.approx(0.0)
+    # each subject is averaged over the seeds; NaNs (no Dice) are skipped
     seeds = [{"a": 1.0, "b": 2.0}, {"a": 3.0, "b": math.nan, "c": 5.0}]
     assert subject_means(seeds) == {"a": 2.0, "b": 2.0, "c": 5.0}
 
