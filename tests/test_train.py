@@ -37,7 +37,8 @@ def test_run_writes_metrics_and_subjects(loss, tmp_path):
     rows = read_subjects(tmp_path)
     assert [r["subject"] for r in rows] == ["synthetic_004", "synthetic_005"]
     assert list(rows[0]) == ["subject", "dice", "volume_ref_ml", "volume_pred_ml", "volume_pred_soft_ml",
-                             "volume_expected_ml", "ece", "volume_soft_calibrated_ml", "dice_threshold",
+                             "volume_pred_soft_near_ml", "volume_expected_ml", "ece", "volume_soft_calibrated_ml",
+                             "volume_soft_platt_ml", "volume_soft_isotonic_ml", "dice_threshold",
                              "volume_threshold_ml", "dice_rankseg", "volume_rankseg_ml"]
     bias = sum(float(r["volume_pred_ml"]) - float(r["volume_ref_ml"]) for r in rows) / len(rows)
     assert metrics["val/volume_bias_ml"] == pytest.approx(bias, abs=1e-9)
@@ -46,7 +47,7 @@ def test_run_writes_metrics_and_subjects(loss, tmp_path):
     assert (tmp_path / "csv" / "metrics.csv").is_file()
     with open(tmp_path / "calibration.csv") as handle:
         bins = list(csv.DictReader(handle))
-    assert len(bins) == 15 and list(bins[0]) == ["class", "bin", "lower", "upper", "count", "mean_probability", "frequency"]
+    assert len(bins) == 20 and list(bins[0]) == ["class", "bin", "lower", "upper", "count", "mean_probability", "frequency"]
     assert sum(int(b["count"]) for b in bins) == 2 * 32 * 32 * 16  # every validation voxel once
 
 
