@@ -10,7 +10,6 @@ Configuration: configs/train.yaml and its groups (see README.md).
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -30,12 +29,10 @@ from lightning_modules.checkpoints import load_untrusted, read_checkpoint
 
 log = logging.getLogger(__name__)
 
-# Jobs that Hydra launchers start in other processes (submitit on SLURM or locally) unpickle
-# this module's functions, so the project must be importable there from any working directory.
-_PROJECT = str(Path(__file__).resolve().parent)
-if _PROJECT not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT, os.environ.get("PYTHONPATH")) if p)
-
+# hydra/launcher=slurm asks for trainer.devices GPUs per node, none when the trainer runs on the CPU
+OmegaConf.register_new_resolver(
+    "gpus_per_node", lambda accelerator, devices: 0 if str(accelerator) == "cpu" else devices, replace=True
+)
 
 def instantiate_all(group: DictConfig | None) -> list:
     """Instantiate every ``_target_`` entry of a callbacks/logger group (null entries skipped)."""
@@ -115,6 +112,16 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     return str(newest)
 
 
+def finish_wandb(logger: WandbLogger, exit_code: int) -> None:
+    """Close the logger's wandb run. On SIGTERM SLURM signals wandb's service process too, which
+    may be gone already: what it wrote stays (see configs/logger/wandb.yaml), and the stop itself
+    must not turn into another error."""
+    try:
+        logger.experiment.finish(exit_code=exit_code)
+    except Exception as error:  # the service died with the job's other processes
+        log.warning(f"wandb run not closed cleanly ({type(error).__name__}); its records up to the last flush are kept")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model described by ``cfg``; returns the last validation summary (``val/…`` keys)."""
     if cfg.get("seed") is not None:
@@ -128,10 +135,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers or False)
     for logger in trainer.loggers:
         logger.log_hyperparams(run_config)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # never unpickle code
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):  # flush and close the run, so sweeps start fresh ones
-            logger.experiment.finish()
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # never unpickle code
+    finally:
+        # close the wandb run, flushing what it holds: so that sweeps start fresh runs, and so
+        # that a run stopped by SIGTERM (preemption, requeue) keeps what it logged before
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                finish_wandb(logger, exit_code=0 if trainer.state.status == "finished" else 1)
     return {f"val/{k}": v for k, v in (model.validation_summary or {}).items()}
 
 
