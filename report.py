@@ -2,6 +2,7 @@
 
     python report.py logs/high_uncertainty/multiruns/2026-01-01_12-00-00
     python report.py SWEEP_A SWEEP_B --output comparison --no-theory
+    python report.py SWEEP logger=wandb          # also to a wandb run beside the training runs
 
 Every folder under the given directories that holds ``.hydra/config.yaml`` is a run. Runs
 form one row per task × loss (seeds pooled, see reporting.grouping); incomplete or failed
@@ -25,9 +26,13 @@ from reporting.plots import write_figures
 from reporting.runs import find_run_dirs, read_run
 from reporting.table import SUBJECT_COLUMNS, result_rows, subject_rows, write_csv
 from reporting.theory_link import Theory
+from reporting.wandb_upload import upload_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    # "logger=wandb", as the other entry points spell it, is --logger wandb
+    argv = [part for a in (sys.argv[1:] if argv is None else argv)
+            for part in (["--logger", a.split("=", 1)[1]] if a.startswith("logger=") else [a])]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path, help="sweep directories, run directories, or folders of them")
     parser.add_argument("--output", type=Path, help="report folder (default: <DIR>/report)")
@@ -35,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip the theory's predicted bias (up to ~30 s per task × loss)")
     parser.add_argument("--include-incomplete", action="store_true",
                         help="also tabulate runs stopped before their last epoch (their latest validation)")
+    parser.add_argument("--logger", choices=("none", "wandb"), default="none",
+                        help="also log the tables and figures to a wandb run (job_type=report; WANDB_MODE is respected)")
+    parser.add_argument("--wandb-project", default="biasseg", help="wandb project of the report run")
     return parser.parse_args(argv)
 
 
@@ -71,11 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     theory = Theory(enabled=not args.no_theory)
     rows = result_rows(groups, theory)
     write_csv(rows, output / "results.csv")
-    write_csv(subject_rows(groups, output), output / "subjects.csv", SUBJECT_COLUMNS)
+    per_subject = subject_rows(groups, output)
+    write_csv(per_subject, output / "subjects.csv", SUBJECT_COLUMNS)
     figures, notes = write_figures(groups, rows, theory, output)
     notes += theory.notes + [f"{run.path}: {w}" for run in runs for w in run.warnings]
     report = output / "report.md"
     report.write_text(report_markdown(rows, groups, excluded, figures, notes, output))
+    if args.logger == "wandb":
+        run_id = upload_report(rows, per_subject, figures, output, project=args.wandb_project)
+        print(f"wandb report run: {run_id}", file=sys.stderr)
     print(report)
     return 0
 

@@ -17,8 +17,10 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -112,6 +114,45 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     return str(newest)
 
 
+def run_identity(cfg: DictConfig) -> dict[str, object]:
+    """What a run is, as top-level fields for dashboards: task, loss, data, experiment (the
+    config groups' chosen options where Hydra knows them) and seed; ``sweep``, the multirun
+    folder, when the run is one point of a sweep."""
+    choices: dict = {}
+    sweep = None
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        choices = dict(hydra_cfg.runtime.choices)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            sweep = Path(hydra_cfg.sweep.dir).name
+    loss_class = str(cfg.loss.get("_target_", "?")).rsplit(".", 1)[-1]
+    return {
+        "task": cfg.get("task_name"),
+        "loss_name": choices.get("loss") or loss_class,
+        "data_name": choices.get("data") or str(cfg.data.get("_target_", "?")).rsplit(".", 1)[-1],
+        "experiment": choices.get("experiment"),
+        "seed": cfg.get("seed"),
+        "sweep": sweep,
+    }
+
+
+def name_wandb_run(cfg: DictConfig, identity: dict[str, object]) -> None:
+    """Fill the wandb logger's unset ``group``, ``tags`` and ``name`` from the run: a sweep's
+    runs share a group (task and sweep folder), tags say task, loss, data and seed, so a
+    multirun of losses × seeds is grouped and filterable without hand work."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if wandb_cfg is None:
+        return
+    loss, task, seed = identity["loss_name"], identity["task"], identity["seed"]
+    with open_dict(cfg):
+        if not wandb_cfg.get("group"):
+            wandb_cfg.group = f"{task}/{identity['sweep']}" if identity["sweep"] else str(task)
+        if not wandb_cfg.get("tags"):
+            wandb_cfg.tags = [str(t) for t in (task, loss, identity["data_name"], identity["experiment"], f"seed{seed}") if t]
+        if not wandb_cfg.get("name"):
+            wandb_cfg.name = f"{task}/{loss}/seed{seed}"
+
+
 def finish_wandb(logger: WandbLogger, exit_code: int) -> None:
     """Close the logger's wandb run. On SIGTERM SLURM signals wandb's service process too, which
     may be gone already: what it wrote stays (see configs/logger/wandb.yaml), and the stop itself
@@ -131,10 +172,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = build_model(cfg, datamodule)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     model.run_config = run_config
+    identity = run_identity(cfg)
+    name_wandb_run(cfg, identity)
     loggers = instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers or False)
     for logger in trainer.loggers:
-        logger.log_hyperparams(run_config)
+        logger.log_hyperparams({**identity, **run_config})
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # never unpickle code
     finally:

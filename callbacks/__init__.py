@@ -3,5 +3,6 @@
 from callbacks.preemption import CheckpointOnSigterm
 from callbacks.results_writer import ResultsWriter
 from callbacks.validation_figures import ValidationFigures
+from callbacks.wandb_dashboard import WandbDashboard
 
-__all__ = ["CheckpointOnSigterm", "ResultsWriter", "ValidationFigures"]
+__all__ = ["CheckpointOnSigterm", "ResultsWriter", "ValidationFigures", "WandbDashboard"]

@@ -1,9 +1,18 @@
 """Pictures and loggers: PNG figures, TensorBoard images, an offline wandb run."""
 
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TINY, compose_config
+from callbacks.wandb_dashboard import COLUMNS
+from conftest import ROOT, TINY, compose_config
 from train import train
+from wandb_files import config, history, run_record
 
 
 def test_figures_are_written_and_sent_to_tensorboard(tmp_path):
@@ -18,14 +27,50 @@ def test_figures_are_written_and_sent_to_tensorboard(tmp_path):
     assert {"val/dice", "val/ece"} <= set(events.Tags()["scalars"])
 
 
-def test_offline_wandb_run_holds_metrics_and_images(tmp_path, monkeypatch):
+def test_offline_wandb_run_holds_the_dashboard(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     train(compose_config(TINY + ["logger=wandb"], tmp_path))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    # the offline run's record log (protobuf) holds the logged keys verbatim
-    records = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
-    for key in (b"val/dice", b"val/volume_bias_ml", b"val/relative_soft_expected_volume_bias"):
-        assert key in records, key
-    assert list((runs[0] / "files" / "media" / "images").rglob("*.png"))
+    logged = history(runs[0])
+    scalars = {k for row in logged for k in row}
+    assert {"val/dice", "val/volume_bias_ml", "val/relative_soft_expected_volume_bias", "val/ece_top_label"} <= scalars
+    # the subject table: one row per validation subject, the documented columns, in a table file
+    final = [row for row in logged if "val/subjects/path" in row][-1]
+    table = json.loads((runs[0] / "files" / final["val/subjects/path"]).read_text())
+    assert table["columns"] == list(COLUMNS)
+    assert [row[0] for row in table["data"]] == ["synthetic_004", "synthetic_005"]
+    row = dict(zip(table["columns"], table["data"][0]))
+    assert row["delta_v_ml"] == pytest.approx(row["volume_pred_ml"] - row["volume_ref_ml"])
+    subjects = {r["subject"]: r for r in csv.DictReader(open(tmp_path / "subjects.csv"))}
+    assert row["dice"] == pytest.approx(float(subjects["synthetic_004"]["dice"]))
+    # the interactive charts and the overlays: two mask layers per image
+    assert any("val/volume_scatter_table/path" in r or "val/volume_scatter_table" in str(r) for r in logged)
+    overlays = [row for row in logged if "val/overlays/all_masks" in row][-1]
+    assert overlays["val/overlays/count"] == 4  # 2 subjects × (axial, coronal)
+    assert all(set(masks) == {"reference", "prediction"} for masks in overlays["val/overlays/all_masks"])
+    assert all((runs[0] / "files" / m["path"]).is_file() for masks in overlays["val/overlays/all_masks"] for m in masks.values())
+    # the grouping fields and the run's identity as top-level config (composed without Hydra's
+    # command line the loss and data are named by their classes; train.py names them by option)
+    record = run_record(runs[0])
+    assert (record.run_group, record.display_name) == ("train", "train/CrossEntropyLoss/seed42")
+    assert set(record.tags) == {"train", "CrossEntropyLoss", "SyntheticDataModule", "seed42"}
+    logged_config = config(runs[0])
+    assert (logged_config["task"], logged_config["loss_name"], logged_config["seed"]) == ("train", "CrossEntropyLoss", 42)
+
+
+def test_a_wandb_sweep_groups_its_runs(tmp_path):
+    """A multirun of two losses: both runs in one group named after the sweep, told apart by tags."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "loss=ce,softdice", *TINY, "logger=wandb",
+         "callbacks.validation_figures=null", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [run_record(run) for run in sorted((tmp_path / "sweep").glob("*/wandb/offline-run-*"))]
+    assert len(records) == 2
+    assert {r.run_group for r in records} == {"train/sweep"}
+    assert [r.display_name for r in records] == ["train/ce/seed42", "train/softdice/seed42"]
+    assert ["ce" in r.tags for r in records] == [True, False]

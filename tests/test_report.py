@@ -220,3 +220,22 @@ def test_theory_prediction_is_computed_once_per_configuration(sweep, tmp_path, m
     caption = theory_vs_measured(groups, list(rows.values()), link, tmp_path / "theory.png")
     assert caption.startswith("lines: the theory's bias against σ") and (tmp_path / "theory.png").stat().st_size > 1000
     assert link.notes == []
+
+
+def test_the_report_goes_to_wandb_beside_the_runs(sweep, tmp_path, monkeypatch):
+    from wandb_files import history, run_record
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    output = tmp_path / "report"
+    assert report_main([str(sweep), "--output", str(output), "--no-theory", "logger=wandb"]) == 0
+    runs = list((output / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert run_record(runs[0]).job_type == "report"
+    logged = history(runs[0])
+    results = next(row for row in logged if "results/path" in row)
+    table = json.loads((runs[0] / "files" / results["results/path"]).read_text())
+    with open(output / "results.csv") as handle:
+        expected = list(csv.DictReader(handle))
+    assert table["columns"] == list(expected[0]) and len(table["data"]) == len(expected)
+    assert any(key.startswith("figures/bland_altman") for row in logged for key in row)

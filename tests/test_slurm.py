@@ -25,6 +25,7 @@ import pytest
 
 from conftest import ROOT, TINY
 from single_process import assert_distributed_run_matches_one_process
+from wandb_files import wandb_records
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -193,30 +194,6 @@ def test_scontrol_requeue_continues_the_sbatch_job_in_its_run_directory_with_one
     assert_same_final_validation(resumed, reference_run([o for o in overrides if not o.startswith(("logger=", "paths."))] + [
         "trainer=cpu", "logger=csv"], tmp_path / "reference"))
     assert_one_wandb_run(run_dir, job)
-
-
-def wandb_records(path: Path):
-    """The protobuf records of an offline run's ``run-*.wandb`` file (wandb's LevelDB-style log:
-    a 7-byte file header, then 32 KiB blocks of chunks, each with a 7-byte header of CRC,
-    length and type: full, first, middle or last piece of a record)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data, block, position, pending = path.read_bytes(), 32768, 7, b""
-    while position + 7 <= len(data):
-        room = block - position % block
-        if room < 7:  # the rest of a block too short for a header is padding
-            position += room
-            continue
-        length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
-        chunk = data[position + 7 : position + 7 + length]
-        position += 7 + length
-        if kind == 0 and length == 0:
-            continue
-        pending = chunk if kind in (1, 2) else pending + chunk
-        if kind in (1, 4):  # a whole record
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            yield record
 
 
 def assert_one_wandb_run(run_dir: Path, run_id: str) -> None:

@@ -1,0 +1,27 @@
+"""Save the run's state when the job is told to stop (SLURM preemption, time limit, ``kill``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+
+class CheckpointOnSigterm(pl.Callback):
+    """On SIGTERM write ``path`` (by default the run's ``last.ckpt``) before the process exits.
+
+    Lightning turns SIGTERM into a ``SIGTERMException`` after the current training step, on
+    every rank at once; the checkpoint written here holds that step, so a run resumed from it
+    (``ckpt_path=…/last.ckpt``, or automatically in the same run directory) ends at the same
+    epoch and global step as an uninterrupted one.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            trainer.save_checkpoint(self.path, weights_only=False)  # the full state, to resume from
+            rank_zero_info(f"SIGTERM: saved {self.path} at epoch {trainer.current_epoch}, step {trainer.global_step}")

@@ -1,0 +1,164 @@
+"""One subject as arrays: what every data source hands to the training and validation loaders.
+
+Conventions: ``image`` is ``(C, W, H, D)`` float32, ``label`` ``(W, H, D)`` integers in
+``[0, num_classes)``, ``probabilities`` (where the label's distribution is known)
+``(num_classes, W, H, D)`` float32 class probabilities, background first, summing to 1; all
+on the voxel grid of ``affine`` (4 × 4, mm, RAS+ as TorchIO/nibabel).
+Arrays are either in memory or ``.npy`` files in the preprocessing cache, opened
+memory-mapped, so that a training patch reads only its own bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchio as tio
+
+MAX_LOCATIONS_PER_CLASS = 10_000  # like nnU-Net: a random subset of each class's voxels is enough to sample from
+
+ArrayOrPath = np.ndarray | Path
+
+
+def class_locations(label: np.ndarray, num_classes: int, rng: np.random.Generator) -> dict[int, np.ndarray]:
+    """Up to ``MAX_LOCATIONS_PER_CLASS`` voxel indices ``(N, 3)`` of each foreground class present."""
+    locations = {}
+    for c in range(1, num_classes):
+        where = np.argwhere(label == c)
+        if len(where) > MAX_LOCATIONS_PER_CLASS:
+            where = where[rng.choice(len(where), MAX_LOCATIONS_PER_CLASS, replace=False)]
+        if len(where):
+            locations[c] = where.astype(np.int32)
+    return locations
+
+
+@dataclass
+class Intensity:
+    """Per-channel intensity mapping ``(clip(x, lower, upper) − shift) / scale``."""
+
+    shift: np.ndarray
+    scale: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+
+    @classmethod
+    def zscore(cls, mean: np.ndarray, std: np.ndarray) -> "Intensity":
+        """Per-channel z-score, no clipping (a constant channel keeps scale 1e-8)."""
+        mean = np.asarray(mean, dtype=np.float64)
+        unbounded = np.full(len(mean), np.inf)
+        return cls(mean, np.maximum(np.asarray(std, dtype=np.float64), 1e-8), -unbounded, unbounded)
+
+    @classmethod
+    def identity(cls, channels: int) -> "Intensity":
+        return cls.zscore(np.zeros(channels), np.ones(channels))
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """Normalised float32 copy of ``image`` ``(C, …)``."""
+        shape = (-1,) + (1,) * (image.ndim - 1)
+        out = np.asarray(image, dtype=np.float32)
+        if np.isfinite(self.lower).any() or np.isfinite(self.upper).any():
+            out = np.clip(out, self.lower.reshape(shape).astype(np.float32), self.upper.reshape(shape).astype(np.float32))
+        shift, scale = self.shift.reshape(shape).astype(np.float32), self.scale.reshape(shape).astype(np.float32)
+        return (out - shift) / scale
+
+
+@dataclass
+class Case:
+    """A subject's arrays and what the samplers and metrics need to know about it.
+
+    ``channel_mean``/``channel_std`` describe the image (for per-subject z-scores),
+    ``foreground_samples`` ``(C, N)`` are image values at random foreground voxels (for CT
+    normalisation statistics);
+    ``expected_volume_ml`` is ``Σ p × voxel volume`` per foreground class where the label's
+    distribution ``probabilities`` is known (synthetic, MNI152), NaN otherwise. ``intensity`` is set by the
+    datamodule from its normalisation setting.
+    """
+
+    name: str
+    image: ArrayOrPath
+    label: ArrayOrPath
+    affine: np.ndarray
+    locations: dict[int, np.ndarray]
+    channel_mean: np.ndarray
+    channel_std: np.ndarray
+    expected_volume_ml: list[float] = field(default_factory=list)
+    foreground_samples: np.ndarray | None = None
+    intensity: Intensity | None = None
+    probabilities: np.ndarray | None = None
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel spacing in mm."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(image, label)``, memory-mapped where they live on disk."""
+        return tuple(a if isinstance(a, np.ndarray) else np.load(a, mmap_mode="r") for a in (self.image, self.label))
+
+    def normalised(self, image: np.ndarray) -> np.ndarray:
+        return self.intensity(image) if self.intensity is not None else np.asarray(image, dtype=np.float32)
+
+    def to_subject(self, num_classes: int) -> tio.Subject:
+        """The whole subject as a TorchIO ``Subject`` (normalised image), for validation."""
+        image, label = self.arrays()
+        expected = self.expected_volume_ml or [math.nan] * (num_classes - 1)
+        return tio.Subject(
+            image=tio.ScalarImage(tensor=torch.from_numpy(self.normalised(image)), affine=self.affine),
+            label=tio.LabelMap(tensor=torch.from_numpy(np.asarray(label, dtype=np.int64))[None], affine=self.affine),
+            name=self.name,
+            expected_volume_ml=[float(v) for v in expected],
+        )
+
+
+def in_memory_case(
+    name: str, image: np.ndarray, label: np.ndarray, affine: np.ndarray, num_classes: int,
+    expected_volume_ml: list[float] | None = None, seed: int = 0, probabilities: np.ndarray | None = None,
+) -> Case:
+    """A :class:`Case` from arrays already in memory (``image`` ``(C, W, H, D)``; the label's
+    class ``probabilities`` ``(num_classes, W, H, D)`` where known)."""
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    flat = image.reshape(len(image), -1)
+    rng = np.random.default_rng(seed)
+    return Case(
+        name=name,
+        image=image,
+        label=np.ascontiguousarray(label),
+        affine=np.asarray(affine, dtype=np.float64),
+        locations=class_locations(label, num_classes, rng),
+        channel_mean=flat.mean(1, dtype=np.float64),
+        channel_std=flat.std(1, dtype=np.float64),
+        expected_volume_ml=list(expected_volume_ml or []),
+        foreground_samples=foreground_samples(image, label, rng),
+        probabilities=None if probabilities is None else np.ascontiguousarray(probabilities, dtype=np.float32),
+    )
+
+
+def foreground_samples(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Image values ``(C, N)`` at up to ``MAX_LOCATIONS_PER_CLASS`` random foreground voxels."""
+    values = image[:, np.asarray(label) > 0]
+    if values.shape[1] > MAX_LOCATIONS_PER_CLASS:
+        values = values[:, rng.choice(values.shape[1], MAX_LOCATIONS_PER_CLASS, replace=False)]
+    return values.astype(np.float32)
+
+
+def read_window(
+    array: np.ndarray, start: np.ndarray, size: np.ndarray, transform=np.asarray, fill: float = 0
+) -> np.ndarray:
+    """``transform(array[..., start:start+size])`` over the last three axes, ``fill`` outside.
+
+    Only the requested bytes are read from a memory-mapped array; ``transform`` (e.g. the
+    intensity normalisation) sees only the part inside the array, padding comes after it.
+    """
+    shape = np.asarray(array.shape[-3:])
+    lo = np.maximum(start, 0)
+    hi = np.minimum(start + size, shape)
+    inside = transform(array[(..., *[slice(int(a), int(b)) for a, b in zip(lo, hi)])])
+    if (lo == start).all() and (hi == start + size).all():
+        return np.array(inside)
+    out = np.full(array.shape[:-3] + tuple(int(s) for s in size), fill, dtype=inside.dtype)
+    offset = lo - start
+    out[(..., *[slice(int(o), int(o + b - a)) for o, a, b in zip(offset, lo, hi)])] = inside
+    return out

@@ -1,0 +1,182 @@
+"""``data=folder data.root=PATH``: a Decathlon or nnU-Net v2 dataset folder on disk."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from callbacks.results_writer import write_atomically
+from datamodules.cases import Case
+from datamodules.dataset_layout import DatasetLayout, read_layout
+from datamodules.preprocessing_cache import PreprocessingCache, median_spacing
+from datamodules.segmentation import SegmentationDataModule, distributed_context
+from input_errors import DatasetError, InputError
+
+
+def split_cases(names: Sequence[str], seed: int, val_fraction: float, fold: int | None, num_folds: int) -> list[dict]:
+    """nnU-Net's ``splits_final.json`` format: ``[{"train": […], "val": […]}, …]``.
+
+    With ``fold`` set, ``num_folds`` folds of a seeded shuffle; otherwise one split holding
+    out ``val_fraction`` of the cases (at least one).
+    """
+    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    if fold is None:
+        n_val = min(len(order) - 1, max(1, round(val_fraction * len(order))))
+        groups = [order[:n_val]]
+    else:
+        groups = [list(g) for g in np.array_split(np.asarray(order, dtype=object), num_folds)]
+    return [{"train": sorted(n for n in names if n not in set(g)), "val": sorted(g)} for g in groups]
+
+
+def read_splits(path: Path, known: set[str]) -> list[dict]:
+    """A ``splits.json`` someone gave us: a list of ``{"train": [names], "val": [names]}`` whose
+    names are cases of the dataset (:class:`DatasetError` naming the file otherwise)."""
+    try:
+        splits = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as error:
+        raise DatasetError([f"{path}: cannot be read as JSON splits ({str(error)[:200] or type(error).__name__})"]) from None
+    shape_ok = isinstance(splits, list) and splits and all(
+        isinstance(s, dict) and all(isinstance(s.get(k), list) and all(isinstance(n, str) for n in s[k]) for k in ("train", "val"))
+        for s in splits
+    )
+    if not shape_ok:
+        raise DatasetError([f"{path}: not a splits file (a non-empty list of {{\"train\": [case names], \"val\": [case names]}})"])
+    repeated = sorted({n for s in splits for k in ("train", "val") for n in s[k] if s[k].count(n) > 1})
+    if repeated:
+        raise DatasetError([f"{path}: cases {repeated[:5]} are listed more than once in one split"])
+    unknown = sorted({n for s in splits for k in ("train", "val") for n in s[k]} - known)
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise DatasetError([f"{path}: cases {shown} are not in the dataset"])
+    return splits
+
+
+def chosen_split(splits: list[dict], fold: int | None, where: str) -> dict:
+    """Fold ``fold`` of ``splits`` (the only one when None), with cases to train and validate on."""
+    index = fold or 0
+    if not 0 <= index < len(splits):
+        raise InputError(f"data.fold={fold}, but {where} has {len(splits)} fold(s)")
+    split = splits[index]
+    if not split["train"] or not split["val"]:
+        raise InputError(f"{where}, fold {index}: {len(split['train'])} training and {len(split['val'])} validation cases; both need one")
+    overlap = sorted(set(split["train"]) & set(split["val"]))
+    if overlap:
+        raise DatasetError([f"{where}, fold {index}: cases {overlap[:5]} are both training and validation cases"])
+    return split
+
+
+class FolderDataModule(SegmentationDataModule):
+    """Cases listed by ``root/dataset.json``, checked, preprocessed once into the cache.
+
+    Args:
+        root: the dataset folder (holding ``dataset.json``).
+        cache_dir: where preprocessed cases are kept (see :mod:`datamodules.preprocessing_cache`).
+        target_spacing: resampling target in mm ``(x, y, z)`` (RAS+), or None for the
+            dataset's median spacing (nnU-Net's default).
+        crop_nonzero: crop each case to the box of non-zero image voxels.
+        val_fraction: share of cases held out for validation when ``fold`` is None.
+        fold, num_folds: use fold ``fold`` of a ``num_folds``-fold split instead.
+        split_seed: seed of the split (fixed by default so every run sees the same split).
+        splits_file: where the split used is written (nnU-Net's ``splits_final.json`` format).
+        splits_from: a ``splits.json`` to reuse instead of drawing a split.
+        allow_outside_root: accept files that ``dataset.json`` places outside ``root`` (``..``,
+            absolute paths, symbolic links out of it); refused by default.
+        **loader: :class:`SegmentationDataModule` arguments.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        cache_dir: str = "~/.cache/biasseg",
+        target_spacing: Sequence[float] | None = None,
+        crop_nonzero: bool = True,
+        val_fraction: float = 0.2,
+        fold: int | None = None,
+        num_folds: int = 5,
+        split_seed: int = 0,
+        splits_file: str | None = None,
+        splits_from: str | None = None,
+        allow_outside_root: bool = False,
+        **loader,
+    ) -> None:
+        super().__init__(**loader)
+        if self.label_mode == "soft":
+            raise InputError("data.label_mode=soft needs the labels' class probabilities; data=folder has label maps only")
+        if root in (None, "", "???"):
+            raise DatasetError(["data.root is not set: data=folder needs data.root=PATH (a folder with dataset.json)"])
+        if splits_from is None and fold is not None and not 0 <= fold < num_folds:
+            raise InputError(f"data.fold must be in [0, {num_folds}) (data.num_folds), got {fold}")
+        if not 0.0 < val_fraction < 1.0:
+            raise InputError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if int(num_folds) < 2:
+            raise InputError(f"data.num_folds must be >= 2, got {num_folds}")
+        self.layout: DatasetLayout = read_layout(root, allow_outside_root=bool(allow_outside_root))
+        if self.layout.num_classes > 256:
+            raise DatasetError([f"{self.layout.root / 'dataset.json'}: more than 256 classes are not supported"])
+        self.cache_dir = cache_dir
+        self.target_spacing = [float(s) for s in target_spacing] if target_spacing is not None else None
+        if self.target_spacing is not None and (len(self.target_spacing) != 3 or min(self.target_spacing) <= 0):
+            raise InputError(f"data.target_spacing must be three positive numbers (mm), got {list(target_spacing)}")
+        self.crop_nonzero = bool(crop_nonzero)
+        self.val_fraction, self.fold, self.num_folds = float(val_fraction), fold, int(num_folds)
+        self.split_seed = int(split_seed)
+        self.splits_file, self.splits_from = splits_file, splits_from
+        self._cache: PreprocessingCache | None = None
+        self.all_splits = self.splits()  # checked now, before any preprocessing
+        self.split = chosen_split(self.all_splits, fold, self.splits_from or "the drawn split")
+
+    @property
+    def num_classes(self) -> int:
+        return self.layout.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return self.layout.in_channels
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.layout.class_names[1:])
+
+    @property
+    def cache(self) -> PreprocessingCache:
+        """The cache for this dataset and these settings (resolving the median spacing once)."""
+        if self._cache is None:
+            spacing = self.target_spacing or median_spacing(self.layout.cases)
+            self._cache = PreprocessingCache(self.layout, self.cache_dir, spacing, self.crop_nonzero)
+        return self._cache
+
+    def prepare_data(self) -> None:
+        """Check, then preprocess, every case not yet cached (once per node)."""
+        self.cache.prepare(self.layout.cases, self.num_workers)
+
+    def splits(self) -> list[dict]:
+        """Every split: the reused ``splits_from`` file, or drawn from the cases."""
+        names = [c.name for c in self.layout.cases]
+        if self.splits_from:
+            return read_splits(Path(self.splits_from).expanduser(), set(names))
+        if len(names) < 2:
+            raise DatasetError([f"{self.layout.root / 'dataset.json'}: {len(names)} case(s); a training and a validation case are needed"])
+        if self.fold is not None and len(names) < self.num_folds:
+            raise InputError(f"data.num_folds={self.num_folds} folds need at least as many cases; {self.layout.root} has {len(names)}")
+        return split_cases(names, self.split_seed, self.val_fraction, self.fold, self.num_folds)
+
+    def load_cases(self) -> tuple[list[Case], list[Case]]:
+        self.prepare_data()  # a no-op when fresh; makes setup() alone enough outside a Trainer
+        known = {c.name: c for c in self.layout.cases}
+        if self.splits_file and distributed_context()[0] == 0:
+            Path(self.splits_file).parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(Path(self.splits_file), json.dumps(self.all_splits, indent=2))
+        train = [self.cache.load(known[n]) for n in self.split["train"]]
+        val = [self.cache.load(known[n]) for n in self.split["val"]]
+        return train, val
+
+    def inference_settings(self) -> dict:
+        """What prediction on new images needs to preprocess them like the training data."""
+        return {
+            **super().inference_settings(),
+            "target_spacing": self.cache.settings["target_spacing_mm"],
+            "crop_nonzero": self.crop_nonzero,
+        }

@@ -1,0 +1,275 @@
+"""Preprocess a dataset once and keep the result, uncompressed, for every later run.
+
+Per case (nnU-Net's order): reorient to RAS+ (``ToCanonical``), resample to the target
+spacing (images linear, labels nearest), crop to the bounding box of non-zero image voxels.
+Intensity normalisation is *not* baked in: it is cheap per patch, and keeping raw
+intensities lets every normalisation setting share one cache.
+
+Layout::
+
+    <cache_dir>/<dataset name>-<hash of its path>/<hash of the settings>/
+        settings.json          the settings the hash stands for (human-readable)
+        <case>.image.npy       float32 (C, W, H, D), read memory-mapped
+        <case>.label.npy       uint8 (W, H, D)
+        <case>.sampling.npz    foreground voxel locations per class, foreground intensities
+        <case>.meta.json       affine, spacing, statistics and the source files' fingerprint
+
+A case is reused only while its source files keep their size and modification time
+(``make``'s rule), the settings are unchanged and its arrays are intact (the sizes and
+``.npy`` headers recorded in its ``.meta.json``); anything else is rebuilt. Files are written
+under temporary names and renamed into place, the ``.meta.json`` last, so an interrupted run never
+leaves an entry that looks complete. Preparing holds a lock on the settings directory
+(``.lock``, ``flock``): a second run on the same new cache waits instead of preprocessing the
+same cases again, and temporaries left by a killed run are removed under it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchio as tio
+from tqdm import tqdm
+
+from callbacks.results_writer import write_atomically
+from datamodules.cases import Case, class_locations, foreground_samples
+from datamodules.dataset_layout import CaseFiles, DatasetLayout
+from datamodules.image_files import UnreadableImage, itk_affine
+from datamodules.input_checks import check_cases
+from input_errors import InputError
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 3  # bump when the stored arrays or their .meta.json change meaning
+ARRAYS = ("image.npy", "label.npy", "sampling.npz")
+
+
+def default_cache_dir() -> str:
+    """``$BIASSEG_CACHE_DIR``, else ``~/.cache/biasseg`` (as ``configs/data/folder.yaml``)."""
+    return os.environ.get("BIASSEG_CACHE_DIR", "~/.cache/biasseg")
+
+
+def fingerprint(case: CaseFiles) -> list:
+    """``[path, size, mtime_ns]`` of each source file."""
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in case.files]
+
+
+def median_spacing(cases: Sequence[CaseFiles]) -> list[float]:
+    """nnU-Net's default target spacing: the per-axis median over the cases (in RAS+ order).
+
+    Unreadable files are skipped here; the input checks report them.
+    """
+    spacings = []
+    for case in cases:
+        try:
+            affine = itk_affine(case.label)
+        except (UnreadableImage, OSError):
+            continue
+        canonical = tio.ToCanonical()(tio.ScalarImage(tensor=torch.zeros(1, 1, 1, 1), affine=affine)).affine
+        spacings.append(np.linalg.norm(canonical[:3, :3], axis=0))
+    if not spacings:
+        return [1.0, 1.0, 1.0]
+    return [round(float(s), 6) for s in np.median(np.stack(spacings), axis=0)]
+
+
+def load_subject(case: CaseFiles) -> tio.Subject:
+    """The case's image (all channels: one 4D file or one file per channel) and label."""
+    images = [tio.ScalarImage(p) for p in case.images]
+    if len(images) > 1:
+        tensor = torch.cat([i.data for i in images])
+        image = tio.ScalarImage(tensor=tensor, affine=images[0].affine)
+    else:
+        image = images[0]
+    return tio.Subject(image=image, label=tio.LabelMap(case.label))
+
+
+def preprocess_subject(subject: tio.Subject, target_spacing: Sequence[float] | None, crop_nonzero: bool) -> tio.Subject:
+    """Canonical orientation, target spacing (mm, RAS+ axes; None keeps the image's), non-zero
+    crop: training and prediction alike."""
+    subject = tio.ToCanonical()(subject)
+    if target_spacing is not None and not np.allclose(subject["image"].spacing, target_spacing, rtol=1e-3):
+        subject = tio.Resample(tuple(float(s) for s in target_spacing))(subject)
+    if crop_nonzero:
+        bounds = nonzero_crop(subject["image"].data.numpy())
+        if bounds is not None:
+            subject = tio.Crop(bounds)(subject)
+    return subject
+
+
+def nonzero_crop(image: np.ndarray) -> tuple[int, ...] | None:
+    """TorchIO ``Crop`` bounds ``(w0, w1, h0, h1, d0, d1)`` to the non-zero box, None if empty/full."""
+    mask = np.any(image != 0, axis=0)
+    if not mask.any():
+        return None
+    bounds = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        bounds += [int(hits[0]), int(mask.shape[axis] - 1 - hits[-1])]
+    return tuple(bounds) if any(bounds) else None
+
+
+class PreprocessingCache:
+    """The cache directory of one dataset under one set of preprocessing settings."""
+
+    def __init__(self, layout: DatasetLayout, cache_dir: str | Path, target_spacing: Sequence[float], crop_nonzero: bool) -> None:
+        self.layout = layout
+        self.settings = {
+            "version": CACHE_VERSION,
+            "dataset": str(layout.root),
+            "target_spacing_mm": [float(s) for s in target_spacing],
+            "crop_nonzero": bool(crop_nonzero),
+        }
+        dataset_key = hashlib.sha1(str(layout.root).encode()).hexdigest()[:8]
+        settings_key = hashlib.sha1(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:12]
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.directory = self.cache_dir / f"{layout.safe_name}-{dataset_key}" / settings_key
+
+    def meta_path(self, name: str) -> Path:
+        return self.directory / f"{name}.meta.json"  # no case name can make this settings.json
+
+    def array_path(self, name: str, kind: str) -> Path:
+        return self.directory / f"{name}.{kind}"
+
+    def is_fresh(self, case: CaseFiles) -> bool:
+        """Whether an intact entry built from the current source files exists."""
+        meta_path = self.meta_path(case.name)
+        try:
+            if not meta_path.is_file() or not all(p.is_file() for p in case.files):
+                return False
+            meta = json.loads(meta_path.read_text())
+            return meta.get("fingerprint") == fingerprint(case) and self.intact(case.name, meta)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, zipfile.BadZipFile):
+            return False  # a damaged entry is rebuilt
+
+    def intact(self, name: str, meta: dict) -> bool:
+        """The entry's arrays have the sizes, shapes and types recorded when they were written."""
+        sizes = meta.get("sizes", {})
+        for kind in ARRAYS:
+            path = self.array_path(name, kind)
+            if not path.is_file() or path.stat().st_size != sizes.get(kind):
+                return False
+        for kind, dtype in (("image.npy", "float32"), ("label.npy", "uint8")):
+            with open(self.array_path(name, kind), "rb") as file:
+                version = np.lib.format.read_magic(file)
+                if version not in ((1, 0), (2, 0)):
+                    return False
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, stored = read_header(file)
+            expected = (meta["channels"], *meta["shape"]) if kind == "image.npy" else tuple(meta["shape"])
+            if tuple(shape) != tuple(expected) or stored != np.dtype(dtype):
+                return False
+        with zipfile.ZipFile(self.array_path(name, "sampling.npz")) as archive:  # reads the index only
+            return all(info.filename.endswith(".npy") for info in archive.infolist())
+
+    def not_writable(self, error: PermissionError) -> InputError:
+        return InputError(
+            f"data.cache_dir={self.cache_dir}: {error.filename or self.directory} is not writable by you "
+            "(another user's cache?); set data.cache_dir=… or BIASSEG_CACHE_DIR to a folder of yours"
+        )
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the settings directory's lock (created if needed; a read-only handle is enough)."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            handle = os.fdopen(os.open(self.directory / ".lock", os.O_RDONLY | os.O_CREAT, 0o666))
+        except PermissionError as error:
+            raise self.not_writable(error) from None
+        except OSError as error:  # e.g. a file where a folder should be
+            raise InputError(f"data.cache_dir={self.cache_dir}: cannot create {self.directory} ({error.strerror or error})") from None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info(f"Waiting for another process preprocessing into {self.directory}")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def prepare(self, cases: Sequence[CaseFiles], num_workers: int = 0) -> None:
+        """Check and preprocess every case without a fresh entry (checks first, all of them)."""
+        stale = [c for c in cases if not self.is_fresh(c)]
+        if not stale:
+            return
+        check_cases(self.layout, stale, num_workers, self.settings["target_spacing_mm"])  # before anything is written
+        with self.locked():
+            for orphan in self.directory.glob(".*.tmp"):  # left by a killed run: nobody else writes while we hold the lock
+                orphan.unlink(missing_ok=True)
+            stale = [c for c in stale if not self.is_fresh(c)]  # another process may have built them meanwhile
+            if not stale:
+                return
+            try:
+                write_atomically(self.directory / "settings.json", json.dumps(self.settings, indent=2))
+            except PermissionError as error:
+                raise self.not_writable(error) from None
+            progress = dict(total=len(stale), desc=f"Preprocessing {self.layout.name} → {self.directory}", unit="case")
+            if num_workers > 0 and len(stale) > 1:
+                with ProcessPoolExecutor(min(num_workers, len(stale))) as pool:
+                    for _ in tqdm(pool.map(self.build, stale), **progress):
+                        pass
+            else:
+                for case in tqdm(stale, **progress):
+                    self.build(case)
+
+    def build(self, case: CaseFiles) -> None:
+        """Preprocess one case and write its entry atomically."""
+        torch.set_num_threads(1)
+        source = fingerprint(case)
+        subject = preprocess_subject(
+            load_subject(case),
+            self.settings["target_spacing_mm"],
+            self.settings["crop_nonzero"],
+        )
+        image = np.ascontiguousarray(subject["image"].data.numpy(), dtype=np.float32)
+        label = np.ascontiguousarray(np.rint(subject["label"].data.numpy()[0]), dtype=np.uint8)
+        rng = np.random.default_rng(0)
+        locations = class_locations(label, self.layout.num_classes, rng)
+        flat = image.reshape(len(image), -1)
+        arrays = {f"class_{c}": v for c, v in locations.items()}
+        arrays["foreground_samples"] = foreground_samples(image, label, rng)
+        write_atomically(self.array_path(case.name, "image.npy"), lambda h: np.save(h, image))
+        write_atomically(self.array_path(case.name, "label.npy"), lambda h: np.save(h, label))
+        write_atomically(self.array_path(case.name, "sampling.npz"), lambda h: np.savez(h, **arrays))
+        meta = {
+            "name": case.name,
+            "fingerprint": source,
+            "affine": subject["image"].affine.tolist(),
+            "shape": list(label.shape),
+            "channels": len(image),
+            "sizes": {kind: self.array_path(case.name, kind).stat().st_size for kind in ARRAYS},
+            "channel_mean": flat.mean(1, dtype=np.float64).tolist(),
+            "channel_std": flat.std(1, dtype=np.float64).tolist(),
+        }
+        write_atomically(self.meta_path(case.name), json.dumps(meta))
+
+    def load(self, case: CaseFiles) -> Case:
+        """The cached case (arrays memory-mapped on use); it must be fresh."""
+        if not self.is_fresh(case):  # changed since prepare() (an edited source, another run): build it again
+            self.prepare([case])
+        meta = json.loads(self.meta_path(case.name).read_text())
+        with np.load(self.array_path(case.name, "sampling.npz")) as sampling:
+            locations = {int(k.split("_")[1]): sampling[k] for k in sampling.files if k.startswith("class_")}
+            samples = sampling["foreground_samples"]
+        return Case(
+            name=case.name,
+            image=self.array_path(case.name, "image.npy"),
+            label=self.array_path(case.name, "label.npy"),
+            affine=np.asarray(meta["affine"]),
+            locations=locations,
+            channel_mean=np.asarray(meta["channel_mean"]),
+            channel_std=np.asarray(meta["channel_std"]),
+            foreground_samples=samples,
+        )

@@ -1,0 +1,91 @@
+"""Evaluate a trained checkpoint on whole validation volumes.
+
+    python evaluate.py ckpt_path=logs/train/runs/<run>/checkpoints/best-….ckpt
+    python evaluate.py ckpt_path=… data=folder data.root=/data/Task04_Hippocampus
+
+Writes ``metrics.json``, ``subjects.csv`` and ``calibration.csv`` (the format of training's
+validation) into ``logs/evaluate/runs/<timestamp>/``; the post-hoc remedies' temperature
+and threshold are fitted on the evaluated subjects, as in training's validation. Without ``data=…`` the checkpoint's own data config
+is used, with its split (``splits.json`` of the training run, when it still exists).
+``epoch`` and ``global_step`` in ``metrics.json`` are the checkpoint's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks import ResultsWriter
+from datamodules.preprocessing_cache import default_cache_dir
+from input_errors import InputError, exit_on_input_error
+from lightning_modules.checkpoint_contents import check_targets, instantiate_section
+from lightning_modules.checkpoints import load_trained, read_checkpoint
+
+# A checkpoint's data config decides what is read; these keys, how it is read, stay the user's.
+CHECKPOINT_DATA_OVERRIDES = {"allow_outside_root": False, "num_workers": "auto"}
+
+
+def data_config(cfg: DictConfig, run_data: object, source: str) -> DictConfig:
+    """``cfg.data`` if given, else the training data stored in the checkpoint (``source``),
+    which may only name biasseg's datamodules and TorchIO's random augmentations, and whose
+    settings of where to write and how many processes to start are this user's (the cache
+    folder, workers) or the safe defaults (files inside the dataset folder only). Folder data
+    of the training dataset reuses the training run's split; the split used is written
+    beside the outputs."""
+    stored = run_data if isinstance(run_data, dict) else {}
+    if cfg.get("data") is not None:
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+    else:
+        if "_target_" not in stored:
+            raise InputError(f"{source}: its stored config has no data section (_target_); give data=…")
+        check_targets(stored, "data", source)
+        data = dict(stored)
+        data.update({key: value for key, value in CHECKPOINT_DATA_OVERRIDES.items() if key in data})
+        if "cache_dir" in data:
+            data["cache_dir"] = default_cache_dir()
+    if "splits_file" in data:
+        trained_split = stored.get("splits_file")
+        same_dataset = data.get("root") == stored.get("root")
+        if same_dataset and not data.get("splits_from") and isinstance(trained_split, str) and Path(trained_split).is_file():
+            data["splits_from"] = trained_split
+        data["splits_file"] = str(Path(cfg.paths.output_dir) / "splits.json")
+    return OmegaConf.create(data)
+
+
+def plain_int(value: object) -> int | None:
+    """An int stored in a checkpoint (a tensor or number), else None."""
+    try:
+        return int(value.item() if isinstance(value, torch.Tensor) else value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Validate the checkpoint ``cfg.ckpt_path``; returns the summary (``val/…`` keys)."""
+    if not cfg.get("ckpt_path"):
+        raise InputError("evaluate.py needs ckpt_path=PATH")
+    checkpoint = read_checkpoint(cfg.ckpt_path)
+    source = f"ckpt_path={cfg.ckpt_path}"
+    config = data_config(cfg, checkpoint["run_config"].get("data"), source)
+    datamodule = instantiate(config) if cfg.get("data") is not None else instantiate_section(config, "data", source)
+    trained = load_trained(checkpoint, sliding_window=datamodule.sliding_window_settings(), source=source)
+    origin = {"epoch": plain_int(checkpoint.get("epoch")), "global_step": plain_int(checkpoint.get("global_step")),
+              "ckpt_path": str(cfg.ckpt_path)}
+    writer = ResultsWriter(cfg.paths.output_dir, fields=origin)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False)
+    trainer.validate(trained.module, datamodule=datamodule)
+    return {f"val/{k}": v for k, v in (trained.module.validation_summary or {}).items()}
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    exit_on_input_error(lambda: evaluate(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""The segmentation LightningModule: patch training, whole-volume validation per subject."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchio as tio
+from torch import nn
+
+from input_errors import InputError
+from lightning_modules.callback_state import confine_callback_state
+from lightning_modules.sliding_window import SlidingWindow
+from lightning_modules.unet import UNet3D
+from metrics import SubjectSegmentationMetrics, per_subject, summarize
+
+
+def preview_slices(subject: tio.Subject, probabilities: torch.Tensor) -> dict:
+    """Axial and coronal slices (numpy) through the reference's largest foreground extent.
+
+    ``image`` (first channel), ``label`` and ``prediction`` as foreground masks (any class),
+    ``probability`` = 1 − p(background); ``aspect`` is the displayed height/width ratio.
+    Only the two slices leave the device.
+    """
+    image = subject["image"][tio.DATA][0]
+    label = subject["label"][tio.DATA][0] > 0
+    sx, sy, sz = subject["label"].spacing
+    has_label = bool(label.any())
+    axial = int(label.sum((0, 1)).argmax()) if has_label else image.shape[2] // 2
+    coronal = int(label.sum((0, 2)).argmax()) if has_label else image.shape[1] // 2
+
+    def plane(index: tuple, aspect: float) -> dict:
+        p = probabilities[(slice(None), *index)]
+        return {
+            "image": image[index].float().numpy(),
+            "label": label[index].numpy(),
+            "prediction": (p.argmax(0) > 0).cpu().numpy(),
+            "probability": (1 - p[0]).cpu().numpy(),
+            "aspect": aspect,
+        }
+
+    return {
+        "name": subject["name"],
+        "index": int(subject["subject_index"]),
+        "axial": plane((slice(None), slice(None), axial), sy / sx),
+        "coronal": plane((slice(None), coronal, slice(None)), sz / sx),
+    }
+
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+class SegmentationModule(pl.LightningModule):
+    """3D U-Net trained with a pluggable loss; validated on whole volumes every epoch.
+
+    Args:
+        loss: called as ``loss(logits (B, C, W, H, D), target)``, the target a label map
+            ``(B, 1, W, H, D)`` or class probabilities ``(B, C, W, H, D)`` (soft labels).
+        in_channels, num_classes: image channels; classes including background.
+        features: channels per U-Net stage.
+        deep_supervision: also supervise the coarser decoder outputs (nnU-Net weights
+            ``1/2^i``, normalised), with nearest-neighbour downsampled label maps or
+            area-averaged class probabilities.
+        optimizer: ``params → Optimizer`` (a Hydra partial).
+        scheduler: ``optimizer → LRScheduler`` (a Hydra partial), stepped every optimiser
+            step; ``total_iters``/``T_max`` are filled with the run's total steps.
+        sliding_window: :class:`SlidingWindow` settings for validation.
+        class_names: names of the foreground classes, for per-class metric keys.
+        preview_subjects: keep slices of this many validation subjects for pictures.
+        soft_volume_margin_mm: the near-structure soft volume sums ``p`` within this many mm of
+            the predicted structure (see :mod:`metrics.subject_metrics`).
+
+    After each validation epoch ``validation_rows`` holds the per-subject rows (CPU tensors,
+    see :mod:`metrics.subject_metrics`), ``validation_reliability`` the pooled reliability
+    bins and ``validation_summary`` the logged values.
+    """
+
+    def __init__(
+        self,
+        loss: nn.Module,
+        in_channels: int,
+        num_classes: int,
+        features: Sequence[int] = (8, 16, 32, 64),
+        deep_supervision: bool = False,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        sliding_window: Mapping[str, Any] | None = None,
+        class_names: Sequence[str] | None = None,
+        preview_subjects: int = 2,
+        soft_volume_margin_mm: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
+        self.net = UNet3D(in_channels, num_classes, features, deep_supervision)
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        window = dict(sliding_window or {"patch_size": (32, 32, 32)})
+        window["patch_size"] = tuple(int(p) for p in window["patch_size"])
+        self.sliding_window = SlidingWindow(**window)
+        if any(p % self.net.size_divisor for p in self.sliding_window.patch_size):
+            raise InputError(
+                f"patch size {self.sliding_window.patch_size} must be divisible by {self.net.size_divisor} "
+                f"for a U-Net with {len(self.net.features)} stages (model.features)"
+            )
+        self.class_names = list(class_names or [f"class{c}" for c in range(1, num_classes)])
+        if len(self.class_names) != num_classes - 1:
+            raise InputError(f"{len(self.class_names)} class names for {num_classes - 1} foreground classes")
+        self.val_metrics = SubjectSegmentationMetrics(num_classes, soft_volume_margin_mm)
+        self.validation_rows: dict[str, torch.Tensor] | None = None
+        self.validation_reliability: torch.Tensor | None = None  # (C − 1, bins, 3), see metrics.calibration
+        self.validation_summary: dict[str, float] | None = None
+        self.preview_subjects = int(preview_subjects)
+        self.validation_previews: list[dict] = []
+        self._previews: list[dict] = []
+        self.run_config: dict | None = None  # the resolved run config, stored in checkpoints
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, C, W, H, D)`` for images ``(B, in_channels, W, H, D)``."""
+        return self.net(x)
+
+    # --- training ---------------------------------------------------------------------
+    def compute_loss(self, output: torch.Tensor | list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        if isinstance(output, torch.Tensor):
+            return self.loss(output, target)
+        weights = [0.5**i for i in range(len(output))]
+        total = 0.0
+        for weight, logits in zip(weights, output):
+            if logits.shape[2:] != target.shape[2:] and target.is_floating_point():
+                # class probabilities: averaged, so every scale keeps the expected volume Σq
+                scaled = F.interpolate(target, size=logits.shape[2:], mode="area")
+            elif logits.shape[2:] != target.shape[2:]:
+                scaled = F.interpolate(target.float(), size=logits.shape[2:], mode="nearest").to(target.dtype)
+            else:
+                scaled = target
+            total = total + weight / sum(weights) * self.loss(logits, scaled)
+        return total
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        image = batch["image"][tio.DATA]
+        label = batch["label"][tio.DATA]
+        loss = self.compute_loss(self.net(image), label)
+        # epoch mean only: a per-step value would make Lightning read the loss back to the host
+        # (a device synchronisation) every step for the logger and the progress bar
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
+
+    # --- validation -------------------------------------------------------------------
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, tio.Subject):  # whole subjects: tensors move in validation_step
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Whole-volume class probabilities ``(C, W, H, D)`` on the module's device."""
+        return self.sliding_window(image.to(self.device, non_blocking=True).float(), self.net)
+
+    def validation_step(self, subject: tio.Subject, batch_idx: int) -> None:
+        probabilities = self.predict_probabilities(subject["image"][tio.DATA])
+        self.val_metrics.update(
+            probabilities,
+            subject["label"][tio.DATA],
+            subject["label"].spacing,
+            int(subject["subject_index"]),
+            subject.get("expected_volume_ml"),
+        )
+        if int(subject["subject_index"]) < self.preview_subjects:
+            self._previews.append(preview_slices(subject, probabilities))
+
+    def on_validation_epoch_end(self) -> None:
+        rows, fitted = per_subject(self.val_metrics)
+        self.val_metrics.reset()
+        summary = summarize(rows, self.class_names, fitted)
+        for key, value in summary.items():
+            self.log(f"val/{key}", value, prog_bar=key == "dice", sync_dist=True)
+        self.validation_rows = {key: value.detach().cpu() for key, value in rows.items()}
+        self.validation_reliability = fitted["reliability"].detach().cpu()
+        self.validation_summary = summary
+        self.validation_previews, self._previews = sorted(self._previews, key=lambda p: p["index"]), []
+
+    # --- optimisation -----------------------------------------------------------------
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise InputError("training needs an optimizer (model.optimizer in the config)")
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        accepted = inspect.signature(self.scheduler_factory).parameters
+        length = {name: total_steps for name in ("total_iters", "T_max") if name in accepted}
+        scheduler = self.scheduler_factory(optimizer, **length)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        dropped = confine_callback_state(checkpoint)
+        if dropped:
+            warnings.warn(f"the checkpoint's callback state named files outside its folder, ignored: {dropped[:3]}", stacklevel=2)
+        # Resumed runs continue the patch stream exactly where the checkpoint stopped, also in
+        # the middle of an epoch (SIGTERM, requeue), instead of replaying the epoch's batches.
+        # "processed" counts the batches trained on (a checkpoint written at a batch's end has
+        # not yet counted it as "completed").
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        loops = checkpoint.get("loops")
+        try:
+            done = loops["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"]
+            epoch = checkpoint["epoch"]
+        except (KeyError, TypeError):
+            return
+        valid = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (done, epoch))
+        if valid and datamodule is not None and hasattr(datamodule, "resume_from") and self.trainer.state.fn == "fit":
+            datamodule.resume_from(epoch, done)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_config is not None:
+            checkpoint["run_config"] = self.run_config
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "inference_settings"):
+            checkpoint["inference_settings"] = datamodule.inference_settings()

@@ -1,0 +1,122 @@
+"""Whole-volume sliding-window inference, accumulated on the model's device.
+
+Patch locations come from TorchIO's ``GridSampler`` (same grid as its ``GridAggregator``);
+patches are cut from the image tensor already on the device and blended there, so no
+per-patch host round trip happens (TorchIO's own aggregator accumulates on the CPU). Blending
+weights: ``hann`` (TorchIO's window), ``gaussian`` (σ = patch / 8 as nnU-Net, each axis floored at
+1e-3 of its peak so border voxels keep some weight; nnU-Net and MONAI floor differently) or
+``constant``.
+Probabilities, not logits, are blended (softmax per patch first), so the blended map stays a
+probability map whose soft volume is meaningful.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchio as tio
+
+from input_errors import InputError
+
+WEIGHTINGS = ("hann", "gaussian", "constant")
+
+
+def blending_window(patch_size: Sequence[int], weighting: str, device: torch.device) -> torch.Tensor:
+    """Separable blending weights of shape ``patch_size``, all > 0."""
+    if weighting not in WEIGHTINGS:
+        raise InputError(f"sliding-window weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    window = torch.ones((), device=device)
+    for size in patch_size:
+        if weighting == "hann":
+            w = torch.hann_window(size + 2, periodic=False, device=device)[1:-1]
+        elif weighting == "gaussian":
+            x = torch.arange(size, device=device, dtype=torch.float32) - (size - 1) / 2
+            w = torch.exp(-0.5 * (x / (size / 8)) ** 2)
+            w = torch.clamp(w / w.max(), min=1e-3)
+        else:
+            w = torch.ones(size, device=device)
+        window = window.unsqueeze(-1) * w
+    return window.float()
+
+
+def grid_overlap(patch_size: Sequence[int], fraction: float) -> tuple[int, int, int]:
+    """Even overlap in voxels (TorchIO's GridSampler needs even values) per axis."""
+    return tuple(int(p * fraction) // 2 * 2 for p in patch_size)
+
+
+@torch.no_grad()
+def sliding_window_probabilities(
+    image: torch.Tensor,
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    batch_size: int = 2,
+    weighting: str = "hann",
+) -> torch.Tensor:
+    """Class probabilities ``(C, W, H, D)`` for a whole image ``(channels, W, H, D)``.
+
+    ``predict`` maps a batch of patches ``(B, channels, *patch_size)`` to logits
+    ``(B, C, *patch_size)``. Images smaller than a patch are zero-padded, the output cropped
+    back. Everything stays on ``image``'s device.
+    """
+    patch_size = tuple(int(p) for p in patch_size)
+    shape = image.shape[1:]
+    missing = [max(p - s, 0) for p, s in zip(patch_size, shape)]
+    if any(missing):
+        pad = []
+        for m in reversed(missing):  # F.pad takes the last axis first
+            pad += [m // 2, m - m // 2]
+        image = F.pad(image, pad)
+    padded_shape = image.shape[1:]
+    # The grid TorchIO's GridSampler uses, without building a Subject of the whole volume.
+    locations = tio.GridSampler._get_patches_locations(
+        tuple(padded_shape), patch_size, grid_overlap(patch_size, overlap)
+    )
+    window = blending_window(patch_size, weighting, image.device)
+    output: torch.Tensor | None = None
+    weights = torch.zeros(padded_shape, device=image.device)
+    for start in range(0, len(locations), batch_size):
+        chunk = locations[start : start + batch_size]
+        patches = torch.stack([image[:, i0:i1, j0:j1, k0:k1] for i0, j0, k0, i1, j1, k1 in chunk])
+        probabilities = torch.softmax(predict(patches).float(), dim=1)
+        if output is None:
+            output = torch.zeros(probabilities.shape[1], *padded_shape, device=image.device)
+        for p, (i0, j0, k0, i1, j1, k1) in zip(probabilities, chunk):
+            output[:, i0:i1, j0:j1, k0:k1] += p * window
+            weights[i0:i1, j0:j1, k0:k1] += window
+    assert output is not None
+    output /= weights
+    if any(missing):
+        before = np.array(missing) // 2
+        output = output[
+            :,
+            before[0] : before[0] + shape[0],
+            before[1] : before[1] + shape[1],
+            before[2] : before[2] + shape[2],
+        ]
+    return output
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """Sliding-window settings; call with an image ``(channels, W, H, D)`` and a predictor."""
+
+    patch_size: tuple[int, int, int]
+    overlap: float = 0.5
+    batch_size: int = 2
+    weighting: str = "hann"
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise InputError(f"sliding-window weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise InputError(f"sliding-window overlap must be in [0, 1), got {self.overlap}")
+
+    def __call__(self, image: torch.Tensor, predict: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return sliding_window_probabilities(
+            image, predict, self.patch_size, self.overlap, self.batch_size, self.weighting
+        )

@@ -1,0 +1,5 @@
+"""Experiment loggers beyond Lightning's own."""
+
+from loggers.resumable_csv import ResumableCSVLogger
+
+__all__ = ["ResumableCSVLogger"]

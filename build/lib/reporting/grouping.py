@@ -1,0 +1,128 @@
+"""Which runs form one row of the report: a task × loss, over training seeds.
+
+* The task is the run's ``task_name``. When runs of one task name differ in their data
+  settings, model or optimiser settings, or training length, each setting becomes its own
+  task, labelled by what tells them apart: the experiment choice, the data option, else the
+  differing keys, e.g. ``train [uncertainty=2.5]``, ``train [lr=0.01]``.
+* The loss is the ``loss`` option (``hydra.runtime.choices``), else the loss class name;
+  runs of one option with different loss settings are told apart the same way, e.g.
+  ``softdice [squared=True]``.
+
+Runs that differ in nothing else (the training seed, execution settings such as
+``data.num_workers``) share a row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from reporting.runs import Run
+
+IGNORED_DATA_KEYS = ("num_workers", "pin_memory", "val_batch_size")  # how, not what, is computed
+MAX_LABEL_KEYS = 4
+
+
+@dataclass
+class Group:
+    """The runs of one task × loss."""
+
+    task: str
+    loss: str
+    runs: list[Run]
+
+    @property
+    def is_cross_entropy(self) -> bool:
+        choice = self.runs[0].choices.get("loss")
+        target = str(self.runs[0].loss.get("_target_", ""))
+        return choice == "ce" if choice else target.endswith("CrossEntropyLoss")
+
+
+def flatten(section: object, prefix: str = "") -> dict[str, str]:
+    """Nested dicts as ``{"a.b": json value}``."""
+    if not isinstance(section, dict):
+        return {prefix.rstrip("."): json.dumps(section, sort_keys=True, default=str)}
+    flat: dict[str, str] = {}
+    for key, value in section.items():
+        flat.update(flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def data_signature(run: Run) -> dict[str, str]:
+    """What defines a task: the data settings, the model and optimiser, the training length."""
+    signature = {k: v for k, v in flatten(run.data).items() if k.split(".")[0] not in IGNORED_DATA_KEYS}
+    signature.update(flatten(run.model, "model."))
+    signature["max_epochs"] = json.dumps(run.max_epochs)
+    return signature
+
+
+def loss_signature(run: Run) -> dict[str, str]:
+    return flatten(run.loss)
+
+
+def labels(base: str, runs: list[Run], signature: Callable[[Run], dict[str, str]],
+           choice_groups: tuple[str, ...]) -> dict[int, str]:
+    """A label per run (by ``id``): ``base``, or ``base [what differs]`` when the runs hold
+    several signatures. The chosen options of ``choice_groups`` are tried first, then the
+    signature keys that still differ."""
+    flats = {id(run): signature(run) for run in runs}
+    keys = {id(run): json.dumps(flats[id(run)], sort_keys=True) for run in runs}
+    if len(set(keys.values())) == 1:
+        return {id(run): base for run in runs}
+    first = {}  # one run per signature
+    for run in runs:
+        first.setdefault(keys[id(run)], run)
+    parts: dict[str, list[str]] = {key: [] for key in first}
+    for group in choice_groups:
+        values = {key: run.choices.get(group, "none") for key, run in first.items()}
+        if len(set(values.values())) > 1:
+            for key, value in values.items():
+                parts[key].append(f"{group}={value}")
+    colliding: dict[tuple, list[str]] = {}
+    for key in first:
+        colliding.setdefault(tuple(parts[key]), []).append(key)
+    for members in colliding.values():
+        if len(members) > 1:
+            member_flats = [flats[id(first[key])] for key in members]
+            names = sorted(set().union(*member_flats))
+            differing = [n for n in names if len({flat.get(n) for flat in member_flats}) > 1][:MAX_LABEL_KEYS]
+            for key in members:
+                flat = flats[id(first[key])]
+                parts[key] += [f"{n.rsplit('.', 1)[-1]}={_short(flat.get(n))}" for n in differing]
+    return {id(run): f"{base} [{', '.join(parts[keys[id(run)]])}]" for run in runs}
+
+
+def _short(value: str | None) -> str:
+    if value is None:
+        return "unset"
+    loaded = json.loads(value)
+    return loaded if isinstance(loaded, str) else json.dumps(loaded).replace(" ", "")
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Groups of the given runs, by task then loss (cross-entropy first)."""
+    by_name: dict[str, list[Run]] = {}
+    for run in runs:
+        by_name.setdefault(run.task_name, []).append(run)
+    task_of: dict[int, str] = {}
+    for name, members in by_name.items():
+        task_of.update(labels(name, members, data_signature, ("experiment", "data", "model", "model/optimizer")))
+    by_task_loss: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        by_task_loss.setdefault((task_of[id(run)], run.loss_name), []).append(run)
+    groups = []
+    for (task, loss_name), members in by_task_loss.items():
+        loss_of = labels(loss_name, members, loss_signature, ())
+        split: dict[str, list[Run]] = {}
+        for run in members:
+            split.setdefault(loss_of[id(run)], []).append(run)
+        groups += [Group(task, loss, sorted(rs, key=lambda r: (r.seed is None, r.seed or 0))) for loss, rs in split.items()]
+    return sorted(groups, key=lambda g: (g.task, not g.is_cross_entropy, g.loss))
+
+
+def reference_group(groups: list[Group], task: str) -> Group | None:
+    """The task's cross-entropy group: the one labelled ``ce`` when there are several."""
+    candidates = [g for g in groups if g.task == task and g.is_cross_entropy]
+    exact = [g for g in candidates if g.loss == "ce"]
+    return (exact or candidates or [None])[0]

@@ -1,0 +1,79 @@
+"""Per-subject measures of one run, from its subjects.csv (volumes in ml).
+
+With ``ΔV = predicted − reference`` (``metrics.volume_summary``'s definitions, per subject):
+``dice``; ``volume_bias_ml`` ΔV of the argmax volume; ``abs_volume_error_ml`` |ΔV|;
+``relative_volume_bias`` ΔV / reference; ``soft_volume_bias_ml`` and
+``soft_relative_volume_bias`` the same for the soft volume ``Σ p``; where the expected
+volume ``Σ q`` is known, ``relative_expected_volume_bias`` (argmax − expected) / expected and
+``relative_soft_expected_volume_bias`` (soft − expected) / expected; the same two for the
+soft volume near the predicted structure (``near_soft_relative_volume_bias``,
+``relative_near_soft_expected_volume_bias``); ``ece`` (the subject's own); and the post-hoc
+remedies where the run has them: ``calibrated_…`` (soft volume after temperature scaling),
+``platt_…``, ``isotonic_…`` (after Platt scaling, isotonic regression), ``threshold_…``
+(Dice-optimal threshold), ``rankseg_…`` (RankSEG decoding), each as
+``…_relative_volume_bias`` and ``…_relative_expected_volume_bias``, plus ``threshold_dice``
+and ``rankseg_dice``. A measure whose columns the run lacks is absent.
+
+``suffix`` picks the columns: ``""`` the class mean, ``"/<class>"`` one class.
+"""
+
+from __future__ import annotations
+
+import math
+
+REMEDY_VOLUMES = {  # remedy -> (its volume column, its Dice column)
+    "calibrated": ("volume_soft_calibrated_ml", None),
+    "platt": ("volume_soft_platt_ml", None),
+    "isotonic": ("volume_soft_isotonic_ml", None),
+    "threshold": ("volume_threshold_ml", "dice_threshold"),
+    "rankseg": ("volume_rankseg_ml", "dice_rankseg"),
+}
+
+Column = dict[str, float]  # subject -> value
+
+
+def _difference(a: Column, b: Column) -> Column:
+    return {s: a[s] - b[s] for s in a if s in b}
+
+
+def _relative(a: Column, b: Column) -> Column:
+    return {s: (a[s] - b[s]) / b[s] if b[s] > 0 else math.nan for s in a if s in b}
+
+
+def subject_measures(subjects: dict[str, Column], suffix: str = "") -> dict[str, Column]:
+    """Each available measure as ``{subject: value}``."""
+    def column(name: str) -> Column | None:
+        return subjects.get(name + suffix)
+
+    reference, hard, soft = column("volume_ref_ml"), column("volume_pred_ml"), column("volume_pred_soft_ml")
+    expected = column("volume_expected_ml")
+    if expected is not None and all(math.isnan(v) for v in expected.values()):
+        expected = None
+    measures: dict[str, Column] = {"dice": column("dice")}
+    if reference is not None and hard is not None:
+        bias = _difference(hard, reference)
+        measures.update(volume_bias_ml=bias, abs_volume_error_ml={s: abs(v) for s, v in bias.items()},
+                        relative_volume_bias=_relative(hard, reference))
+    if reference is not None and soft is not None:
+        measures.update(soft_volume_bias_ml=_difference(soft, reference),
+                        soft_relative_volume_bias=_relative(soft, reference))
+    near = column("volume_pred_soft_near_ml")
+    if reference is not None and near is not None:
+        measures["near_soft_relative_volume_bias"] = _relative(near, reference)
+    if expected is not None:
+        if hard is not None:
+            measures["relative_expected_volume_bias"] = _relative(hard, expected)
+        if soft is not None:
+            measures["relative_soft_expected_volume_bias"] = _relative(soft, expected)
+        if near is not None:
+            measures["relative_near_soft_expected_volume_bias"] = _relative(near, expected)
+    measures["ece"] = column("ece")
+    for remedy, (volume_name, dice_name) in REMEDY_VOLUMES.items():
+        volume = column(volume_name)
+        if dice_name is not None:
+            measures[f"{remedy}_dice"] = column(dice_name)
+        if volume is not None and reference is not None:
+            measures[f"{remedy}_relative_volume_bias"] = _relative(volume, reference)
+        if volume is not None and expected is not None:
+            measures[f"{remedy}_relative_expected_volume_bias"] = _relative(volume, expected)
+    return {name: values for name, values in measures.items() if values is not None}

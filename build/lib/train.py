@@ -1,0 +1,159 @@
+"""Train a 3D U-Net with a configurable loss and report Dice and volume bias per subject.
+
+    python train.py                          # embedded synthetic data, cross-entropy
+    python train.py loss=softdice trainer.max_epochs=5
+    python train.py -m loss=ce,softdice seed=0,1,2
+
+Configuration: configs/train.yaml and its groups (see README.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from datamodules import SegmentationDataModule
+from input_errors import InputError, exit_on_input_error
+from lightning_modules import SegmentationModule
+from lightning_modules.checkpoints import load_untrusted, read_checkpoint
+
+log = logging.getLogger(__name__)
+
+# hydra/launcher=slurm asks for trainer.devices GPUs per node, none when the trainer runs on the CPU
+OmegaConf.register_new_resolver(
+    "gpus_per_node", lambda accelerator, devices: 0 if str(accelerator) == "cpu" else devices, replace=True
+)
+
+def instantiate_all(group: DictConfig | None) -> list:
+    """Instantiate every ``_target_`` entry of a callbacks/logger group (null entries skipped)."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def checked_loss(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
+    """The configured loss, tried once on a tiny input with the data's classes, so that a
+    setting that does not fit them (e.g. ``loss.weight`` of another length) fails now, not
+    at the first training step after preprocessing."""
+    loss = instantiate(cfg.loss)
+    logits = torch.zeros(1, num_classes, 2, 2, 2)
+    try:
+        loss(logits, torch.zeros(1, 1, 2, 2, 2, dtype=torch.long))
+    except InputError as error:
+        raise InputError(f"loss={cfg.loss.get('_target_', '?')} with {num_classes} classes: {error}") from None
+    return loss
+
+
+def build_model(cfg: DictConfig, datamodule: SegmentationDataModule) -> SegmentationModule:
+    """The configured model and loss, shaped by what the data provides (channels, classes, patch)."""
+    return instantiate(
+        cfg.model,
+        loss=checked_loss(cfg, datamodule.num_classes),
+        in_channels=datamodule.in_channels,
+        num_classes=datamodule.num_classes,
+        class_names=datamodule.class_names,
+        sliding_window=datamodule.sliding_window_settings(),
+    )
+
+
+RESUME_INDEPENDENT = ("ckpt_path", "auto_resume")  # keys that may differ between a run and its resumption
+
+
+def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        left, right = a.get(key), b.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            keys += differing_keys(left, right, f"{prefix}{key}.")
+        elif left != right:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """``cfg.ckpt_path``; else, with ``auto_resume``, the newest checkpoint this run directory
+    holds: ``checkpoints/last.ckpt`` (every epoch and on SIGTERM) or Lightning's SLURM
+    ``hpc_ckpt_N.ckpt`` (on the requeue signal), so that a requeued job continues. It must
+    come from the same configuration: two different runs inside one SLURM job share the
+    job id, and must not resume from each other."""
+    if cfg.get("ckpt_path"):
+        read_checkpoint(cfg.ckpt_path, mmap=True)  # refuses pickled code and files that are not our checkpoints, in one line
+        return str(Path(cfg.ckpt_path).expanduser())
+    if not cfg.get("auto_resume"):
+        return None
+    output_dir = Path(cfg.paths.output_dir)
+    found = [*output_dir.glob("hpc_ckpt_*.ckpt"), *output_dir.glob("checkpoints/last.ckpt")]
+    if not found:
+        return None
+    newest = max(found, key=lambda p: p.stat().st_mtime_ns)
+    stored = load_untrusted(newest, what="auto_resume found", mmap=True).get("run_config", {})
+    if not isinstance(stored, dict):
+        raise InputError(f"auto_resume found={newest}: not a checkpoint written by train.py (no run_config)")
+    current = OmegaConf.to_container(cfg, resolve=True)
+    differ = [k for k in differing_keys(stored, current) if k.split(".")[0] not in RESUME_INDEPENDENT]
+    if differ:
+        raise InputError(
+            f"{output_dir} already holds {newest.name} of a run with another configuration "
+            f"(differs in {', '.join(differ[:5])}); give this run its own hydra.run.dir, "
+            "or set auto_resume=false to start over in it"
+        )
+    log.info(f"Resuming from {newest} (auto_resume)")
+    return str(newest)
+
+
+def finish_wandb(logger: WandbLogger, exit_code: int) -> None:
+    """Close the logger's wandb run. On SIGTERM SLURM signals wandb's service process too, which
+    may be gone already: what it wrote stays (see configs/logger/wandb.yaml), and the stop itself
+    must not turn into another error."""
+    try:
+        logger.experiment.finish(exit_code=exit_code)
+    except Exception as error:  # the service died with the job's other processes
+        log.warning(f"wandb run not closed cleanly ({type(error).__name__}); its records up to the last flush are kept")
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the model described by ``cfg``; returns the last validation summary (``val/…`` keys)."""
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resume_checkpoint(cfg)
+    datamodule = instantiate(cfg.data)
+    model = build_model(cfg, datamodule)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    model.run_config = run_config
+    loggers = instantiate_all(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers or False)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(run_config)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # never unpickle code
+    finally:
+        # close the wandb run, flushing what it holds: so that sweeps start fresh runs, and so
+        # that a run stopped by SIGTERM (preemption, requeue) keeps what it logged before
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                finish_wandb(logger, exit_code=0 if trainer.state.status == "finished" else 1)
+    return {f"val/{k}": v for k, v in (model.validation_summary or {}).items()}
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        summary = exit_on_input_error(lambda: train(cfg))
+    except SIGTERMException:  # Lightning exits with status 0 here; schedulers must see the stop
+        sys.exit(128 + signal.SIGTERM)
+    return summary.get(cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()
