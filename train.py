@@ -189,13 +189,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return {f"val/{k}": v for k, v in (model.validation_summary or {}).items()}
 
 
+def objective(summary: dict[str, float], cfg: DictConfig) -> float | None:
+    """The value Hydra's sweepers optimise: ``optimized_metric``, less ``volume_bias_penalty`` ×
+    |``volume_bias_key``| where a penalty is set (see configs/hparams_search/)."""
+    value = summary.get(cfg.get("optimized_metric"))
+    penalty = float(cfg.get("volume_bias_penalty") or 0.0)
+    if value is None or penalty == 0:
+        return value
+    bias = summary.get(cfg.get("volume_bias_key"))
+    if bias is None:
+        raise InputError(f"volume_bias_key={cfg.get('volume_bias_key')} is not a logged key of this run")
+    return value - penalty * abs(bias)
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         summary = exit_on_input_error(lambda: train(cfg))
     except SIGTERMException:  # Lightning exits with status 0 here; schedulers must see the stop
         sys.exit(128 + signal.SIGTERM)
-    return summary.get(cfg.get("optimized_metric"))
+    return objective(summary, cfg)
 
 
 if __name__ == "__main__":

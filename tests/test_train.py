@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from conftest import ROOT, TINY, compose_config
 from input_errors import InputError
@@ -127,3 +128,34 @@ def test_bad_option_on_the_cli_fails_with_the_choices(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "Available options in 'loss'" in result.stderr and "softdice_batch" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_two_trial_optuna_search_reports_its_best_trial(tmp_path):
+    sweep = tmp_path / "search"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=dice_optuna", "hydra.sweeper.n_trials=2",
+         "hydra.sweeper.sampler.n_startup_trials=2", *TINY, "logger=none", "callbacks.validation_figures=null",
+         f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"model.optimizer.lr", "model.optimizer.weight_decay", "data.batch_size"}
+    trials = [json.loads((sweep / str(n) / "metrics.json").read_text())["val/dice"] for n in (0, 1)]
+    assert best["best_value"] == pytest.approx(max(trials))
+
+
+def test_the_objective_weighs_dice_against_volume_bias():
+    from omegaconf import OmegaConf
+
+    from train import objective
+
+    summary = {"val/dice": 0.8, "val/relative_soft_volume_bias": -0.25}
+    plain = OmegaConf.create({"optimized_metric": "val/dice", "volume_bias_penalty": 0.0})
+    assert objective(summary, plain) == 0.8
+    weighted = OmegaConf.create({"optimized_metric": "val/dice", "volume_bias_penalty": 0.4,
+                                 "volume_bias_key": "val/relative_soft_volume_bias"})
+    assert objective(summary, weighted) == pytest.approx(0.8 - 0.4 * 0.25)
+    with pytest.raises(InputError, match="volume_bias_key=val/nothing"):
+        objective(summary, OmegaConf.create({**weighted, "volume_bias_key": "val/nothing"}))
