@@ -25,6 +25,7 @@ from datamodules.preprocessing_cache import default_cache_dir
 from input_errors import InputError, exit_on_input_error
 from lightning_modules.checkpoint_contents import check_targets, instantiate_section
 from lightning_modules.checkpoints import load_trained, read_checkpoint
+from loggers.run_log import progress_bar, route_library_output
 
 # A checkpoint's data config decides what is read; these keys, how it is read, stay the user's.
 CHECKPOINT_DATA_OVERRIDES = {"allow_outside_root": False, "num_workers": "auto"}
@@ -67,6 +68,7 @@ def plain_int(value: object) -> int | None:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Validate the checkpoint ``cfg.ckpt_path``; returns the summary (``val/…`` keys)."""
+    route_library_output()
     if not cfg.get("ckpt_path"):
         raise InputError("evaluate.py needs ckpt_path=PATH")
     checkpoint = read_checkpoint(cfg.ckpt_path)
@@ -77,7 +79,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     origin = {"epoch": plain_int(checkpoint.get("epoch")), "global_step": plain_int(checkpoint.get("global_step")),
               "ckpt_path": str(cfg.ckpt_path)}
     writer = ResultsWriter(cfg.paths.output_dir, fields=origin)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False,
+                                      enable_progress_bar=progress_bar(cfg.trainer.get("enable_progress_bar", "auto")))
     trainer.validate(trained.module, datamodule=datamodule)
     return {f"val/{k}": v for k, v in (trained.module.validation_summary or {}).items()}
 

@@ -28,6 +28,7 @@ from datamodules import SegmentationDataModule
 from input_errors import InputError, exit_on_input_error
 from lightning_modules import SegmentationModule
 from lightning_modules.checkpoints import load_untrusted, read_checkpoint
+from loggers.run_log import progress_bar, route_library_output
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ def finish_wandb(logger: WandbLogger, exit_code: int) -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model described by ``cfg``; returns the last validation summary (``val/…`` keys)."""
+    route_library_output()
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = resume_checkpoint(cfg)
@@ -174,8 +176,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model.run_config = run_config
     identity = run_identity(cfg)
     name_wandb_run(cfg, identity)
+    log.info(
+        f"task {identity['task']} · loss {identity['loss_name']} · data {identity['data_name']} · "
+        f"model {list(cfg.model.get('features', []))} · {cfg.trainer.get('max_epochs')} epochs on {cfg.trainer.get('accelerator')} · "
+        f"seed {cfg.get('seed')} · writing to {cfg.paths.output_dir}"
+    )
     loggers = instantiate_all(cfg.get("logger"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers or False)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers or False,
+                                      enable_progress_bar=progress_bar(cfg.trainer.get("enable_progress_bar", "auto")))
     for logger in trainer.loggers:
         logger.log_hyperparams({**identity, **run_config})
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -18,6 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from metrics import PER_SUBJECT_KEYS
+
+log = logging.getLogger(__name__)
 
 
 def subject_table(rows: dict, subject_names: list[str], class_names: list[str]) -> list[dict[str, object]]:
@@ -139,13 +142,41 @@ class ResultsWriter(pl.Callback):
         self.print_summary(trainer, pl_module)
 
     def print_summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the headline table (console and train.log) and where every output is."""
         summary = pl_module.validation_summary
         if not self.print_table or not trainer.is_global_zero or summary is None:
             return
-        table = Table(title=f"Validation after {trainer.current_epoch} epochs ({self.output_dir})")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for key, value in summary.items():
-            if "/" not in key:
-                table.add_row(f"val/{key}", f"{value:.4f}")
-        Console().print(table)
+        log.info("\n" + headline_table(summary, trainer.current_epoch, len(pl_module.class_names)))
+        outputs = [p for p in ("metrics.json", "subjects.csv", "calibration.csv", "splits.json", "checkpoints/last.ckpt",
+                               "figures", "csv/metrics.csv", "wandb") if (self.output_dir / p).exists()]
+        log.info(f"outputs in {self.output_dir}: {', '.join(outputs)}")
+
+
+# The closing table: a few values per group that a person reads in seconds; the rest are in
+# metrics.json (every val/… key, per class too) and subjects.csv (per subject).
+HEADLINE = {
+    "overlap": (("dice", "Dice (argmax)", ".3f"), ("dice_threshold", "Dice at the Dice-optimal threshold", ".3f")),
+    "volume vs reference": (("relative_volume_bias", "argmax ΔV", "+.1%"), ("soft_relative_volume_bias", "soft (Σp) ΔV", "+.1%"),
+                            ("near_soft_relative_volume_bias", "soft ΔV near the structure", "+.1%")),
+    "volume vs expected": (("relative_expected_volume_bias", "argmax", "+.1%"), ("relative_soft_expected_volume_bias", "soft (Σp)", "+.1%"),
+                           ("relative_near_soft_expected_volume_bias", "soft near the structure", "+.1%")),
+    "calibration": (("ece", "ECE, class-wise (pooled)", ".4f"), ("ece_top_label", "ECE, top-label", ".4f"),
+                    ("temperature", "fitted temperature (1 = calibrated)", ".2f")),
+}
+
+
+def headline_table(summary: dict[str, float], epoch: int, classes: int) -> str:
+    """The closing table as text: the :data:`HEADLINE` values the run has, grouped."""
+    table = Table(title=f"Validation after epoch {epoch}" + (f" (mean of {classes} classes)" if classes > 1 else ""),
+                  show_header=False, title_justify="left")
+    table.add_column("group", style="bold")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for group, rows in HEADLINE.items():
+        shown = [(label, f"{summary[key]:{spec}}") for key, label, spec in rows if key in summary and not math.isnan(summary[key])]
+        for i, (label, value) in enumerate(shown):
+            table.add_row(group if i == 0 else "", label, value)
+    table.caption = f"{len(summary)} values in metrics.json, per subject in subjects.csv"
+    console = Console(record=True, width=100, file=io.StringIO())
+    console.print(table)
+    return console.export_text()

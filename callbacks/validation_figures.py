@@ -24,8 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
-from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger  # noqa: E402
 import torch  # noqa: E402
+from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger  # noqa: E402
 
 from metrics.calibration import expected_calibration_error  # noqa: E402
 

@@ -116,6 +116,7 @@ class SegmentationModule(pl.LightningModule):
         self.validation_rows: dict[str, torch.Tensor] | None = None
         self.validation_reliability: torch.Tensor | None = None  # (C − 1, bins, 3), see metrics.calibration
         self.validation_summary: dict[str, float] | None = None
+        self.validated_epoch: int | None = None  # the epoch of validation_summary (None: the sanity check)
         self.preview_subjects = int(preview_subjects)
         self.validation_previews: list[dict] = []
         self._previews: list[dict] = []
@@ -187,6 +188,7 @@ class SegmentationModule(pl.LightningModule):
         self.validation_rows = {key: value.detach().cpu() for key, value in rows.items()}
         self.validation_reliability = fitted["reliability"].detach().cpu()
         self.validation_summary = summary
+        self.validated_epoch = None if self.trainer.sanity_checking else self.current_epoch
         self.validation_previews, self._previews = sorted(self._previews, key=lambda p: p["index"]), []
 
     # --- optimisation -----------------------------------------------------------------

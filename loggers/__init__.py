@@ -1,4 +1,4 @@
-"""Experiment loggers beyond Lightning's own."""
+"""Experiment loggers beyond Lightning's own, and the run's text log (loggers.run_log)."""
 
 from loggers.resumable_csv import ResumableCSVLogger
 

@@ -108,7 +108,7 @@ def run_cli(*args, cwd):
 def test_cli_run_writes_the_run_directory(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(*TINY, "loss=softdice", f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert "val/dice" in result.stdout  # the closing table
+    assert "Dice (argmax)" in result.stdout + result.stderr  # the closing table
     for name in [".hydra/config.yaml", "metrics.json", "subjects.csv", "checkpoints/last.ckpt", "csv/metrics.csv"]:
         assert (run_dir / name).is_file(), name
 
@@ -159,3 +159,22 @@ def test_the_objective_weighs_dice_against_volume_bias():
     assert objective(summary, weighted) == pytest.approx(0.8 - 0.4 * 0.25)
     with pytest.raises(InputError, match="volume_bias_key=val/nothing"):
         objective(summary, OmegaConf.create({**weighted, "volume_bias_key": "val/nothing"}))
+
+
+def test_train_log_holds_what_the_run_printed_with_progress_lines_and_no_noise(tmp_path):
+    """Output redirected (no terminal): no progress bar but a line per epoch, the closing
+    table and the outputs' paths, in the console and in train.log; Lightning's tips and the
+    srun hint are gone."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *[o for o in TINY if "progress_bar" not in o],
+                             "trainer.max_epochs=2", f"hydra.run.dir={run_dir}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = (run_dir / "train.log").read_text()
+    for text in (written, result.stdout + result.stderr):
+        assert "task train · loss CrossEntropyLoss" in text or "task train · loss ce" in text
+        assert "epoch 1/2 · step" in text and "epoch 2/2 · step" in text and "val Dice" in text
+        assert "Validation after epoch 2" in text and "values in metrics.json" in text
+        assert f"outputs in {run_dir}: metrics.json, subjects.csv" in text
+        assert "💡" not in text and "srun` command" not in text
+    assert "\r" not in result.stderr  # no progress bar redrawing itself into a file
