@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks import ResultsWriter
+from cli import check_command_line
 from datamodules.preprocessing_cache import default_cache_dir
 from input_errors import InputError, exit_on_input_error
 from lightning_modules.checkpoint_contents import check_targets, instantiate_section
@@ -91,4 +92,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("evaluate")
     main()

@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from callbacks.results_writer import write_atomically
+from cli import check_command_line
 from datamodules.cases import Intensity
 from datamodules.dataset_layout import case_name
 from datamodules.image_files import AFFINE_TOLERANCE, NIFTI_ENDINGS, UnreadableImage, read_image, resampled_size_problem
@@ -241,4 +242,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("predict")
     main()

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from cli import check_command_line
 from datamodules import SegmentationDataModule
 from input_errors import InputError, exit_on_input_error
 from lightning_modules import SegmentationModule
@@ -220,4 +221,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_command_line("train")
     main()

@@ -1,12 +1,14 @@
 """Every config option composes and instantiates; bad choices fail with Hydra's clear errors."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
 from hydra.utils import instantiate
 
-from conftest import CONFIG_DIR, TINY, compose_config
+from conftest import CONFIG_DIR, ROOT, TINY, compose_config
 from nifti_datasets import write_msd
 from datamodules import SegmentationDataModule
 from lightning_modules import SegmentationModule
@@ -135,3 +137,23 @@ def test_slurm_launcher_follows_the_trainer():
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (2, 2, 3)
     assert launcher.max_num_timeout > 0  # requeued after time limit / preemption
     assert "SlurmLauncher" in launcher._target_
+
+
+def test_help_shows_the_configs_comments():
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for text in ("trainer.max_epochs", "training epochs", "data.patch_size", "loss=softdice", "model.optimizer.lr",
+                 "experiment=large_field_of_view", "hparams_search=dice_optuna"):
+        assert text in result.stdout, text
+
+
+@pytest.mark.parametrize("script,argument,suggestion", [
+    ("train.py", "trainer.max_epoch=3", "trainer.max_epochs"),
+    ("train.py", "data.patch_sise=[16,16,16]", "data.patch_size"),
+    ("evaluate.py", "ckpt_pth=x", "ckpt_path"),
+    ("predict.py", "inputt=x", "input"),
+])
+def test_a_misspelt_key_gets_its_close_matches_before_anything_runs(script, argument, suggestion):
+    result = subprocess.run([sys.executable, str(ROOT / script), argument], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"did you mean {suggestion}" in result.stderr and "Traceback" not in result.stderr
