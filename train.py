@@ -70,7 +70,19 @@ def build_model(cfg: DictConfig, datamodule: SegmentationDataModule) -> Segmenta
     )
 
 
-RESUME_INDEPENDENT = ("ckpt_path", "auto_resume")  # keys that may differ between a run and its resumption
+# What may change when a run continues in its directory: how long it trains, where and on
+# what it runs, how it logs. Everything else (data, model, loss, optimiser, seed) must match.
+RESUME_INDEPENDENT = (
+    "ckpt_path", "auto_resume", "logger", "callbacks", "paths", "hparams_search", "optimized_metric", "volume_bias_penalty",
+    "volume_bias_key", "trainer.max_epochs", "trainer.max_steps", "trainer.devices", "trainer.num_nodes",
+    "trainer.accelerator", "trainer.strategy", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "trainer.check_val_every_n_epoch", "trainer.log_every_n_steps", "trainer.num_sanity_val_steps",
+    "data.num_workers", "data.pin_memory", "data.val_batch_size",
+)
+
+
+def resume_independent(key: str) -> bool:
+    return any(key == k or key.startswith(f"{k}.") for k in RESUME_INDEPENDENT)
 
 
 def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -105,12 +117,12 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     if not isinstance(stored, dict):
         raise InputError(f"auto_resume found={newest}: not a checkpoint written by train.py (no run_config)")
     current = OmegaConf.to_container(cfg, resolve=True)
-    differ = [k for k in differing_keys(stored, current) if k.split(".")[0] not in RESUME_INDEPENDENT]
+    differ = [k for k in differing_keys(stored, current) if not resume_independent(k)]
     if differ:
         raise InputError(
             f"{output_dir} already holds {newest.name} of a run with another configuration "
             f"(differs in {', '.join(differ[:5])}); give this run its own hydra.run.dir, "
-            "or set auto_resume=false to start over in it"
+            "or set auto_resume=false to start over in it (training length, devices, workers and loggers may change)"
         )
     log.info(f"Resuming from {newest} (auto_resume)")
     return str(newest)

@@ -204,6 +204,21 @@ class SegmentationModule(pl.LightningModule):
         scheduler = self.scheduler_factory(optimizer, **length)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        # A run resumed with a longer trainer.max_epochs ("extend it") restores its scheduler
+        # planned for the old length: the poly decay would have ended (learning rate 0). Re-plan
+        # it for the new length, at the step the run has reached.
+        total = int(self.trainer.estimated_stepping_batches)
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            length = next((name for name in ("total_iters", "T_max") if hasattr(scheduler, name)), None)
+            if length and getattr(scheduler, length) != total and hasattr(scheduler, "_get_closed_form_lr"):
+                setattr(scheduler, length, total)
+                rates = scheduler._get_closed_form_lr()
+                for group, rate in zip(scheduler.optimizer.param_groups, rates):
+                    group["lr"] = rate
+                scheduler._last_lr = list(rates)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         dropped = confine_callback_state(checkpoint)
         if dropped:

@@ -178,3 +178,22 @@ def test_train_log_holds_what_the_run_printed_with_progress_lines_and_no_noise(t
         assert f"outputs in {run_dir}: metrics.json, subjects.csv" in text
         assert "💡" not in text and "srun` command" not in text
     assert "\r" not in result.stderr  # no progress bar redrawing itself into a file
+
+
+def test_a_finished_run_is_extended_in_its_directory_with_more_epochs(tmp_path):
+    """The commonest resume: the same command with a larger trainer.max_epochs (and another
+    logger) continues the run; its poly schedule is re-planned for the new length."""
+    train(compose_config(TINY + ["trainer.max_epochs=2"], tmp_path))
+    first = json.loads((tmp_path / "metrics.json").read_text())
+    summary = train(compose_config(TINY + ["trainer.max_epochs=4", "logger=many"], tmp_path))
+    extended = json.loads((tmp_path / "metrics.json").read_text())
+    assert (first["epoch"], extended["epoch"]) == (1, 3)
+    assert extended["global_step"] == 2 * first["global_step"]
+    assert summary["val/dice"] == extended["val/dice"]
+    with open(tmp_path / "csv" / "metrics.csv") as handle:
+        assert [int(r["epoch"]) for r in csv.DictReader(handle) if r.get("train/loss")] == [0, 1, 2, 3]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    scheduler = checkpoint["lr_schedulers"][0]
+    assert scheduler["total_iters"] == extended["global_step"] and scheduler["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(InputError, match="another configuration.*model.features"):
+        train(compose_config([o for o in TINY if not o.startswith("model.features")] + ["model.features=[4,8,16]"], tmp_path))
