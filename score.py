@@ -1,0 +1,185 @@
+"""Score the predictions of any tool (nnU-Net, MONAI, …) for Dice and volume bias.
+
+    python score.py predictions=nnunet_out/ labels=Dataset001/labelsTs/
+    python score.py predictions=masks/ labels=labels/ expected=probability_maps/
+
+Every ``<case>.nii.gz`` label in ``labels`` is matched with the prediction of the same case:
+nnU-Net's probability file ``<case>.npz`` (``nnUNetv2_predict --save_probabilities``: the
+array ``probabilities``, classes first, in SimpleITK's axis order) when there is one, else a
+label map ``<case>.nii.gz`` / ``.nii`` (hard masks, taken as probabilities 0 and 1). The
+scores are training's validation measures, from the same code: per subject Dice, reference,
+argmax, soft and near-structure soft volume (ml, from the label's spacing), calibration and
+the post-hoc remedies; written as ``metrics.json``, ``subjects.csv``, ``calibration.csv`` and
+``figures/`` into ``logs/score/runs/<timestamp>/``. Class names come from the ``dataset.json``
+beside ``labels`` (nnU-Net or Decathlon) where there is one.
+
+Everything is read as untrusted input: labels and NIfTI predictions through the input
+checks (size, geometry, values), ``.npz`` files without unpickling and with the declared
+array shape checked against the label before anything is loaded; nnU-Net's ``.pkl`` files
+are never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import hydra
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from callbacks.results_writer import calibration_table, csv_text, subject_table, write_atomically
+from callbacks.validation_figures import reliability_figure, volumes_figure
+from cli import check_command_line
+from datamodules.dataset_layout import case_name
+from datamodules.image_files import AFFINE_TOLERANCE, NIFTI_ENDINGS, UnreadableImage, read_image
+from input_errors import DatasetError, InputError, exit_on_input_error
+from metrics import SubjectSegmentationMetrics, per_subject, summarize
+
+
+def class_names(labels: Path, num_classes: int) -> list[str]:
+    """Foreground class names from the dataset.json beside ``labels``, else class1, class2, …"""
+    description = labels.parent / "dataset.json"
+    try:
+        names = json.loads(description.read_text()).get("labels", {})
+        if all(isinstance(v, int) for v in names.values()):  # nnU-Net: {"name": value}
+            by_value = {v: k for k, v in names.items()}
+        else:  # Decathlon: {"value": "name"}
+            by_value = {int(k): str(v) for k, v in names.items()}
+        found = [by_value[c] for c in range(1, num_classes)]
+        return found if len(found) == num_classes - 1 else [f"class{c}" for c in range(1, num_classes)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [f"class{c}" for c in range(1, num_classes)]
+
+
+def npz_shape(path: Path) -> tuple[int, ...]:
+    """The declared shape of ``probabilities`` in an ``.npz``, read from its header only."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("probabilities.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(member)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
+        raise UnreadableImage(f"not an nnU-Net probability file (an .npz holding 'probabilities': {error})") from None
+    if dtype.kind != "f":
+        raise UnreadableImage(f"'probabilities' are {dtype}, not floating point")
+    return tuple(int(s) for s in shape)
+
+
+def probabilities_from_npz(path: Path, label_shape: tuple[int, int, int]) -> np.ndarray:
+    """``(C, W, H, D)`` class probabilities on the label's voxel grid."""
+    shape = npz_shape(path)
+    if len(shape) != 4 or shape[1:] != tuple(reversed(label_shape)):
+        raise UnreadableImage(f"'probabilities' have the shape {shape}; the label needs (classes, {', '.join(map(str, reversed(label_shape)))})")
+    with np.load(path, allow_pickle=False) as stored:
+        probabilities = np.asarray(stored["probabilities"], dtype=np.float32)
+    if not np.isfinite(probabilities).all() or probabilities.min() < -1e-4 or probabilities.max() > 1 + 1e-4:
+        raise UnreadableImage("'probabilities' hold values outside [0, 1] (or NaN)")
+    return np.ascontiguousarray(probabilities.transpose(0, 3, 2, 1))  # SimpleITK (z, y, x) → the label's (x, y, z)
+
+
+def one_hot(segmentation: np.ndarray, num_classes: int) -> np.ndarray:
+    return (segmentation[None] == np.arange(num_classes).reshape(-1, 1, 1, 1)).astype(np.float32)
+
+
+def label_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(integer map (W, H, D), affine)`` of a label or predicted segmentation file."""
+    data, affine = read_image(path)
+    if data.shape[0] != 1 or not np.array_equal(data, np.round(data)) or data.min() < 0:
+        raise UnreadableImage("a label map needs one channel of non-negative integers")
+    return data[0].astype(np.int64), affine
+
+
+def score_case(prediction: Path, label_path: Path, num_classes: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(probabilities (C, W, H, D), label (W, H, D), affine)`` of one case; an
+    :class:`UnreadableImage` whose message starts with the file it is about."""
+    def named(path: Path, read):
+        try:
+            return read()
+        except UnreadableImage as error:
+            raise UnreadableImage(f"{path}: {error}") from None
+
+    label, affine = named(label_path, lambda: label_map(label_path))
+    if prediction.name.endswith(".npz"):
+        return named(prediction, lambda: probabilities_from_npz(prediction, label.shape)), label, affine
+    segmentation, predicted_affine = named(prediction, lambda: label_map(prediction))
+    if segmentation.shape != label.shape or not np.allclose(predicted_affine, affine, atol=AFFINE_TOLERANCE):
+        raise UnreadableImage(f"{prediction}: its grid {segmentation.shape} or affine differs from the label's {label.shape}")
+    classes = num_classes or int(max(segmentation.max(), label.max())) + 1
+    return one_hot(segmentation, max(classes, 2)), label, affine
+
+
+def find_predictions(predictions: Path, labels: Path) -> tuple[dict[str, tuple[Path, Path]], list[str]]:
+    """``{case: (prediction, label)}`` (``.npz`` preferred), and a problem per label without
+    its prediction."""
+    if not labels.is_dir() or not predictions.is_dir():
+        raise InputError(f"labels={labels} and predictions={predictions} must be folders")
+    label_files = sorted(p for p in labels.iterdir() if p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith("."))
+    if not label_files:
+        raise DatasetError([f"{labels}: no .nii/.nii.gz label files"])
+    pairs, problems = {}, []
+    for label in label_files:
+        name = case_name(label)
+        candidates = [predictions / f"{name}{ending}" for ending in (".npz", *NIFTI_ENDINGS)]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            problems.append(f"{predictions}: no prediction for case {name} ({name}.npz or {name}.nii.gz)")
+        else:
+            pairs[name] = (found, label)
+    return pairs, problems
+
+
+def score(cfg: DictConfig) -> dict[str, float]:
+    """Score ``cfg.predictions`` against ``cfg.labels``; returns the summary (``val/…`` keys)."""
+    for key in ("predictions", "labels"):
+        if not cfg.get(key):
+            raise InputError(f"score.py needs {key}=DIR")
+    predictions, labels = Path(cfg.predictions).expanduser().resolve(), Path(cfg.labels).expanduser().resolve()
+    pairs, problems = find_predictions(predictions, labels)
+    output = Path(cfg.paths.output_dir)
+    metric, num_classes, cases = None, cfg.get("num_classes"), []
+    for index, (name, (prediction, label_path)) in enumerate(pairs.items()):
+        try:
+            probabilities, label, affine = score_case(prediction, label_path, num_classes)
+        except UnreadableImage as error:
+            problems.append(str(error))
+            continue
+        num_classes = num_classes or probabilities.shape[0]
+        if probabilities.shape[0] != num_classes:
+            problems.append(f"{prediction}: {probabilities.shape[0]} classes, the others have {num_classes} (set num_classes=…)")
+            continue
+        if metric is None:
+            metric = SubjectSegmentationMetrics(num_classes, float(cfg.soft_volume_margin_mm))
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        metric.update(torch.from_numpy(probabilities), torch.from_numpy(label), spacing, index)
+        cases.append(name)
+    if problems:
+        raise DatasetError(problems)
+    names = class_names(labels, num_classes)
+    rows, fitted = per_subject(metric)
+    summary = summarize(rows, names, fitted)
+    output.mkdir(parents=True, exist_ok=True)
+    metrics = {"num_subjects": len(cases), "predictions": str(predictions), "labels": str(labels),
+               **{f"val/{k}": v for k, v in summary.items()}}
+    write_atomically(output / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True) + "\n")
+    write_atomically(output / "subjects.csv", csv_text(subject_table(rows, cases, names)))
+    write_atomically(output / "calibration.csv", csv_text(calibration_table(fitted["reliability"], names)))
+    (output / "figures").mkdir(exist_ok=True)
+    for figure_name, figure in (("volumes", volumes_figure(rows)), ("reliability", reliability_figure(fitted["reliability"].numpy(), names))):
+        figure.savefig(output / "figures" / f"{figure_name}.png", dpi=80)
+        plt.close(figure)
+    print(f"scored {len(cases)} case(s) into {output}: metrics.json, subjects.csv, calibration.csv, figures/")
+    return {f"val/{k}": v for k, v in summary.items()}
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="score")
+def main(cfg: DictConfig) -> None:
+    exit_on_input_error(lambda: score(cfg))
+
+
+if __name__ == "__main__":
+    check_command_line("score")
+    main()

@@ -1,0 +1,105 @@
+"""score.py: any tool's predictions — nnU-Net's probability .npz files or label maps — scored
+against a labels folder with training's own measures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+from input_errors import DatasetError
+from score import score
+
+SPACING = np.diag([0.8, 1.0, 1.5, 1.0])  # 1.2 mm³ = 0.0012 ml per voxel
+VOXEL_ML = 0.0012
+
+
+def make_case(index: int, shape=(20, 16, 12)):
+    """A label (a box), and probabilities leaking over its edge: (label, probabilities (2, W, H, D))."""
+    rng = np.random.default_rng(index)
+    label = np.zeros(shape, np.uint8)
+    label[5:12 + index, 4:10, 3:8] = 1
+    foreground = np.clip(label * 0.9 + rng.uniform(0, 0.2, shape) * (1 - label), 0, 1).astype(np.float32)
+    return label, np.stack([1 - foreground, foreground])
+
+
+@pytest.fixture
+def folders(tmp_path):
+    labels, npz, masks = tmp_path / "labelsTs", tmp_path / "nnunet", tmp_path / "masks"
+    for folder in (labels, npz, masks):
+        folder.mkdir()
+    truth = {}
+    for index in range(3):
+        label, probabilities = make_case(index)
+        name = f"case_{index:03d}"
+        nib.save(nib.Nifti1Image(label, SPACING), labels / f"{name}.nii.gz")
+        # nnU-Net writes SimpleITK's axis order: classes, then z, y, x
+        np.savez_compressed(npz / f"{name}.npz", probabilities=probabilities.transpose(0, 3, 2, 1))
+        (npz / f"{name}.pkl").write_bytes(b"never opened")
+        segmentation = probabilities.argmax(0).astype(np.uint8)
+        nib.save(nib.Nifti1Image(segmentation, SPACING), masks / f"{name}.nii.gz")
+        truth[name] = (label, probabilities, segmentation)
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "box": 1}}))
+    return labels, npz, masks, truth
+
+
+def config(tmp_path, predictions, labels):
+    return OmegaConf.create({"predictions": str(predictions), "labels": str(labels), "num_classes": None,
+                             "soft_volume_margin_mm": 10.0, "paths": {"output_dir": str(tmp_path / "out")}})
+
+
+def rows(tmp_path):
+    with open(tmp_path / "out" / "subjects.csv") as handle:
+        return {r["subject"]: r for r in csv.DictReader(handle)}
+
+
+def test_nnunet_probabilities_are_scored_on_the_labels_grid(folders, tmp_path):
+    labels, npz, _, truth = folders
+    summary = score(config(tmp_path, npz, labels))
+    scored = rows(tmp_path)
+    assert sorted(scored) == ["case_000", "case_001", "case_002"]
+    for name, (label, probabilities, segmentation) in truth.items():
+        reference, predicted = label == 1, segmentation == 1
+        dice = 2 * (reference & predicted).sum() / (reference.sum() + predicted.sum())
+        assert float(scored[name]["dice"]) == pytest.approx(dice)
+        assert float(scored[name]["volume_ref_ml"]) == pytest.approx(reference.sum() * VOXEL_ML)
+        assert float(scored[name]["volume_pred_soft_ml"]) == pytest.approx(probabilities[1].sum() * VOXEL_ML, rel=1e-5)
+    assert summary["val/soft_volume_bias_ml"] > 0  # the leaking probabilities add volume
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["num_subjects"] == 3 and (tmp_path / "out" / "figures" / "volumes.png").is_file()
+
+
+def test_label_maps_are_scored_as_hard_predictions(folders, tmp_path):
+    labels, _, masks, truth = folders
+    score(config(tmp_path, masks, labels))
+    for name, (label, _, segmentation) in truth.items():
+        assert float(rows(tmp_path)[name]["volume_pred_soft_ml"]) == pytest.approx((segmentation == 1).sum() * VOXEL_ML)
+
+
+def test_missing_and_mismatched_predictions_are_named(folders, tmp_path):
+    labels, npz, masks, _ = folders
+    (npz / "case_001.npz").unlink()
+    (npz / "case_001.pkl").unlink()
+    np.savez(npz / "case_002.npz", probabilities=np.zeros((2, 5, 5, 5), np.float32))
+    with pytest.raises(DatasetError) as caught:
+        score(config(tmp_path, npz, labels))
+    message = str(caught.value)
+    assert "no prediction for case case_001" in message and "case_002.npz: 'probabilities' have the shape (2, 5, 5, 5)" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_score_cli(folders, tmp_path):
+    labels, npz, _, _ = folders
+    result = subprocess.run([sys.executable, str(ROOT / "score.py"), f"predictions={npz}", f"labels={labels}",
+                             f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "scored 3 case(s)" in result.stdout
+    with open(tmp_path / "run" / "subjects.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 3
