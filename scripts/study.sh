@@ -55,6 +55,9 @@ else
     add "$residual/high_two_thirds" ce "$seeds" experiment=high_uncertainty trainer.max_epochs=120
     add "$residual/high_full_no_intensity_augmentation" ce "$seeds" experiment=high_uncertainty \
         data.augmentation.gamma=null data.augmentation.noise=null
+    add "$residual/medium_full_no_intensity_augmentation" ce "$seeds" experiment=medium_uncertainty \
+        data.augmentation.gamma=null data.augmentation.noise=null
+    add "$residual/medium_double" ce "$seeds" experiment=medium_uncertainty trainer.max_epochs=360
     # 3. a real field of view, and real anatomy
     for task in large_field_of_view mni152_grey_matter; do
         add "$study/$task" "ce softdice" "$seeds" experiment=$task
