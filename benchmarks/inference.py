@@ -15,7 +15,7 @@ class probabilities ``(classes, W, H, D)`` with the same ``UNet3D`` (same weight
 
 Agreement, checked before timing:
 
-* grids: our patch origins (``tio.GridSampler._get_patches_locations`` with the overlap
+* grids: our patch origins (``grid_locations``, TorchIO's grid, with the overlap
   rounded down to even voxels) vs MONAI's (``dense_patch_slices`` with interval
   ``int(patch·(1 − overlap))``) -- printed as identical or not;
 * ``max |Δp| same weights``: MONAI given our blending window as ``roi_weight_map``. With
@@ -58,12 +58,10 @@ from benchmarks import common
 
 
 def our_grid(shape, patch, overlap) -> list[tuple[int, ...]]:
-    import torchio as tio
-
-    from lightning_modules.sliding_window import grid_overlap
+    from lightning_modules.sliding_window import grid_locations, grid_overlap
 
     padded = tuple(max(s, p) for s, p in zip(shape, patch))
-    locations = tio.GridSampler._get_patches_locations(padded, tuple(patch), grid_overlap(patch, overlap))
+    locations = grid_locations(padded, tuple(patch), grid_overlap(patch, overlap))
     return sorted(tuple(int(v) for v in loc[:3]) for loc in locations)
 
 

@@ -1,6 +1,7 @@
 """Whole-volume sliding-window inference, accumulated on the model's device.
 
-Patch locations come from TorchIO's ``GridSampler`` (same grid as its ``GridAggregator``);
+Patch locations are the grid of TorchIO's ``GridSampler`` (:func:`grid_locations`, tested
+equal to it; the same grid as its ``GridAggregator``);
 patches are cut from the image tensor already on the device and blended there, so no
 per-patch host round trip happens (TorchIO's own aggregator accumulates on the CPU). Blending
 weights: ``hann`` (TorchIO's window), ``gaussian`` (σ = patch / 8 as nnU-Net, each axis floored at
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchio as tio
 
 from input_errors import InputError
 
@@ -48,6 +48,20 @@ def grid_overlap(patch_size: Sequence[int], fraction: float) -> tuple[int, int, 
     return tuple(int(p * fraction) // 2 * 2 for p in patch_size)
 
 
+def grid_locations(shape: Sequence[int], patch_size: Sequence[int], overlap: Sequence[int]) -> np.ndarray:
+    """Patch corners ``(N, 6)`` as ``[i0, j0, k0, i1, j1, k1]``, sorted: the grid of TorchIO's
+    ``GridSampler`` (tested equal to its patches' locations) — along each axis a step of
+    ``patch − overlap`` from 0, plus a last patch flush with the end."""
+    starts = []
+    for size, patch, lap in zip(shape, patch_size, overlap):
+        axis = list(range(0, size - patch + 1, patch - lap))
+        if axis[-1] != size - patch:
+            axis.append(size - patch)
+        starts.append(axis)
+    origins = np.array(np.meshgrid(*starts, indexing="ij")).reshape(3, -1).T
+    return np.array(sorted(np.hstack([origins, origins + np.asarray(patch_size)]).tolist()))
+
+
 @torch.no_grad()
 def sliding_window_probabilities(
     image: torch.Tensor,
@@ -72,10 +86,7 @@ def sliding_window_probabilities(
             pad += [m // 2, m - m // 2]
         image = F.pad(image, pad)
     padded_shape = image.shape[1:]
-    # The grid TorchIO's GridSampler uses, without building a Subject of the whole volume.
-    locations = tio.GridSampler._get_patches_locations(
-        tuple(padded_shape), patch_size, grid_overlap(patch_size, overlap)
-    )
+    locations = grid_locations(tuple(padded_shape), patch_size, grid_overlap(patch_size, overlap))
     window = blending_window(patch_size, weighting, image.device)
     output: torch.Tensor | None = None
     weights = torch.zeros(padded_shape, device=image.device)

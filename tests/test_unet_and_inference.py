@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torchio as tio
 
 from lightning_modules import SlidingWindow, UNet3D, sliding_window_probabilities
 
@@ -74,3 +75,14 @@ def test_matches_torchio_grid_aggregator_with_hann_weighting():
             probabilities = torch.softmax(predict(batch["image"][tio.DATA]), dim=1)
             aggregator.add_batch(probabilities, batch[tio.LOCATION])
     torch.testing.assert_close(ours, aggregator.get_output_tensor(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,patch,overlap", [((40, 33, 17), (16, 16, 8), (8, 8, 4)), ((16, 16, 16), (16, 16, 16), (8, 8, 8)),
+                                                 ((97, 50, 31), (32, 24, 16), (0, 12, 8)), ((20, 21, 22), (8, 10, 12), (2, 4, 6))])
+def test_our_grid_is_torchios_grid(shape, patch, overlap):
+    """grid_locations against the locations of the patches TorchIO's (public) GridSampler yields."""
+    from lightning_modules.sliding_window import grid_locations
+
+    subject = tio.Subject(image=tio.ScalarImage(tensor=torch.zeros(1, *shape)))
+    theirs = sorted(tuple(int(v) for v in patch_[tio.LOCATION]) for patch_ in tio.GridSampler(subject, patch, overlap))
+    assert [tuple(row) for row in grid_locations(shape, patch, overlap).tolist()] == theirs

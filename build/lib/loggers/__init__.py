@@ -1,5 +1,0 @@
-"""Experiment loggers beyond Lightning's own."""
-
-from loggers.resumable_csv import ResumableCSVLogger
-
-__all__ = ["ResumableCSVLogger"]
