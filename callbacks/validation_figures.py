@@ -3,10 +3,12 @@
 Every ``every_n_epochs`` validation epochs (rank zero, not the sanity check):
 
 * ``slices``: for the first few validation subjects, an axial and a coronal slice through
-  the reference structure with the image, the reference (green) and the prediction (red)
-  outlined, and the predicted foreground probability;
-* ``volumes``: predicted vs reference volume (hard and soft, ml) and a Bland–Altman plot
-  (ΔV against the mean volume, with the bias and ±1.96 sd limits);
+  the reference structure with the image, the reference (blue) and the prediction (orange,
+  a colour-blind-safe pair) outlined, orientation letters (the arrays are RAS+), and the
+  predicted foreground probability;
+* ``volumes``: predicted vs reference volume (hard and soft, ml; against the expected volume
+  too where it is known) and a Bland–Altman plot (ΔV against the mean volume, with the bias
+  and ±1.96 sd limits);
 * ``reliability``: the reliability diagram of the foreground probabilities (observed
   frequency against mean predicted probability per bin, with the ECE).
 
@@ -36,7 +38,11 @@ def figure_to_array(figure) -> np.ndarray:
     return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
 
 
-def slices_figure(previews: list[dict]) -> plt.Figure:
+REFERENCE, PREDICTION, SOFT, EXPECTED = "#0072B2", "#E69F00", "#009E73", "#CC79A7"  # Okabe–Ito
+ORIENTATION = {"axial": ("L", "R", "P", "A"), "coronal": ("L", "R", "I", "S")}  # left, right, bottom, top of the panel
+
+
+def slices_figure(previews: list[dict], title: str = "") -> plt.Figure:
     """One row per subject: axial and coronal image with outlines, and probability maps."""
     figure, axes = plt.subplots(len(previews), 4, figsize=(12, 3 * len(previews)), squeeze=False)
     for row, preview in zip(axes, previews):
@@ -45,33 +51,41 @@ def slices_figure(previews: list[dict]) -> plt.Figure:
             aspect = preview[plane]["aspect"]
             ax_image.imshow(image.T, cmap="gray", origin="lower", aspect=aspect)
             if label.any():
-                ax_image.contour(label.T, levels=[0.5], colors="lime", linewidths=1)
+                ax_image.contour(label.T, levels=[0.5], colors=REFERENCE, linewidths=1.2)
             if prediction.any():
-                ax_image.contour(prediction.T, levels=[0.5], colors="red", linewidths=1)
-            ax_image.set_title(f"{preview['name']} ({plane})", fontsize=8)
+                ax_image.contour(prediction.T, levels=[0.5], colors=PREDICTION, linewidths=1.2, linestyles="--")
+            for (x, y, align), letter in zip(((0.02, 0.5, "left"), (0.98, 0.5, "right"), (0.5, 0.02, "center"),
+                                              (0.5, 0.98, "center")), ORIENTATION[plane]):
+                ax_image.text(x, y, letter, transform=ax_image.transAxes, color="white", fontsize=9, ha=align,
+                              va="bottom" if y < 0.5 else "top" if y > 0.5 else "center")
+            ax_image.set_title(f"{preview['name']} ({plane})", fontsize=9)
             shown = ax_prob.imshow(probability.T, cmap="magma", vmin=0, vmax=1, origin="lower", aspect=aspect)
-            ax_prob.set_title(f"{plane}: foreground probability", fontsize=8)
+            ax_prob.set_title(f"{plane}: foreground probability", fontsize=9)
             figure.colorbar(shown, ax=ax_prob, fraction=0.046)
         for ax in row:
             ax.set_axis_off()
-    figure.suptitle("reference outlined green, prediction red", fontsize=9)
+    figure.suptitle(f"{title} — reference outlined blue (solid), prediction orange (dashed)", fontsize=10)
     figure.tight_layout()
     return figure
 
 
-def volumes_figure(rows: dict) -> plt.Figure:
-    """Predicted vs reference volume, and Bland–Altman of the hard and soft volumes (ml)."""
+def volumes_figure(rows: dict, title: str = "") -> plt.Figure:
+    """Predicted vs reference (and expected) volume, and Bland–Altman of the hard and soft
+    volumes (ml)."""
     reference = rows["volume_ref_ml"].numpy().ravel()
     hard = rows["volume_pred_ml"].numpy().ravel()
     soft = rows["volume_pred_soft_ml"].numpy().ravel()
-    figure, (scatter, bland) = plt.subplots(1, 2, figsize=(11, 4.5))
+    expected = rows["volume_expected_ml"].numpy().ravel()
+    figure, (scatter, bland) = plt.subplots(1, 2, figsize=(11, 4.8))
     high = float(max(reference.max(), hard.max(), soft.max(), 1e-6)) * 1.05
     scatter.plot([0, high], [0, high], color="gray", linestyle="--", linewidth=1)
-    scatter.scatter(reference, hard, label="argmax", s=18, color="C0")
-    scatter.scatter(reference, soft, label="soft (Σp)", s=18, marker="x", color="C1")
-    scatter.set(xlabel="reference volume (ml)", ylabel="predicted volume (ml)", title="Predicted vs reference")
-    scatter.legend()
-    for values, name, marker, colour in ((hard, "argmax", "o", "C0"), (soft, "soft", "x", "C1")):
+    scatter.scatter(reference, hard, label="argmax vs reference", s=18, color=REFERENCE)
+    scatter.scatter(reference, soft, label="soft (Σp) vs reference", s=18, marker="x", color=PREDICTION)
+    if np.isfinite(expected).any():
+        scatter.scatter(expected, soft, label="soft (Σp) vs expected (Σq)", s=18, marker="+", color=EXPECTED)
+    scatter.set(xlabel="reference (or expected) volume (ml)", ylabel="predicted volume (ml)", title="Predicted vs reference")
+    scatter.legend(fontsize=9)
+    for values, name, marker, colour in ((hard, "argmax", "o", REFERENCE), (soft, "soft", "x", PREDICTION)):
         delta, mean = values - reference, (values + reference) / 2
         bias, sd = float(delta.mean()), float(delta.std(ddof=1)) if len(delta) > 1 else 0.0
         bland.scatter(mean, delta, marker=marker, s=18, color=colour, label=f"{name}: bias {bias:+.3f} ml")
@@ -80,12 +94,13 @@ def volumes_figure(rows: dict) -> plt.Figure:
             bland.axhline(limit, color=colour, linewidth=0.8, linestyle=":")
     bland.axhline(0, color="gray", linewidth=0.8)
     bland.set(xlabel="mean of predicted and reference (ml)", ylabel="predicted − reference (ml)", title="Bland–Altman")
-    bland.legend(fontsize=8)
+    bland.legend(fontsize=9)
+    figure.suptitle(f"{title} — volumes in ml (metrics.json's relative biases divide ΔV by the reference)", fontsize=10)
     figure.tight_layout()
     return figure
 
 
-def reliability_figure(reliability: np.ndarray, class_names: list[str]) -> plt.Figure:
+def reliability_figure(reliability: np.ndarray, class_names: list[str], title: str = "") -> plt.Figure:
     """Observed frequency vs mean probability per bin, one line per class, from the
     ``(C − 1, bins, 3)`` sums of :func:`metrics.calibration.reliability_bins`."""
     figure, (diagram, counts) = plt.subplots(1, 2, figsize=(10, 4.2))
@@ -98,8 +113,10 @@ def reliability_figure(reliability: np.ndarray, class_names: list[str]) -> plt.F
         diagram.plot(sums[used, 1] / sums[used, 0], sums[used, 2] / sums[used, 0], marker="o", label=f"{name}: ECE {ece:.4f}")
         counts.bar(centres, sums[:, 0], width=1 / bins, alpha=0.5, label=name)
     diagram.set(xlabel="mean predicted probability", ylabel="observed frequency", title="Reliability", xlim=(0, 1), ylim=(0, 1))
-    diagram.legend(fontsize=8)
+    diagram.legend(fontsize=9)
     counts.set(xlabel="predicted probability", ylabel="voxels", yscale="log", title="Voxels per bin")
+    if title:
+        figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return figure
 
@@ -117,11 +134,12 @@ class ValidationFigures(pl.Callback):
         last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         if trainer.current_epoch % self.every_n_epochs and not last_epoch:
             return
-        figures = {"volumes": volumes_figure(pl_module.validation_rows)}
+        title = f"{self.output_dir.name} · {type(pl_module.loss).__name__} · epoch {trainer.current_epoch}"
+        figures = {"volumes": volumes_figure(pl_module.validation_rows, title)}
         if pl_module.validation_reliability is not None:
-            figures["reliability"] = reliability_figure(pl_module.validation_reliability.numpy(), pl_module.class_names)
+            figures["reliability"] = reliability_figure(pl_module.validation_reliability.numpy(), pl_module.class_names, title)
         if pl_module.validation_previews:
-            figures["slices"] = slices_figure(pl_module.validation_previews)
+            figures["slices"] = slices_figure(pl_module.validation_previews, title)
         folder = self.output_dir / "figures"
         folder.mkdir(parents=True, exist_ok=True)
         for name, figure in figures.items():
