@@ -39,18 +39,14 @@ else
     short="experiment=high_uncertainty trainer.max_epochs=60"
     # in order of importance, so that an interrupted study has its core first
     # 1. the core: CE against soft Dice on the small synthetic tasks
-    for task in high_uncertainty boundary_uncertainty; do
+    for task in high_uncertainty boundary_uncertainty medium_uncertainty low_uncertainty; do
         add "$study/$task" "ce softdice" "$seeds" experiment=$task
     done
-    # 2. a real field of view, and real anatomy
+    # 2. a real field of view, and real anatomy (the longest runs: 4-5 times a small task's)
     for task in large_field_of_view mni152_grey_matter; do
         add "$study/$task" "ce softdice" "$seeds" experiment=$task
     done
-    # 3. the other uncertainty levels
-    for task in medium_uncertainty low_uncertainty; do
-        add "$study/$task" "ce softdice" "$seeds" experiment=$task
-    done
-    # 4. cross-entropy's residual: what moves it (RESULTS.md)
+    # 3. cross-entropy's residual: what moves it (RESULTS.md)
     for task in high low medium; do
         add "$residual/${task}_short" ce "$seeds" experiment=${task}_uncertainty trainer.max_epochs=60
     done
@@ -66,11 +62,11 @@ else
     add "$residual/medium_full_no_intensity_augmentation" ce "$seeds" experiment=medium_uncertainty \
         data.augmentation.gamma=null data.augmentation.noise=null
     add "$residual/medium_double" ce "$seeds" experiment=medium_uncertainty trainer.max_epochs=360
-    # 5. batch Dice and DC+CE on the small synthetic tasks
+    # 4. batch Dice and DC+CE on the small synthetic tasks
     for task in high_uncertainty boundary_uncertainty medium_uncertainty low_uncertainty; do
         add "$study/$task" "softdice_batch ce_softdice" "$seeds" experiment=$task
     done
-    # 6. soft targets (the label's probability map) and the losses that claim to calibrate Dice
+    # 5. soft targets (the label's probability map) and the losses that claim to calibrate Dice
     add "$study/high_uncertainty_soft_labels" "ce softdice softdice_softlabel" "$seeds" \
         experiment=high_uncertainty data.label_mode=soft task_name=high_uncertainty_soft_labels
     add "$study/high_uncertainty" "dscpp focal unified_focal" "$seeds" experiment=high_uncertainty
