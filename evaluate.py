@@ -2,12 +2,16 @@
 
     python evaluate.py ckpt_path=logs/train/runs/<run>/checkpoints/best-….ckpt
     python evaluate.py ckpt_path=… data=folder data.root=/data/Task04_Hippocampus
+    python evaluate.py 'ckpt_path=logs/study/high_uncertainty/ce/seed*/checkpoints/last.ckpt'   # a deep ensemble
+    python evaluate.py ckpt_path=…/hypernet.ckpt alpha=0.3     # a Tversky hypernetwork at one α
 
 Writes ``metrics.json``, ``subjects.csv`` and ``calibration.csv`` (the format of training's
 validation) into ``logs/evaluate/runs/<timestamp>/``; the post-hoc remedies' temperature
 and threshold are fitted on the evaluated subjects, as in training's validation. Without ``data=…`` the checkpoint's own data config
 is used, with its split (``splits.json`` of the training run, when it still exists).
-``epoch`` and ``global_step`` in ``metrics.json`` are the checkpoint's.
+``epoch`` and ``global_step`` in ``metrics.json`` are the checkpoint's (lists, one per member,
+for an ensemble: several checkpoints, whose probability maps are averaged; the data and
+split are the first one's).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from cli import check_command_line
 from datamodules.preprocessing_cache import default_cache_dir
 from input_errors import InputError, exit_on_input_error
 from lightning_modules.checkpoint_contents import check_targets, instantiate_section
-from lightning_modules.checkpoints import load_trained, read_checkpoint
+from lightning_modules.checkpoints import load_ensemble, read_checkpoints
 from loggers.run_log import progress_bar, route_library_output
 
 # A checkpoint's data config decides what is read; these keys, how it is read, stay the user's.
@@ -71,14 +75,18 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Validate the checkpoint ``cfg.ckpt_path``; returns the summary (``val/…`` keys)."""
     route_library_output()
     if not cfg.get("ckpt_path"):
-        raise InputError("evaluate.py needs ckpt_path=PATH")
-    checkpoint = read_checkpoint(cfg.ckpt_path)
-    source = f"ckpt_path={cfg.ckpt_path}"
-    config = data_config(cfg, checkpoint["run_config"].get("data"), source)
+        raise InputError("evaluate.py needs ckpt_path=PATH (or several: a glob pattern or [A,B,…], averaged as an ensemble)")
+    checkpoints = read_checkpoints(cfg.ckpt_path)
+    source = f"ckpt_path={checkpoints[0][0]}"
+    config = data_config(cfg, checkpoints[0][1]["run_config"].get("data"), source)  # the first member's data
     datamodule = instantiate(config) if cfg.get("data") is not None else instantiate_section(config, "data", source)
-    trained = load_trained(checkpoint, sliding_window=datamodule.sliding_window_settings(), source=source)
-    origin = {"epoch": plain_int(checkpoint.get("epoch")), "global_step": plain_int(checkpoint.get("global_step")),
-              "ckpt_path": str(cfg.ckpt_path)}
+    trained = load_ensemble(checkpoints, sliding_window=datamodule.sliding_window_settings(), alpha=cfg.get("alpha"))
+    origin = {key: [plain_int(checkpoint.get(key)) for _, checkpoint in checkpoints] for key in ("epoch", "global_step")}
+    origin["ckpt_path"] = [str(path) for path, _ in checkpoints]
+    if len(checkpoints) == 1:  # one checkpoint: plain values, as training's metrics.json
+        origin = {key: value[0] for key, value in origin.items()}
+    if cfg.get("alpha") is not None:
+        origin["alpha"] = float(cfg.alpha)
     writer = ResultsWriter(cfg.paths.output_dir, fields=origin)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False,
                                       enable_progress_bar=progress_bar(cfg.trainer.get("enable_progress_bar", "auto")))

@@ -1,6 +1,8 @@
 """Segment new images with a trained checkpoint, in each input's own geometry.
 
     python predict.py ckpt_path=…/best.ckpt input=scans/ output=predictions/
+    python predict.py "ckpt_path=runs/seed*/checkpoints/last.ckpt" input=… output=…   # an ensemble: maps averaged
+    python predict.py ckpt_path=…/hypernet.ckpt alpha=0.3 input=… output=…        # a Tversky hypernetwork at one α
 
 Each case is preprocessed like the training data (RAS+, target spacing, non-zero crop,
 normalisation; stored in the checkpoint), segmented with sliding-window inference, and its
@@ -38,7 +40,7 @@ from datamodules.dataset_layout import case_name
 from datamodules.image_files import AFFINE_TOLERANCE, NIFTI_ENDINGS, UnreadableImage, read_image, resampled_size_problem
 from datamodules.preprocessing_cache import preprocess_subject
 from input_errors import DatasetError, InputError, exit_on_input_error
-from lightning_modules.checkpoints import TrainedModel, load_trained, read_checkpoint
+from lightning_modules.checkpoints import TrainedModel, load_ensemble, read_checkpoints
 
 
 def find_cases(source: Path, in_channels: int) -> dict[str, list[Path]]:
@@ -194,7 +196,7 @@ def predict(cfg: DictConfig) -> Path:
         raise InputError(f"device={cfg.device}, but this machine has no usable CUDA device; use device=cpu or auto")
     source, output = Path(cfg.input).expanduser().resolve(), Path(cfg.output).expanduser().resolve()
     window = {k: cfg[k] for k in ("overlap", "batch_size") if cfg.get(k) is not None}
-    trained = load_trained(read_checkpoint(cfg.ckpt_path), sliding_window=window or None, source=f"ckpt_path={cfg.ckpt_path}")
+    trained = load_ensemble(read_checkpoints(cfg.ckpt_path), sliding_window=window or None, alpha=cfg.get("alpha"))
     in_channels = int(trained.module.hparams.in_channels)
     class_names = trained.module.class_names
     cases = find_cases(source, in_channels)

@@ -60,10 +60,10 @@ class ProgressLog(pl.Callback):
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         self._last_line = time.monotonic()
-        metrics = trainer.callback_metrics
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", f"step {trainer.global_step}"]
-        if "train/loss" in metrics:
-            parts.append(f"loss {float(metrics['train/loss']):.4f}")
+        sums = getattr(pl_module, "epoch_loss", None)  # the module logs train/loss after this hook: its sums (rank 0's under DDP)
+        if sums is not None and float(sums[1]) > 0:
+            parts.append(f"loss {float(sums[0] / sums[1]):.4f}")
         if pl_module.validation_summary is not None and trainer.current_epoch == pl_module.validated_epoch:
             summary = pl_module.validation_summary
             parts.append(f"val Dice {summary.get('dice', float('nan')):.3f}")

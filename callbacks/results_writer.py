@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 def subject_table(rows: dict, subject_names: list[str], class_names: list[str]) -> list[dict[str, object]]:
     """One dict per subject: ``subject`` then each per-subject key (``key/<class>`` per class
     when there are several foreground classes, the class mean under ``key``). The
-    ``volume_expected_ml`` columns appear only when some expected volume is known."""
-    has_expected = not bool(rows["volume_expected_ml"].isnan().all())
-    keys = [k for k in PER_SUBJECT_KEYS if k != "volume_expected_ml" or has_expected]
+    ``volume_expected_ml`` and ``ged`` columns appear only where some subject has a value."""
+    optional = {key for key in ("volume_expected_ml", "ged") if key in rows and bool(rows[key].isnan().all())}
+    keys = [k for k in PER_SUBJECT_KEYS if k not in optional]
     table = []
     for i, index in enumerate(rows["subject_index"].tolist()):
         row: dict[str, object] = {"subject": subject_names[index]}

@@ -33,7 +33,7 @@ AUGMENTATIONS = (
     tio.RandomBiasField, tio.RandomBlur, tio.RandomMotion, tio.RandomGhosting, tio.RandomSpike, tio.RandomSwap,
 )
 MODULE_ARGUMENTS = ("in_channels", "num_classes", "features", "deep_supervision", "sliding_window", "class_names",
-                    "preview_subjects", "soft_volume_margin_mm")
+                    "preview_subjects", "soft_volume_margin_mm", "hypernet")
 WINDOW_ARGUMENTS = ("patch_size", "overlap", "batch_size", "weighting")
 
 
@@ -108,6 +108,17 @@ def _numbers(value: object, length: int) -> bool:
     )
 
 
+def _hypernet_ok(hypernet: object) -> bool:
+    """None, or a mapping of ``alpha_range`` (2 numbers) and ``inference_alphas`` (1–64 numbers)."""
+    if hypernet is None:
+        return True
+    if not isinstance(hypernet, Mapping) or set(hypernet) - {"alpha_range", "inference_alphas"}:
+        return False
+    alphas = hypernet.get("inference_alphas", [0.5])
+    return (_numbers(hypernet.get("alpha_range", [0.05, 0.95]), 2) and isinstance(alphas, (list, tuple))
+            and 1 <= len(alphas) <= 64 and _numbers(alphas, len(alphas)))
+
+
 def window_problem(window: object, features: list[int]) -> str | None:
     """What is wrong with sliding-window settings, including memory they would take, or None."""
     if not isinstance(window, Mapping) or set(window) - set(WINDOW_ARGUMENTS):
@@ -145,6 +156,7 @@ def module_arguments(hparams: object, source: str) -> dict:
         "deep_supervision": isinstance(hparams.get("deep_supervision", False), bool),
         "preview_subjects": _integer(hparams.get("preview_subjects", 2), 0, 1024),
         "soft_volume_margin_mm": _numbers([hparams.get("soft_volume_margin_mm", 10.0)], 1) and hparams.get("soft_volume_margin_mm", 10.0) >= 0,
+        "hypernet": _hypernet_ok(hparams.get("hypernet")),
         "class_names": hparams.get("class_names") is None or (
             isinstance(hparams["class_names"], (list, tuple)) and all(isinstance(n, str) for n in hparams["class_names"])),
     }

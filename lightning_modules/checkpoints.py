@@ -22,8 +22,10 @@ project's users build. Three rules:
 
 from __future__ import annotations
 
+import glob
 import pickle
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,3 +131,59 @@ def load_trained(checkpoint: dict, sliding_window: dict | None = None, source: s
     if problem:
         raise InputError(f"{source}: its inference_settings are unusable: {problem}")
     return TrainedModel(module, settings)
+
+
+def checkpoint_paths(ckpt_path: str | Sequence[str]) -> list[Path]:
+    """The files ``ckpt_path`` names: one path, a glob pattern (``…/seed*/checkpoints/last.ckpt``,
+    sorted) or a list of either; one-line errors for a pattern that matches nothing."""
+    entries = [ckpt_path] if isinstance(ckpt_path, (str, Path)) else list(ckpt_path)
+    paths: list[Path] = []
+    for entry in entries:
+        entry = str(Path(str(entry)).expanduser())
+        if glob.has_magic(entry):
+            matched = sorted(glob.glob(entry))
+            if not matched:
+                raise InputError(f"ckpt_path={entry}: the pattern matches no file")
+            paths += [Path(m) for m in matched]
+        else:
+            paths.append(Path(entry))
+    if not paths:
+        raise InputError("ckpt_path: no checkpoint given")
+    duplicates = sorted({str(p) for p in paths if paths.count(p) > 1})
+    if duplicates:
+        raise InputError(f"ckpt_path={duplicates[0]}: given twice; an ensemble's members must be different checkpoints")
+    return paths
+
+
+def read_checkpoints(ckpt_path: str | Sequence[str]) -> list[tuple[Path, dict]]:
+    """Every checkpoint ``ckpt_path`` names (:func:`checkpoint_paths`), read safely."""
+    return [(path, read_checkpoint(path)) for path in checkpoint_paths(ckpt_path)]
+
+
+def load_ensemble(checkpoints: Sequence[tuple[Path, dict]], sliding_window: dict | None = None,
+                  alpha: float | None = None) -> TrainedModel:
+    """The first checkpoint's module with the others as ensemble members (their probability
+    maps averaged, :meth:`SegmentationModule.add_ensemble_members`). Members must share the
+    classes, input channels and preprocessing (``inference_settings``), each named in the
+    error if not. ``alpha`` fixes a Tversky hypernetwork's α (every member must be one)."""
+    if alpha is not None and not 0.0 <= float(alpha) <= 1.0:
+        raise InputError(f"alpha={alpha}: a Tversky hypernetwork's α lies in [0, 1]")
+    models, first_path = [], checkpoints[0][0]
+    for path, checkpoint in checkpoints:
+        source = f"ckpt_path={path}"
+        trained = load_trained(checkpoint, sliding_window=sliding_window, source=source)
+        if alpha is not None:
+            if trained.module.hypernet is None:
+                raise InputError(f"{source}: alpha={alpha} is given, but this model is not a Tversky hypernetwork (model=tversky_hypernet)")
+            trained.module.inference_alpha = float(alpha)
+        if models:
+            first, module = models[0], trained.module
+            if (module.hparams.num_classes, module.class_names) != (first.module.hparams.num_classes, first.module.class_names):
+                raise InputError(f"{source}: its classes {module.class_names} differ from those of {first_path} "
+                                 f"({first.module.class_names}); an ensemble's members segment the same classes")
+            if module.hparams.in_channels != first.module.hparams.in_channels or trained.inference_settings != first.inference_settings:
+                raise InputError(f"{source}: its input channels or preprocessing (inference_settings) differ from those of {first_path}; "
+                                 "an ensemble's members must read images the same way")
+        models.append(trained)
+    models[0].module.add_ensemble_members([m.module for m in models[1:]])
+    return models[0]

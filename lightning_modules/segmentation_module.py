@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,26 @@ def preview_slices(subject: tio.Subject, probabilities: torch.Tensor) -> dict:
     }
 
 
+def hypernet_settings(hypernet: Mapping | None, loss: nn.Module) -> dict | None:
+    """The checked hypernetwork settings (see :class:`SegmentationModule`), or None."""
+    if hypernet is None:
+        return None
+    from losses import SoftDiceLoss
+
+    if not isinstance(loss, SoftDiceLoss):
+        raise InputError(f"model.hypernet trains with a Tversky loss: use loss=tversky (a SoftDiceLoss), not {type(loss).__name__}")
+    unknown = set(hypernet) - {"alpha_range", "inference_alphas"}
+    if unknown:
+        raise InputError(f"model.hypernet: unknown keys {sorted(unknown)}; it takes alpha_range and inference_alphas")
+    low, high = (float(a) for a in hypernet.get("alpha_range", (0.05, 0.95)))
+    alphas = [float(a) for a in hypernet.get("inference_alphas", [round(0.1 * i, 1) for i in range(1, 10)])]
+    if not 0.0 <= low <= high <= 1.0:
+        raise InputError(f"model.hypernet.alpha_range must be [low, high] within [0, 1], got {[low, high]}")
+    if not alphas or not all(0.0 <= a <= 1.0 for a in alphas):
+        raise InputError(f"model.hypernet.inference_alphas must be values in [0, 1], got {alphas}")
+    return {"alpha_range": [low, high], "inference_alphas": alphas}
+
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
@@ -75,6 +96,17 @@ class SegmentationModule(pl.LightningModule):
         preview_subjects: keep slices of this many validation subjects for pictures.
         soft_volume_margin_mm: the near-structure soft volume sums ``p`` within this many mm of
             the predicted structure (see :mod:`metrics.subject_metrics`).
+        hypernet: Hong et al.'s Tversky hypernetwork (2021), or None: ``alpha_range`` ``[low,
+            high]`` from which one ``α`` is drawn per training batch, the network conditioned on
+            it (:class:`~lightning_modules.unet.UNet3D`, FiLM) and the loss (a
+            :class:`~losses.SoftDiceLoss`) weighing false positives by ``α`` and false negatives
+            by ``1 − α``; ``inference_alphas``, the ``α`` whose probability maps are averaged at
+            inference (the marginal map; each one is a sample for the generalised energy
+            distance), unless :attr:`inference_alpha` picks one.
+
+    Members of a deep ensemble (:meth:`add_ensemble_members`: evaluate.py and predict.py with
+    several checkpoints) are averaged with this network at inference; each member's
+    segmentation is a sample for the generalised energy distance.
 
     After each validation epoch ``validation_rows`` holds the per-subject rows (CPU tensors,
     see :mod:`metrics.subject_metrics`), ``validation_reliability`` the pooled reliability
@@ -94,11 +126,17 @@ class SegmentationModule(pl.LightningModule):
         class_names: Sequence[str] | None = None,
         preview_subjects: int = 2,
         soft_volume_margin_mm: float = 10.0,
+        hypernet: Mapping[str, Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
-        self.net = UNet3D(in_channels, num_classes, features, deep_supervision)
+        self.hypernet = hypernet_settings(hypernet, loss)
+        self.net = UNet3D(in_channels, num_classes, features, deep_supervision, conditioned=self.hypernet is not None)
         self.loss = loss
+        self.inference_alpha: float | None = None  # a hypernetwork's α at inference; None = the marginal over inference_alphas
+        self.ensemble = nn.ModuleList()
+        self.epoch_loss = torch.zeros(2)  # this epoch's (Σ loss × batch size, Σ batch size) on this rank
+        self.epoch_loss_epoch: int | None = None  # the epoch epoch_loss belongs to
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         window = dict(sliding_window or {"patch_size": (32, 32, 32)})
@@ -127,9 +165,11 @@ class SegmentationModule(pl.LightningModule):
         return self.net(x)
 
     # --- training ---------------------------------------------------------------------
-    def compute_loss(self, output: torch.Tensor | list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    def compute_loss(self, output: torch.Tensor | list[torch.Tensor], target: torch.Tensor, **loss_options) -> torch.Tensor:
+        """The loss of the logits (or the deep-supervision list of them); ``loss_options`` are
+        passed to the loss (the hypernetwork's ``alpha``/``beta``)."""
         if isinstance(output, torch.Tensor):
-            return self.loss(output, target)
+            return self.loss(output, target, **loss_options)
         weights = [0.5**i for i in range(len(output))]
         total = 0.0
         for weight, logits in zip(weights, output):
@@ -140,22 +180,48 @@ class SegmentationModule(pl.LightningModule):
                 scaled = F.interpolate(target.float(), size=logits.shape[2:], mode="nearest").to(target.dtype)
             else:
                 scaled = target
-            total = total + weight / sum(weights) * self.loss(logits, scaled)
+            total = total + weight / sum(weights) * self.loss(logits, scaled, **loss_options)
         return total
+
+    def training_alpha(self) -> float:
+        """The hypernetwork's ``α`` for this step: uniform on ``alpha_range``, one per batch (Hong
+        et al.), drawn from (seed, step, rank) so that a resumed run draws the same ones."""
+        low, high = self.hypernet["alpha_range"]
+        rng = np.random.default_rng([torch.initial_seed() % 2**32, int(self.global_step), int(self.global_rank)])
+        return float(rng.uniform(low, high))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         image = batch["image"][tio.DATA]
         label = batch["label"][tio.DATA]
-        loss = self.compute_loss(self.net(image), label)
-        # epoch mean only: a per-step value would make Lightning read the loss back to the host
-        # (a device synchronisation) every step for the logger and the progress bar
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
+        if self.hypernet is None:
+            loss = self.compute_loss(self.net(image), label)
+        else:
+            alpha = self.training_alpha()
+            loss = self.compute_loss(self.net(image, alpha), label, alpha=alpha, beta=1 - alpha)
+        # summed on the device, logged as the epoch mean in on_train_epoch_end: a per-step value
+        # would make Lightning read the loss back to the host (a synchronisation) every step
+        self.epoch_loss += torch.stack([loss.detach().float() * image.shape[0], loss.new_tensor(float(image.shape[0]))])
         return loss
 
     def on_train_epoch_start(self) -> None:
+        # an epoch resumed in its middle keeps the sums of its batches before the stop (on_load_checkpoint)
+        if self.epoch_loss_epoch != self.current_epoch:
+            self.epoch_loss = torch.zeros(2, device=self.device)
+        self.epoch_loss_epoch = self.current_epoch
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "set_epoch"):
             datamodule.set_epoch(self.current_epoch)
+
+    def on_train_epoch_end(self) -> None:
+        """Log ``train/loss``, the epoch's mean over samples on all ranks. Kept by the module
+        rather than by ``self.log(on_epoch=True)``: Lightning does not store its running means in
+        a checkpoint, so an epoch resumed after a stop (SIGTERM, requeue) would log the mean of
+        its remaining batches only, or nothing when the stop came after its last batch. Under
+        DDP the checkpoint holds rank 0's sums, so a resumed epoch's mean counts the other
+        ranks' batches from the resume on."""
+        total, count = self.trainer.strategy.reduce(self.epoch_loss.to(self.device), reduce_op="sum").tolist()
+        if count > 0:
+            self.log("train/loss", total / count, prog_bar=True, sync_dist=False)
 
     # --- validation -------------------------------------------------------------------
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
@@ -163,18 +229,53 @@ class SegmentationModule(pl.LightningModule):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
+    def own_probabilities(self, image: torch.Tensor) -> Iterator[torch.Tensor]:
+        """This network's whole-volume class probabilities ``(C, W, H, D)``: one map, or with a
+        hypernetwork one per inference ``α`` (only :attr:`inference_alpha` when it is set)."""
+        image = image.to(self.device, non_blocking=True).float()
+        if self.hypernet is None:
+            yield self.sliding_window(image, self.net)
+            return
+        alphas = self.hypernet["inference_alphas"] if self.inference_alpha is None else [self.inference_alpha]
+        for alpha in alphas:
+            yield self.sliding_window(image, lambda patches, alpha=alpha: self.net(patches, alpha))
+
+    def member_probabilities(self, image: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Every member's probabilities: this network's, then each ensemble member's."""
+        for module in (self, *self.ensemble):
+            yield from module.own_probabilities(image)
+
+    @torch.no_grad()
+    def predict_with_samples(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mean of the members' probabilities ``(C, W, H, D)`` and, where there are several
+        members, each one's argmax segmentation ``(M, W, H, D)`` (uint8) as samples."""
+        total, samples = None, []
+        for probabilities in self.member_probabilities(image):
+            total = probabilities if total is None else total + probabilities
+            samples.append(probabilities.argmax(0).to(torch.uint8))
+        assert total is not None
+        return total / len(samples), (torch.stack(samples) if len(samples) > 1 else None)
+
     def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
-        """Whole-volume class probabilities ``(C, W, H, D)`` on the module's device."""
-        return self.sliding_window(image.to(self.device, non_blocking=True).float(), self.net)
+        """Whole-volume class probabilities ``(C, W, H, D)`` on the module's device (the mean
+        over an ensemble's members, and a hypernetwork's inference α)."""
+        return self.predict_with_samples(image)[0]
+
+    def add_ensemble_members(self, members: Sequence[SegmentationModule]) -> None:
+        """Average ``members``' probability maps with this network's. They must segment the same
+        classes from the same channels and preprocessing, which
+        :func:`lightning_modules.checkpoints.load_ensemble` checks, naming the checkpoint."""
+        self.ensemble.extend(members)
 
     def validation_step(self, subject: tio.Subject, batch_idx: int) -> None:
-        probabilities = self.predict_probabilities(subject["image"][tio.DATA])
+        probabilities, samples = self.predict_with_samples(subject["image"][tio.DATA])
         self.val_metrics.update(
             probabilities,
             subject["label"][tio.DATA],
             subject["label"].spacing,
             int(subject["subject_index"]),
             subject.get("expected_volume_ml"),
+            samples,
         )
         if int(subject["subject_index"]) < self.preview_subjects:
             self._previews.append(preview_slices(subject, probabilities))
@@ -227,6 +328,10 @@ class SegmentationModule(pl.LightningModule):
         # the middle of an epoch (SIGTERM, requeue), instead of replaying the epoch's batches.
         # "processed" counts the batches trained on (a checkpoint written at a batch's end has
         # not yet counted it as "completed").
+        saved = checkpoint.get("epoch_loss")
+        if isinstance(saved, dict) and isinstance(saved.get("epoch"), int) and isinstance(saved.get("sums"), list) \
+                and len(saved["sums"]) == 2 and all(isinstance(v, float) and np.isfinite(v) for v in saved["sums"]):
+            self.epoch_loss, self.epoch_loss_epoch = torch.tensor(saved["sums"]), saved["epoch"]
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         loops = checkpoint.get("loops")
         try:
@@ -241,6 +346,8 @@ class SegmentationModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint["run_config"] = self.run_config
+        if self.epoch_loss_epoch is not None:  # the running epoch's loss sums, for a resume in its middle
+            checkpoint["epoch_loss"] = {"epoch": self.epoch_loss_epoch, "sums": [float(v) for v in self.epoch_loss.tolist()]}
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "inference_settings"):
             checkpoint["inference_settings"] = datamodule.inference_settings()

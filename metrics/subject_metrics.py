@@ -12,6 +12,9 @@ For each validation subject and foreground class ``c`` (classes ``1..C−1``):
   over millions of voxels and can swamp ``Σ p``; near the structure they cannot;
 * ``volume_expected_ml``: ``Σ q_c × voxel volume`` where the label distribution ``q`` is
   known (synthetic and probabilistic data), NaN elsewhere;
+* ``ged``: the generalised energy distance D²_GED between the model's segmentations and the
+  reference (:mod:`metrics.energy_distance`), where the model gives several (an ensemble, a
+  hypernetwork's α); NaN otherwise;
 * ``ece``: the subject's class-wise expected calibration error (:mod:`metrics.calibration`;
   the pooled ECEs, class-wise and top-label, are dataset-level values);
 * the post-hoc remedies of :mod:`metrics.posthoc`: ``volume_soft_calibrated_ml``,
@@ -37,12 +40,14 @@ import torch
 from torchmetrics import Metric
 
 from metrics.calibration import RELIABILITY_BINS, expected_calibration_error, reliability_bins
+from metrics.energy_distance import generalised_energy_distance
 from metrics.posthoc import LOG_ODDS_BINS, dice_from_counts, log_odds, log_odds_histogram, posthoc_remedies
 
 # voxels per pass of the calibration summaries: their float64/int64 temporaries stay below
 # ~0.7 GB on the device whatever the volume (a 512 x 512 x 300 CT would need ~3 GB at once)
 CALIBRATION_CHUNK = 1 << 24
-MEASURED_KEYS = ("dice", "volume_ref_ml", "volume_pred_ml", "volume_pred_soft_ml", "volume_pred_soft_near_ml", "volume_expected_ml")
+MEASURED_KEYS = ("dice", "volume_ref_ml", "volume_pred_ml", "volume_pred_soft_ml", "volume_pred_soft_near_ml", "volume_expected_ml",
+                 "ged")
 PER_SUBJECT_KEYS = (
     *MEASURED_KEYS,
     "ece",
@@ -80,6 +85,7 @@ class SubjectSegmentationMetrics(Metric):
         spacing_mm: Sequence[float],
         subject_index: int,
         expected_volume_ml: Sequence[float] | torch.Tensor | None = None,
+        samples: torch.Tensor | None = None,
     ) -> None:
         """Add one subject.
 
@@ -89,6 +95,7 @@ class SubjectSegmentationMetrics(Metric):
             spacing_mm: voxel spacing in mm.
             subject_index: the subject's unique index.
             expected_volume_ml: ``C − 1`` expected volumes in ml, or None if unknown.
+            samples: ``(M, W, H, D)`` segmentations the model gives (ensemble members), or None.
         """
         if probabilities.shape[0] != self.num_classes:
             raise ValueError(f"expected {self.num_classes} class channels, got {probabilities.shape[0]}")
@@ -125,6 +132,9 @@ class SubjectSegmentationMetrics(Metric):
         self.volume_pred_soft_ml.append((soft * voxel_ml)[None])
         self.volume_pred_soft_near_ml.append((soft_near * voxel_ml)[None])
         self.volume_expected_ml.append(expected[None])
+        no_samples = torch.zeros((1, *label.shape), dtype=torch.uint8, device=device)
+        ged = generalised_energy_distance(samples if samples is not None else no_samples, label[None], self.num_classes)
+        self.ged.append(ged[None])
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Raw per-subject rows ordered by subject: ``subject_index``, ``voxel_ml`` ``(N,)``,

@@ -12,7 +12,8 @@ structure, see :mod:`metrics.subject_metrics`):
 * where expected volumes are known: ``<prefix>expected_volume_bias_ml`` (predicted −
   expected) and ``relative_<prefix>expected_volume_bias``;
 
-and ``dice`` (argmax), ``dice_threshold``, ``dice_rankseg`` (mean Dice), ``ece`` (class-wise,
+and ``dice`` (argmax), ``dice_threshold``, ``dice_rankseg`` (mean Dice), ``ged`` (mean
+generalised energy distance, where the model gives samples: an ensemble), ``ece`` (class-wise,
 over all validation voxels), ``ece_top_label`` (top-label, over all voxels and classes),
 ``ece_calibrated``/``ece_platt``/``ece_isotonic`` (after each recalibration), ``temperature``,
 ``platt_slope``, ``platt_bias``, ``threshold``.
@@ -58,6 +59,8 @@ def per_class_summary(rows: dict[str, torch.Tensor], fitted: dict[str, torch.Ten
     ref, expected = rows["volume_ref_ml"], rows["volume_expected_ml"]
     has_expected = not torch.isnan(expected).all()
     summary = {key: _nanmean(rows[key]) for key in ("dice", "dice_threshold", "dice_rankseg") if key in rows}
+    if "ged" in rows and not torch.isnan(rows["ged"]).all():
+        summary["ged"] = _nanmean(rows["ged"])
     for prefix, column in VOLUME_READINGS.items():
         if column not in rows:
             continue

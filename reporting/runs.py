@@ -121,6 +121,8 @@ def read_run(path: Path) -> Run:
     run.choices = _choices(path)
     target = str(run.loss.get("_target_", "")) if isinstance(run.loss, dict) else ""
     run.loss_name = run.choices.get("loss") or target.rsplit(".", 1)[-1] or "?"
+    if run.choices.get("model") == "tversky_hypernet":  # one network for all α: a method of its own
+        run.loss_name = f"{run.loss_name}_hypernet"
     if not run.loss:
         run.problem = "no loss section in .hydra/config.yaml (not a training run)"
         return run

@@ -70,6 +70,13 @@ else
     add "$study/high_uncertainty_soft_labels" "ce softdice softdice_softlabel" "$seeds" \
         experiment=high_uncertainty data.label_mode=soft task_name=high_uncertainty_soft_labels
     add "$study/high_uncertainty" "dscpp focal unified_focal" "$seeds" experiment=high_uncertainty
+    # 6. the remedies of the paper's citations: Nordström's calibrated Dice surrogate, Hong's Tversky hypernetwork
+    for task in high_uncertainty boundary_uncertainty; do
+        add "$study/$task" calibrated_dice "$seeds" experiment=$task
+        for seed in $seeds; do
+            runs+=("$study/$task/tversky_hypernet/seed$seed loss=tversky model=tversky_hypernet seed=$seed experiment=$task")
+        done
+    done
 fi
 
 if [ "$mode" = list ]; then

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import compose_config
 from hydra.utils import instantiate
 
-from conftest import compose_config
 from train import build_model
 
 COMPARED = ("dice", "volume_ref_ml", "volume_pred_ml", "volume_pred_soft_ml")

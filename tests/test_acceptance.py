@@ -11,8 +11,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import compose_config
+
 from theory import predicted_volume_bias
 from train import train
 

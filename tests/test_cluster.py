@@ -13,7 +13,6 @@ import time
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from conftest import ROOT, TINY
 
 RUN = [o for o in TINY if not o.startswith(("trainer.max_epochs", "data.samples_per_volume"))] + [
@@ -74,6 +73,7 @@ def test_auto_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
     """Two runs inside one SLURM job share the job-id run directory: the second must not
     silently continue the first."""
     from conftest import compose_config
+
     from train import train
 
     train(compose_config(TINY, tmp_path))
@@ -109,10 +109,10 @@ def test_a_run_stopped_mid_epoch_resumes_with_the_same_batches_and_ends_identica
     workers, when stopped after an epoch's last batch, and from a checkpoint written at a
     batch's end — so the resumed run trains on the batches an uninterrupted one would have,
     and ends with the same validation."""
+    from conftest import compose_config
     from omegaconf import open_dict
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from conftest import compose_config
     from train import train
 
     overrides = [o for o in TINY if not o.startswith(("trainer.max_epochs", "data.samples_per_volume", "data.num_workers"))]
@@ -142,3 +142,20 @@ def test_a_run_stopped_mid_epoch_resumes_with_the_same_batches_and_ends_identica
     cut = json.loads((tmp_path / ("cut" if saved_at == "sigterm" else "resumed") / "metrics.json").read_text())
     assert (cut["epoch"], cut["global_step"]) == (full["epoch"], full["global_step"]) == (2, 48)
     assert cut["val/dice"] == full["val/dice"] and cut["val/soft_volume_bias_ml"] == full["val/soft_volume_bias_ml"]
+    # every epoch's training loss logged once, the interrupted one's over all its batches
+    resumed_losses = epoch_losses(tmp_path / "cut")  # a new folder (batch_end) holds the epochs from the resume on
+    resumed_losses.update(epoch_losses(tmp_path / "resumed") if saved_at == "batch_end" else {})
+    assert resumed_losses == pytest.approx(epoch_losses(tmp_path / "full"), rel=1e-6)
+    assert sorted(epoch_losses(tmp_path / "full")) == [0, 1, 2]
+
+
+def epoch_losses(run_dir) -> dict[int, float]:
+    """``train/loss`` per epoch from a run's metrics.csv."""
+    losses = {}
+    for path in [run_dir / "csv" / "metrics.csv"]:
+        with open(path) as handle:
+            for row in csv.DictReader(handle):
+                if row.get("train/loss"):
+                    assert int(row["epoch"]) not in losses, f"epoch {row['epoch']} logged twice in {path}"
+                    losses[int(row["epoch"])] = float(row["train/loss"])
+    return losses

@@ -5,13 +5,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CONFIG_DIR, ROOT, TINY, compose_config
 from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
 from hydra.utils import instantiate
-
-from conftest import CONFIG_DIR, ROOT, TINY, compose_config
 from nifti_datasets import write_msd
+
 from datamodules import SegmentationDataModule
+from input_errors import InputError
 from lightning_modules import SegmentationModule
+from losses import SoftDiceLoss
 from train import build_model
 
 GROUPS = ["data", "model", "loss", "trainer", "logger", "callbacks", "experiment"]
@@ -31,6 +33,10 @@ def test_every_group_has_options():
 def test_losses_and_models_instantiate(loss, model, tmp_path):
     cfg = compose_config([f"loss={loss}", f"model={model}", "data.patch_size=[32,32,32]"], tmp_path)
     datamodule = instantiate(cfg.data)
+    if model == "tversky_hypernet" and not isinstance(instantiate(cfg.loss), SoftDiceLoss):
+        with pytest.raises((InputError, InstantiationException), match="model.hypernet trains with a Tversky loss: use loss=tversky"):
+            build_model(cfg, datamodule)
+        return
     module = build_model(cfg, datamodule)
     assert isinstance(module, SegmentationModule)
     assert list(module.net.features) == list(cfg.model.features)

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 import torchio as tio
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
 from conftest import ROOT, compose_config
+from hydra import compose, initialize_config_dir
+from nifti_datasets import folder_digest, write_nnunet
+from omegaconf import OmegaConf
+from test_folder_data import TINY_FOLDER
+
 from datamodules import DatasetError
 from evaluate import evaluate
-from nifti_datasets import folder_digest, write_nnunet
 from predict import predict, predict_case
-from test_folder_data import TINY_FOLDER
 from train import train
 
 

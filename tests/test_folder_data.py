@@ -10,10 +10,10 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import ROOT, TINY_RUN, compose_config
-from datamodules import DatasetError, FolderDataModule
 from nifti_datasets import folder_digest, write_msd, write_nnunet
+
+from datamodules import DatasetError, FolderDataModule
 from train import train
 
 WRITERS = {"msd": write_msd, "nnunet": write_nnunet}

@@ -19,15 +19,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import TINY, compose_config
+from nifti_datasets import write_msd, write_nnunet
+from omegaconf import OmegaConf
+from untrusted_files import nifti, tree_digest
+
 from datamodules import FolderDataModule
 from input_errors import InputError
-from nifti_datasets import write_msd, write_nnunet
 from predict import predict
 from train import train
-from untrusted_files import nifti, tree_digest
 
 DATASET_CASES = 120
 PREDICT_CASES = 40

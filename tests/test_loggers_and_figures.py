@@ -7,12 +7,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, TINY, compose_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from wandb_files import config, history, run_record
 
 from callbacks.wandb_dashboard import COLUMNS
-from conftest import ROOT, TINY, compose_config
 from train import train
-from wandb_files import config, history, run_record
 
 
 def test_figures_are_written_and_sent_to_tensorboard(tmp_path):

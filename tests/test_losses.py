@@ -5,12 +5,12 @@ from functools import cache
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CONFIG_DIR, compose_config
 from hydra.utils import instantiate
 from monai.losses import DiceCELoss, DiceLoss, FocalLoss, GeneralizedDiceLoss, TverskyLoss
 from monai.losses.unified_focal_loss import AsymmetricFocalLoss, AsymmetricFocalTverskyLoss
 
 import losses.soft_dice
-from conftest import CONFIG_DIR, compose_config
 from losses import CompoundLoss, CrossEntropyLoss, SoftDiceLoss, UnifiedFocalLoss
 from losses.cross_entropy import focal_cross_entropy
 
@@ -80,7 +80,7 @@ def test_every_configured_loss_is_finite_with_empty_foreground_classes(name, num
 def test_the_catalogue_is_complete():
     # test_configs checks that the README documents each option
     assert set(LOSS_OPTIONS) >= {"ce", "focal", "softdice", "softdice_batch", "ce_softdice", "softjaccard", "gdl",
-                                 "tversky", "dscpp", "unified_focal", "softdice_softlabel"}
+                                 "tversky", "dscpp", "unified_focal", "softdice_softlabel", "calibrated_dice"}
 
 
 # --- soft Dice: the nnU-Net conventions -------------------------------------------------
@@ -312,6 +312,84 @@ def test_pooling_across_processes_equals_one_process_with_the_whole_batch(loss, 
 
 
 # --- cross-entropy and focal loss -------------------------------------------------------
+# --- Nordström et al.'s calibrated surrogate ------------------------------------------------
+def nordstrom_score(z, y):
+    """The paper's construction written out for one binary image (numpy, float64): log-odds ``z``
+    and a 0/1 or soft reference ``y`` (flat), ``φ(m) = log₂(1 + e^{−m})``."""
+    import numpy as np
+
+    phi = lambda m: np.log2(1 + np.exp(-m))  # noqa: E731
+    tp = np.sum(y * (1 - phi(z)))
+    fp = np.sum((1 - y) * phi(-z))
+    return 2 * tp / (np.sum(y) + tp + fp)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_calibrated_surrogate_equals_the_formula_written_out(soft):
+    import numpy as np
+    from scipy.optimize import approx_fprime
+
+    logits, target = random_case(2, batch=2)
+    if soft:
+        target = soft_target(2, batch=2)
+    loss = SoftDiceLoss(calibrated_surrogate=True, smooth_nr=0, smooth_dr=0)
+    value, gradient = value_and_gradient(loss, logits.double(), target.double() if soft else target)
+    y = (target[:, 1] if soft else (target[:, 0] == 1).double()).numpy().reshape(2, -1)
+    base = logits.detach().double().numpy()
+
+    def by_hand(flat):
+        z = flat.reshape(base.shape)
+        z = (z[:, 1] - z[:, 0]).reshape(2, -1)  # two classes: the log-odds are the logits' difference
+        return 1 - np.mean([nordstrom_score(z[b], y[b]) for b in range(2)])
+
+    assert value.item() == pytest.approx(by_hand(base.ravel()), rel=1e-6)  # the loss computes in float32
+    numeric = approx_fprime(base.ravel(), by_hand, 1e-6).reshape(base.shape)
+    torch.testing.assert_close(gradient.double(), torch.from_numpy(numeric), atol=2e-5, rtol=1e-3)
+
+
+def test_calibrated_surrogate_is_a_lower_bound_of_the_dice_of_its_decision():
+    # on its domain: TP (a lower bound itself) may be negative, and beyond TP = −(Σy + FP) the
+    # denominator changes sign (the pole documented in losses.soft_dice)
+    checked = 0
+    for seed in range(40):
+        logits, target = random_case(2, batch=1, seed=seed)
+        reference = target[:, 0] == 1
+        logits = (logits.detach() + 2 * (2 * reference[:, None].float() - 1)) * (1 + seed % 8)  # soft to nearly hard
+        loss = SoftDiceLoss(calibrated_surrogate=True, smooth_nr=0, smooth_dr=0)
+        score = loss.scores(logits, target)
+        z = logits[:, 1] - logits[:, 0]
+        tp = (reference * (1 - F.softplus(-z) / torch.log(torch.tensor(2.0)))).sum()
+        if reference.sum() + tp + (~reference * F.softplus(z)).sum() / torch.log(torch.tensor(2.0)) <= 0:
+            continue
+        decision = z > 0
+        dice = 2 * (decision & reference).sum() / (decision.sum() + reference.sum())
+        assert score.item() <= dice.item() + 1e-6
+        checked += 1
+    assert checked >= 30
+
+
+def test_calibrated_surrogate_is_quasi_concave_where_soft_dice_is_not():
+    # quasi-concave: along any segment the score never falls below the lower of its two ends
+    # (on the surrogate's domain, TP >= 0). Soft Dice fails this on the same kind of segments.
+    generator = torch.Generator().manual_seed(3)
+    target = torch.randint(0, 2, (1, 1, 5, 4, 3), generator=generator)
+    worst = {}
+    for calibrated in (True, False):
+        loss = SoftDiceLoss(calibrated_surrogate=calibrated, smooth_nr=0, smooth_dr=0)
+        dips = []
+        sign = (2 * target - 1).double().expand(1, 2, 5, 4, 3) * torch.tensor([-1.0, 1.0], dtype=torch.float64).view(1, 2, 1, 1, 1)
+        for _ in range(200):
+            a, b = (sign + 3 * torch.randn(1, 2, 5, 4, 3, generator=generator, dtype=torch.float64) for _ in range(2))
+            ends = [loss.scores(a, target).item(), loss.scores(b, target).item()]
+            if min(ends) < 0:
+                continue
+            path = [loss.scores(a + t * (b - a), target).item() for t in torch.linspace(0, 1, 21).tolist()]
+            dips.append(min(ends) - min(path))
+        worst[calibrated] = max(dips)
+    assert worst[True] <= 1e-9
+    assert worst[False] > 1e-3
+
+
 @pytest.mark.parametrize("num_classes", [2, 3])
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 def test_focal_with_gamma_zero_is_cross_entropy(num_classes, soft):

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import TINY_RUN, compose_config
+
 from datamodules import MNI152DataModule
 from datamodules.mni152 import draw_labels
 from train import train

@@ -11,9 +11,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, TINY
 from scipy import stats
 
-from conftest import ROOT, TINY
 from report import main as report_main
 from reporting.grouping import group_runs
 from reporting.runs import Run, find_run_dirs, read_run

@@ -11,9 +11,9 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import ROOT
 from omegaconf import OmegaConf
 
-from conftest import ROOT
 from input_errors import DatasetError
 from score import score
 

@@ -3,20 +3,28 @@
 import csv
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, compose_config
 from omegaconf import OmegaConf
 from scipy.optimize import approx_fprime
 from scipy.special import logit
 
-from conftest import ROOT, compose_config
 from datamodules.synthetic_volumes import generate_case
 from losses import CompoundLoss, CrossEntropyLoss, SoftDiceLoss
 from theory import bias_curve, predicted_volume_bias, run_bias_curve
 from theory.curves import ROW_KEYS
-from theory.expected_loss import LossSpec, expected_loss, implied_volumes, named_loss, optimal_probabilities
+from theory.expected_loss import (
+    LossSpec,
+    calibrated_surrogate_optimum,
+    expected_loss,
+    implied_volumes,
+    named_loss,
+    optimal_probabilities,
+)
 from theory.groups import VoxelGroups, case_groups, latin_binomial, probability_map_groups, sphere_groups
 from theory.prediction import loss_spec
 
@@ -25,6 +33,9 @@ SPECS = {
     "softdice": (LossSpec(dice_weight=1.0), SoftDiceLoss()),
     "softdice_batch": (LossSpec(dice_weight=1.0, batch_size=2), SoftDiceLoss(batch_dice=True)),
     "tversky": (LossSpec(dice_weight=1.0, alpha=0.3, beta=0.7), SoftDiceLoss(alpha=0.3, beta=0.7)),
+    "calibrated_dice": (LossSpec(dice_weight=1.0, calibrated=True), SoftDiceLoss(calibrated_surrogate=True)),
+    "calibrated_tversky_batch": (LossSpec(dice_weight=1.0, calibrated=True, alpha=0.3, beta=0.7, batch_size=2),
+                                 SoftDiceLoss(calibrated_surrogate=True, alpha=0.3, beta=0.7, batch_dice=True)),
     "ce_softdice": (LossSpec(ce_weight=1.0, dice_weight=0.7),
                     CompoundLoss({"ce": CrossEntropyLoss(), "dice": SoftDiceLoss()}, {"dice": 0.7})),
 }
@@ -87,7 +98,13 @@ def brute_force(groups: VoxelGroups, spec: LossSpec, grid: np.ndarray) -> tuple[
     best = (np.inf, None)
     for first in grid:
         p = np.column_stack([np.full(len(rest), first), rest])
-        dice = 1 - np.mean((2 * p @ k.T + s) / ((p @ n)[:, None] + k.sum(1) + s), axis=1)
+        if spec.calibrated:  # 1 − φ(z) = 1 + log2 p, φ(−z) = −log2(1 − p); beyond the pole: infinite
+            tp, fp = (1 + np.log2(p)) @ k.T, -np.log2(1 - p) @ (n - k).T
+            denominator = k.sum(1) + tp + fp + s
+            score = np.where(denominator > 0, (2 * tp + s) / denominator, -np.inf)
+            dice = 1 - np.mean(score, axis=1)
+        else:
+            dice = 1 - np.mean((2 * p @ k.T + s) / ((p @ n)[:, None] + k.sum(1) + s), axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             ce = -(np.log(p) @ (groups.counts * q) + np.log1p(-p) @ (groups.counts * (1 - q))) / groups.num_voxels
         value = spec.dice_weight * dice + (spec.ce_weight * ce if spec.ce_weight else 0)
@@ -107,10 +124,10 @@ def three_groups(kind: str) -> VoxelGroups:
 
 
 @pytest.mark.parametrize("kind", ["voxel", "boundary"])
-@pytest.mark.parametrize("name", ["softdice", "softdice_batch", "ce_softdice"])
+@pytest.mark.parametrize("name", ["softdice", "softdice_batch", "ce_softdice", "calibrated_dice"])
 def test_optimum_matches_a_brute_force_grid_search(kind, name):
     groups, spec = three_groups(kind), named_loss(name, batch_size=2)
-    grid = np.linspace(0.005, 0.995, 100) if spec.ce_weight else np.linspace(0, 1, 51)
+    grid = np.linspace(0.005, 0.995, 100) if spec.ce_weight or spec.calibrated else np.linspace(0, 1, 51)
     grid_value, grid_p = brute_force(groups, spec, grid)
     p = optimal_probabilities(groups, spec)
     value = expected_loss(logit(np.clip(p, 1e-300, 1 - 1e-16)), groups, spec)[0]
@@ -129,6 +146,29 @@ def test_soft_dice_bias_direction_depends_on_the_kind_of_uncertainty(kind, sign)
     dice = implied_volumes(groups, named_loss("softdice"))
     assert np.sign(dice.relative_soft) == sign and abs(dice.relative_soft) > 0.05
     assert abs(implied_volumes(groups, named_loss("ce")).relative_soft) < 1e-4
+
+
+def test_calibrated_surrogate_optimum_inflates_the_odds_by_its_own_score():
+    # Nordström's surrogate at the optimum of its expected value, on independent voxel noise (where,
+    # with many voxels, the mean of the ratio is the ratio of the means): logit p = logit q +
+    # log((2 − t)/t), t the optimal score. So its decision z > 0 thresholds q at t/2 (a threshold
+    # of q: Bao & Sugiyama's "calibrated"), but its probabilities, and its soft volume, are not
+    # q's: every odds is multiplied by (2 − t)/t > 1, an over-segmentation that grows with the
+    # uncertainty (t falls). Soft Dice over-segments here too, far less; cross-entropy not at all.
+    groups = sphere_groups(5.0, 1.0, "voxel", (1.0, 1.0, 1.5), 30.0, 256, np.random.default_rng(0))
+    spec = replace(named_loss("calibrated_dice"), smooth_nr=0.0, smooth_dr=0.0)
+    p = optimal_probabilities(groups, spec)
+    t = 1 - expected_loss(logit(p), groups, spec)[0]
+    closed = calibrated_surrogate_optimum(groups, t)
+    free, weight = groups.free, groups.counts[groups.free]
+    gap = np.abs(logit(p[free]) - logit(closed[free]))
+    assert 0.2 < t < 0.6
+    assert np.average(gap, weights=weight) < 0.03
+    volumes = {name: implied_volumes(groups, named_loss(name)) for name in ("ce", "softdice", "calibrated_dice")}
+    assert volumes["calibrated_dice"].relative_soft > 0.3 > volumes["softdice"].relative_soft > 0.02
+    assert abs(volumes["ce"].relative_soft) < 1e-4
+    decided = p[free] > 0.5
+    assert np.all(groups.probability[free][decided] > t / 2 - 0.02) and np.all(groups.probability[free][~decided] < t / 2 + 0.02)
 
 
 def test_bias_curve_rows():
@@ -150,6 +190,7 @@ def test_loss_spec_of_the_configured_losses():
                        SoftDiceLoss(include_background=True), SoftDiceLoss(generalised="square")):
         assert loss_spec(unmodelled, 4) is None
     assert loss_spec(SoftDiceLoss(soft_label=True), 4, soft_targets=True) is None
+    assert loss_spec(SoftDiceLoss(calibrated_surrogate=True), 4) == LossSpec(dice_weight=1.0, calibrated=True)
 
 
 def test_predicted_volume_bias_of_a_run_config():

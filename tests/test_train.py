@@ -3,14 +3,15 @@
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT, TINY, compose_config
+
 from input_errors import InputError
 from train import train
 
@@ -174,6 +175,7 @@ def test_train_log_holds_what_the_run_printed_with_progress_lines_and_no_noise(t
     for text in (written, result.stdout + result.stderr):
         assert "task train · loss CrossEntropyLoss" in text or "task train · loss ce" in text
         assert "epoch 1/2 · step" in text and "epoch 2/2 · step" in text and "val Dice" in text
+        assert re.search(r"epoch 1/2 · step \d+ · loss \d\.\d{4}", text), text[-2000:]
         assert "Validation after epoch 2" in text and "values in metrics.json" in text
         assert f"outputs in {run_dir}: metrics.json, subjects.csv" in text
         assert "💡" not in text and "srun` command" not in text

@@ -15,7 +15,12 @@ groups of :mod:`theory.groups` (counts ``n_g``, mean probability ``q_g``, draws 
   estimated over the draws. Its Tversky generalisation (``α, β``: false positives ``P − T``
   and negatives ``Y − T`` weighted, Jaccard at ``α = β = 1``) is the same on group sums,
   ``(2T + s) / (2T + 2α(P − T) + 2β(Y − T) + s)``;
-* a weighted sum of the two (nnU-Net's DC+CE).
+* a weighted sum of the two (nnU-Net's DC+CE);
+* Nordström et al.'s calibrated Dice surrogate (``calibrated``, see :mod:`losses.soft_dice`):
+  the same ratio with ``T = Σ k_g (1 − φ(z_g))`` and false positives ``Σ (n_g − k_g) φ(−z_g)``.
+  At its optimum of value ``t`` every free group satisfies
+  ``logit p_g = logit q_g + log((2 − t)/t)`` (in the limit of many voxels, where the ratio's
+  expectation is the ratio of expectations): :func:`calibrated_surrogate_optimum`.
 
 Binary: one foreground class (the Dice of the foreground only, background excluded), with
 ``p = sigmoid(z)`` from one logit per group (the two-class softmax). The optimum is found
@@ -53,9 +58,10 @@ class LossSpec:
     beta: float = 0.5
     smooth_nr: float = 1e-5
     smooth_dr: float = 1e-5
+    calibrated: bool = False  # Nordström et al.'s calibrated surrogate in place of p·y
 
 
-LOSS_NAMES = ("ce", "softdice", "softdice_batch", "ce_softdice")  # the options of configs/loss/
+LOSS_NAMES = ("ce", "softdice", "softdice_batch", "ce_softdice", "calibrated_dice")  # the options of configs/loss/
 
 
 def named_loss(name: str, batch_size: int = 2) -> LossSpec:
@@ -66,6 +72,7 @@ def named_loss(name: str, batch_size: int = 2) -> LossSpec:
         "softdice": LossSpec(dice_weight=1.0),
         "softdice_batch": LossSpec(dice_weight=1.0, batch_size=int(batch_size)),
         "ce_softdice": LossSpec(ce_weight=1.0, dice_weight=1.0),
+        "calibrated_dice": LossSpec(dice_weight=1.0, calibrated=True),
     }
     if name not in specs:
         raise ValueError(f"unknown loss {name!r}; the theory models {LOSS_NAMES}")
@@ -83,21 +90,38 @@ def cross_entropy(logits: np.ndarray, groups: VoxelGroups) -> tuple[float, np.nd
 
 def soft_dice_loss(logits: np.ndarray, groups: VoxelGroups, loss: LossSpec) -> tuple[float, np.ndarray]:
     """``1 − mean soft Dice`` (Tversky with ``alpha, beta``) over the draws, pooled in batches of
-    ``loss.batch_size`` consecutive draws, and its gradient over the group ``logits`` ``(G,)``."""
+    ``loss.batch_size`` consecutive draws, and its gradient over the group ``logits`` ``(G,)``.
+
+    Per batch ``m``: ``T_m = Σ_g k_mg·t(z_g)`` and ``F_m = Σ_g (n_g − k_mg)·f(z_g)`` with
+    ``t = f = σ`` (soft Dice: ``p·y`` and ``p·(1 − y)``), or with ``loss.calibrated`` Nordström's
+    bounds ``t(z) = 1 − φ(z)``, ``f(z) = φ(−z)``, ``φ(m) = log₂(1 + e^{−m})``; the score is
+    ``(2T + s) / (2T + 2α·F + 2β·(Y − T) + s)``."""
     batch = loss.batch_size
     num_batches = len(groups.draws) // batch
     if num_batches == 0:
         raise ValueError(f"{len(groups.draws)} label draws cannot fill one batch of {batch}")
     k = groups.draws[: num_batches * batch].reshape(num_batches, batch, -1).sum(1)  # (batches, G)
     n = batch * groups.counts
-    p = expit(logits)
-    tp_weight = 2 - 2 * loss.alpha - 2 * loss.beta  # of T in the denominator; 0 for Dice
-    numerator = 2 * (k @ p) + loss.smooth_nr
-    denominator = tp_weight * (k @ p) + 2 * loss.alpha * (n @ p) + 2 * loss.beta * k.sum(1) + loss.smooth_dr
+    if loss.calibrated:
+        t, dt = 1 - np.logaddexp(0, -logits) / np.log(2), expit(-logits) / np.log(2)
+        f, df = np.logaddexp(0, logits) / np.log(2), expit(logits) / np.log(2)
+    else:
+        t = f = expit(logits)
+        dt = df = t * (1 - t)
+    tp, fp, y = k @ t, (n - k) @ f, k.sum(1)
+    numerator = 2 * tp + loss.smooth_nr
+    denominator = 2 * tp + 2 * loss.alpha * fp + 2 * loss.beta * (y - tp) + loss.smooth_dr
+    if loss.calibrated and (denominator <= 0).any():
+        # Beyond the surrogate's pole: T (a lower bound) is negative where a draw labels voxels
+        # predicted z ≪ 0 as foreground, and where it reaches −(α·F + β·Y)/(1 − β) the denominator
+        # crosses 0 and the score jumps from −∞ to +∞. Gradient descent from p ≈ ½ (T ≈ 0) never
+        # crosses that barrier; here the value is infinite, so the line search steps back.
+        return np.inf, np.zeros_like(logits)
     value = 1 - float(np.mean(numerator / denominator))
-    ratio = numerator / denominator**2
-    gradient_p = -(2 * k.T @ (1 / denominator) - tp_weight * k.T @ ratio - 2 * loss.alpha * n * ratio.sum())
-    return value, gradient_p / num_batches * p * (1 - p)
+    # d(N/D) = dN/D − N·dD/D², dN = 2·dT, dD = (2 − 2β)·dT + 2α·dF, per batch row
+    d_tp = (2 / denominator - (2 - 2 * loss.beta) * numerator / denominator**2) @ k  # (G,) / dt
+    d_fp = (-2 * loss.alpha * numerator / denominator**2) @ (n - k)
+    return value, -(d_tp * dt + d_fp * df) / num_batches
 
 
 def expected_loss(logits: np.ndarray, groups: VoxelGroups, loss: LossSpec) -> tuple[float, np.ndarray]:
@@ -160,8 +184,10 @@ def optimal_probabilities(groups: VoxelGroups, loss: LossSpec) -> np.ndarray:
     from the best threshold set is taken. With cross-entropy in the loss the minimum is interior
     and random starts were found to agree, so ``p = q`` is the only start."""
     starts = [calibrated_logits(groups)]
-    if groups.free.any() and loss.dice_weight and not loss.ce_weight:
+    if groups.free.any() and loss.dice_weight and not loss.ce_weight and not loss.calibrated:
         starts.append(threshold_logits(groups, loss))
+    if loss.calibrated:  # inside the surrogate's domain: p = q, its odds raised until no draw is beyond the pole
+        starts = [next(s for s in (starts[0] + shift for shift in range(0, 41, 2)) if np.isfinite(expected_loss(s, groups, loss)[0]))]
     if groups.free.any():
         _, logits = min((minimised_logits(start, groups, loss) for start in starts), key=lambda result: result[0])
     else:
@@ -199,3 +225,12 @@ def implied_volumes(groups: VoxelGroups, loss: LossSpec) -> ImpliedVolumes:
         soft_ml=float(groups.counts @ p) * groups.voxel_ml,
         hard_ml=float(groups.counts @ (p > 0.5)) * groups.voxel_ml,
     )
+
+
+def calibrated_surrogate_optimum(groups: VoxelGroups, value: float) -> np.ndarray:
+    """Nordström's surrogate's stationary point for a given optimum ``value`` ``t`` of its
+    score (Dice weights, no smoothing, many voxels): maximising ``2T/(Y + T + F)`` at value
+    ``t`` maximises ``(2 − t)·T − t·F`` voxel by voxel, ``(2 − t)·q·σ(−z) = t·(1 − q)·σ(z)``,
+    so ``p = σ(z)`` has the odds of ``q`` times ``(2 − t)/t``. Returns ``p`` ``(G,)``."""
+    odds = groups.probability / np.clip(1 - groups.probability, EPSILON, None) * (2 - value) / value
+    return odds / (1 + odds)

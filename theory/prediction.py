@@ -45,7 +45,8 @@ def loss_spec(loss: nn.Module, batch_size: int, soft_targets: bool = False) -> L
         if unmodelled:
             return None
         return LossSpec(dice_weight=1.0, batch_size=int(batch_size) if loss.batch_dice else 1,
-                        alpha=loss.alpha, beta=loss.beta, smooth_nr=loss.smooth_nr, smooth_dr=loss.smooth_dr)
+                        alpha=loss.alpha, beta=loss.beta, smooth_nr=loss.smooth_nr, smooth_dr=loss.smooth_dr,
+                        calibrated=loss.calibrated_surrogate)
     if isinstance(loss, CompoundLoss):
         terms = [(loss.weights[name], loss_spec(term, batch_size, soft_targets)) for name, term in loss.terms.items()]
         if any(spec is None for _, spec in terms):
