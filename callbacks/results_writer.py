@@ -29,6 +29,7 @@ def subject_table(rows: dict, subject_names: list[str], class_names: list[str]) 
     ``volume_expected_ml`` and ``ged`` columns appear only where some subject has a value."""
     optional = {key for key in ("volume_expected_ml", "ged") if key in rows and bool(rows[key].isnan().all())}
     keys = [k for k in PER_SUBJECT_KEYS if k not in optional]
+    keys += [k for k in rows if k not in PER_SUBJECT_KEYS and k != "subject_index"]  # the raters' columns
     table = []
     for i, index in enumerate(rows["subject_index"].tolist()):
         row: dict[str, object] = {"subject": subject_names[index]}

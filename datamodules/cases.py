@@ -74,7 +74,9 @@ class Case:
     normalisation statistics);
     ``expected_volume_ml`` is ``Σ p × voxel volume`` per foreground class where the label's
     distribution ``probabilities`` is known (synthetic, MNI152), NaN otherwise. ``intensity`` is set by the
-    datamodule from its normalisation setting.
+    datamodule from its normalisation setting. A case annotated by several raters has their
+    label maps in ``raters`` ``(R, W, H, D)``; then ``label`` is their majority vote,
+    ``probabilities`` their mean (one-hot) and ``expected_volume_ml`` their mean volume.
     """
 
     name: str
@@ -88,6 +90,7 @@ class Case:
     foreground_samples: np.ndarray | None = None
     intensity: Intensity | None = None
     probabilities: np.ndarray | None = None
+    raters: np.ndarray | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -105,20 +108,51 @@ class Case:
         """The whole subject as a TorchIO ``Subject`` (normalised image), for validation."""
         image, label = self.arrays()
         expected = self.expected_volume_ml or [math.nan] * (num_classes - 1)
-        return tio.Subject(
+        subject = tio.Subject(
             image=tio.ScalarImage(tensor=torch.from_numpy(self.normalised(image)), affine=self.affine),
             label=tio.LabelMap(tensor=torch.from_numpy(np.asarray(label, dtype=np.int64))[None], affine=self.affine),
             name=self.name,
             expected_volume_ml=[float(v) for v in expected],
         )
+        if self.raters is not None:  # one channel per rater
+            subject.add_image(tio.LabelMap(tensor=torch.from_numpy(np.asarray(self.raters, dtype=np.int64)), affine=self.affine), "raters")
+        return subject
+
+
+def majority_vote(raters: np.ndarray, num_classes: int) -> np.ndarray:
+    """The class most raters gave each voxel, ``(W, H, D)`` int64, from ``(R, W, H, D)``; a tie
+    goes to the lower class (background first)."""
+    counts = np.stack([(raters == c).sum(0) for c in range(num_classes)])
+    return counts.argmax(0).astype(np.int64)  # argmax takes the first maximum: the lower class
+
+
+def rater_mean(raters: np.ndarray, num_classes: int) -> np.ndarray:
+    """The raters' mean one-hot map ``(num_classes, W, H, D)`` float32: each class's share of raters."""
+    return np.stack([(raters == c).mean(0, dtype=np.float64) for c in range(num_classes)]).astype(np.float32)
+
+
+def rater_volumes_ml(raters: np.ndarray, num_classes: int, voxel_ml: float) -> np.ndarray:
+    """Each rater's volume of each foreground class, ``(R, num_classes − 1)`` in ml."""
+    flat = raters.reshape(len(raters), -1)
+    return np.stack([(flat == c).sum(1) for c in range(1, num_classes)], axis=1) * voxel_ml
 
 
 def in_memory_case(
     name: str, image: np.ndarray, label: np.ndarray, affine: np.ndarray, num_classes: int,
     expected_volume_ml: list[float] | None = None, seed: int = 0, probabilities: np.ndarray | None = None,
+    raters: np.ndarray | None = None,
 ) -> Case:
     """A :class:`Case` from arrays already in memory (``image`` ``(C, W, H, D)``; the label's
-    class ``probabilities`` ``(num_classes, W, H, D)`` where known)."""
+    class ``probabilities`` ``(num_classes, W, H, D)`` where known). With ``raters``
+    ``(R, W, H, D)`` the label, probabilities and expected volumes are the raters' majority
+    vote, mean and mean volume (``label``, ``probabilities``, ``expected_volume_ml`` must then
+    be None)."""
+    if raters is not None:
+        assert label is None and probabilities is None and expected_volume_ml is None, "given by the raters"
+        raters = np.ascontiguousarray(raters, dtype=np.int64)
+        label, probabilities = majority_vote(raters, num_classes), rater_mean(raters, num_classes)
+        voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+        expected_volume_ml = [float(v) for v in rater_volumes_ml(raters, num_classes, voxel_ml).mean(0)]
     image = np.ascontiguousarray(image, dtype=np.float32)
     flat = image.reshape(len(image), -1)
     rng = np.random.default_rng(seed)
@@ -133,6 +167,7 @@ def in_memory_case(
         expected_volume_ml=list(expected_volume_ml or []),
         foreground_samples=foreground_samples(image, label, rng),
         probabilities=None if probabilities is None else np.ascontiguousarray(probabilities, dtype=np.float32),
+        raters=raters,
     )
 
 

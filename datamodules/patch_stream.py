@@ -52,8 +52,11 @@ class PatchBatches(IterableDataset):
         seed: base seed of the stream.
         subject_sampler: this rank's subjects under DDP (``set_epoch`` is forwarded).
         soft_labels: train on the cases' class ``probabilities`` (float) instead of their
-            label (SoftSeg, Gros et al. 2021); the transforms resample them like a label map
+            label (SoftSeg, Gros et al. 2021; the rater mean for multi-rater cases); the transforms resample them like a label map
             (nearest neighbour), the background channel is ``1 − Σ foreground`` after them.
+        train_rater: for multi-rater cases, the label a patch trains on: ``"random"`` (one
+            rater drawn per patch: disagreement seen as label noise), ``"majority"`` (their
+            vote) or rater ``k`` (from 1).
     """
 
     def __init__(
@@ -68,8 +71,10 @@ class PatchBatches(IterableDataset):
         seed: int = 0,
         subject_sampler: DistributedSampler | None = None,
         soft_labels: bool = False,
+        train_rater: str | int = "random",
     ) -> None:
         self.cases = list(cases)
+        self.train_rater = train_rater
         self.soft_labels = bool(soft_labels)
         if self.soft_labels and any(c.probabilities is None for c in self.cases):
             missing = next(c.name for c in self.cases if c.probabilities is None)
@@ -151,6 +156,8 @@ class PatchBatches(IterableDataset):
         shape = np.asarray(label.shape[-3:])
         if self.soft_labels:
             label = case.probabilities
+        elif case.raters is not None and self.train_rater != "majority":  # the label is the raters' majority vote
+            label = case.raters[rng.integers(len(case.raters)) if self.train_rater == "random" else self.train_rater - 1]
         with_context, after_crop = self.augmentation.split(self.augmentation.draw(rng))
         context = self.context if with_context else np.zeros(3, dtype=int)
         start = self.patch_start(case, shape, rng) - context

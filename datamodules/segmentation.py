@@ -147,10 +147,13 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         val_weighting: str = "hann",
         pin_memory: bool = True,
         label_mode: str = "hard",
+        train_rater: str | int = "random",
     ) -> None:
         super().__init__()
         if label_mode not in LABEL_MODES:
             raise InputError(f"data.label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
+        if train_rater not in ("random", "majority") and not (isinstance(train_rater, int) and not isinstance(train_rater, bool) and train_rater >= 1):
+            raise InputError(f"data.train_rater must be random, majority or a rater number from 1, got {train_rater!r}")
         if len(patch_size) != 3 or min(patch_size) < 1:
             raise InputError(f"data.patch_size must be three positive ints, got {list(patch_size)}")
         if sampler not in SAMPLERS:
@@ -177,6 +180,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         self.val_weighting = val_weighting
         self.pin_memory = pin_memory
         self.label_mode = label_mode
+        self.train_rater = train_rater
         self.train_cases: list[Case] | None = None
         self.val_cases: list[Case] | None = None
         self.intensity: Intensity | None = None  # dataset-wide mapping (ct), None = per subject
@@ -193,6 +197,11 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
     @abc.abstractmethod
     def in_channels(self) -> int:
         """Image channels."""
+
+    @property
+    def num_raters(self) -> int:
+        """Label maps per subject where several raters annotated it; 0 = one label."""
+        return 0
 
     @property
     def class_names(self) -> list[str]:
@@ -216,6 +225,8 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
                 "the model can only learn to predict background",
                 stacklevel=2,
             )
+        if isinstance(self.train_rater, int) and self.train_rater > max(self.num_raters, 1):
+            raise InputError(f"data.train_rater={self.train_rater}, but the subjects have {self.num_raters or 'one label, no'} raters")
         if self.normalization == "ct":
             self.intensity = ct_intensity(train)
         for case in [*train, *val]:
@@ -277,6 +288,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
             seed=torch.initial_seed() % 2**32,
             subject_sampler=subject_sampler,
             soft_labels=self.label_mode == "soft",
+            train_rater=self.train_rater,
         )
         epoch, start = (self.trainer.current_epoch if self.trainer is not None else 0), 0
         if self._resume_point is not None:  # a restored run: continue where its checkpoint stopped

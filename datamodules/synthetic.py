@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from datamodules.cases import Case, in_memory_case
 from datamodules.segmentation import SegmentationDataModule
-from datamodules.synthetic_volumes import UNCERTAINTY_KINDS, SyntheticCase, generate_case
+from datamodules.synthetic_volumes import (
+    UNCERTAINTY_KINDS,
+    SyntheticCase,
+    generate_case,
+    sample_label,
+    structure_distances,
+)
 from input_errors import InputError
 
 
-def synthetic_case(case: SyntheticCase, name: str, num_classes: int) -> Case:
-    """The generated arrays as a :class:`Case`, with their known expected volumes."""
+def synthetic_case(case: SyntheticCase, name: str, num_classes: int, raters: np.ndarray | None = None) -> Case:
+    """The generated arrays as a :class:`Case`, with their known expected volumes; with
+    ``raters`` ``(R, W, H, D)``, a multi-rater case (majority vote, rater mean, mean rater volume)."""
+    if raters is not None:
+        return in_memory_case(name, case.image[None], None, np.diag([*case.spacing_mm, 1.0]), num_classes, raters=raters)
     return in_memory_case(
         name,
         case.image[None],
@@ -38,6 +48,11 @@ class SyntheticDataModule(SegmentationDataModule):
         uncertainty: label uncertainty sigma in mm (0 = none).
         uncertainty_kind: ``"boundary"`` (per-structure shift) or ``"voxel"`` (independent).
         noise_std: image noise relative to a contrast of 1.
+        raters: annotations per subject (0 = one label, as from one rater). Rater ``k`` draws
+            its label from the same uncertainty model around spheres whose radius is shifted by
+            ``rater_offsets_mm[k]`` (cycled): one over-segments, one under-segments, one draws
+            around the truth.
+        rater_offsets_mm: each rater's systematic radius offset in mm.
         seed: data seed, independent of the training seed so runs compare on the same subjects.
         **loader: :class:`SegmentationDataModule` arguments.
     """
@@ -54,6 +69,8 @@ class SyntheticDataModule(SegmentationDataModule):
         uncertainty: float = 1.0,
         uncertainty_kind: str = "boundary",
         noise_std: float = 0.1,
+        raters: int = 0,
+        rater_offsets_mm: Sequence[float] = (1.5, -1.5, 0.0),
         seed: int = 0,
         **loader,
     ) -> None:
@@ -73,7 +90,15 @@ class SyntheticDataModule(SegmentationDataModule):
             kind=uncertainty_kind,
             noise_std=float(noise_std),
         )
+        if int(raters) < 0 or (int(raters) > 0 and not rater_offsets_mm):
+            raise InputError(f"data.raters must be >= 0 and needs data.rater_offsets_mm, got {raters} and {list(rater_offsets_mm)}")
+        self.raters = int(raters)
+        self.rater_offsets_mm = [float(o) for o in rater_offsets_mm]
         self.seed = int(seed)
+
+    @property
+    def num_raters(self) -> int:
+        return self.raters
 
     @property
     def num_classes(self) -> int:
@@ -94,9 +119,22 @@ class SyntheticDataModule(SegmentationDataModule):
         """Case ``index`` (training cases first, then validation), seeded by ``(seed, index)``."""
         return generate_case(np.random.default_rng([self.seed, index]), **self.case_kwargs)
 
+    def rater_labels(self, case: SyntheticCase, index: int) -> np.ndarray | None:
+        """``(R, W, H, D)`` labels of the case's raters (seeded by ``(seed, index, "raters")``), or None."""
+        if not self.raters:
+            return None
+        rng = np.random.default_rng([self.seed, index, 1])
+        distances = structure_distances(case.label.shape, case.spacing_mm, case.structures)
+        labels = []
+        for k in range(self.raters):
+            offset = self.rater_offsets_mm[k % len(self.rater_offsets_mm)]
+            shifted = [replace(s, radius_mm=max(s.radius_mm + offset, 0.0)) for s in case.structures]
+            labels.append(sample_label(rng, distances, shifted, case.sigma_mm, case.kind))
+        return np.stack(labels)
+
     def load_cases(self) -> tuple[list[Case], list[Case]]:
-        cases = [
-            synthetic_case(self.generate(i), f"synthetic_{i:03d}", self.num_classes)
-            for i in range(self.num_train + self.num_val)
-        ]
+        cases = []
+        for i in range(self.num_train + self.num_val):
+            generated = self.generate(i)
+            cases.append(synthetic_case(generated, f"synthetic_{i:03d}", self.num_classes, self.rater_labels(generated, i)))
         return cases[: self.num_train], cases[self.num_train :]

@@ -164,6 +164,13 @@ class SegmentationModule(pl.LightningModule):
         """Logits ``(B, C, W, H, D)`` for images ``(B, in_channels, W, H, D)``."""
         return self.net(x)
 
+    def setup(self, stage: str) -> None:
+        """Measure against every rater where the data has several (``datamodule.num_raters``)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        raters = int(getattr(datamodule, "num_raters", 0) or 0)
+        if raters != self.val_metrics.num_raters:
+            self.val_metrics = SubjectSegmentationMetrics(self.hparams.num_classes, self.hparams.soft_volume_margin_mm, num_raters=raters)
+
     # --- training ---------------------------------------------------------------------
     def compute_loss(self, output: torch.Tensor | list[torch.Tensor], target: torch.Tensor, **loss_options) -> torch.Tensor:
         """The loss of the logits (or the deep-supervision list of them); ``loss_options`` are
@@ -276,6 +283,7 @@ class SegmentationModule(pl.LightningModule):
             int(subject["subject_index"]),
             subject.get("expected_volume_ml"),
             samples,
+            subject["raters"][tio.DATA] if "raters" in subject else None,
         )
         if int(subject["subject_index"]) < self.preview_subjects:
             self._previews.append(preview_slices(subject, probabilities))

@@ -15,6 +15,11 @@ For each validation subject and foreground class ``c`` (classes ``1..C−1``):
 * ``ged``: the generalised energy distance D²_GED between the model's segmentations and the
   reference (:mod:`metrics.energy_distance`), where the model gives several (an ensemble, a
   hypernetwork's α); NaN otherwise;
+* with several raters (``num_raters`` > 0; ``label`` is then their majority vote and the
+  expected volume their mean volume): ``dice_rater<k>`` against rater ``k`` (from 1) and
+  ``dice_raters_mean``; ``volume_raters_min_ml``/``volume_raters_max_ml``, the raters' range;
+  ``within_rater_range``/``soft_within_rater_range``, 1 where the argmax / soft volume lies
+  within it (inclusive), else 0; ``ged`` against the raters' segmentations;
 * ``ece``: the subject's class-wise expected calibration error (:mod:`metrics.calibration`;
   the pooled ECEs, class-wise and top-label, are dataset-level values);
 * the post-hoc remedies of :mod:`metrics.posthoc`: ``volume_soft_calibrated_ml``,
@@ -67,16 +72,22 @@ class SubjectSegmentationMetrics(Metric):
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, num_classes: int, soft_volume_margin_mm: float = 10.0, **kwargs) -> None:
+    def __init__(self, num_classes: int, soft_volume_margin_mm: float = 10.0, num_raters: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.num_raters = int(num_raters)
         if num_classes < 2:
             raise ValueError("num_classes must be >= 2")
         if not soft_volume_margin_mm >= 0:
             raise ValueError(f"the soft-volume margin must be >= 0 mm, got {soft_volume_margin_mm}")
         self.num_classes = num_classes
         self.soft_volume_margin_mm = float(soft_volume_margin_mm)
-        for key in ("subject_index", "voxel_ml", "reliability", "top_label", "log_odds", *MEASURED_KEYS):
+        for key in ("subject_index", "voxel_ml", "reliability", "top_label", "log_odds", *MEASURED_KEYS, *self.rater_states):
             self.add_state(key, default=[], dist_reduce_fx="cat")
+
+    @property
+    def rater_states(self) -> tuple[str, ...]:
+        """Per-rater states ``(1, C − 1, R)``, only with several raters."""
+        return ("rater_dice", "rater_volume_ml") if self.num_raters else ()
 
     def update(
         self,
@@ -86,6 +97,7 @@ class SubjectSegmentationMetrics(Metric):
         subject_index: int,
         expected_volume_ml: Sequence[float] | torch.Tensor | None = None,
         samples: torch.Tensor | None = None,
+        raters: torch.Tensor | None = None,
     ) -> None:
         """Add one subject.
 
@@ -96,7 +108,10 @@ class SubjectSegmentationMetrics(Metric):
             subject_index: the subject's unique index.
             expected_volume_ml: ``C − 1`` expected volumes in ml, or None if unknown.
             samples: ``(M, W, H, D)`` segmentations the model gives (ensemble members), or None.
+            raters: ``(R, W, H, D)`` the raters' label maps (``num_raters`` of them), or None.
         """
+        if (raters is None) != (self.num_raters == 0) or (raters is not None and len(raters) != self.num_raters):
+            raise ValueError(f"expected the label maps of {self.num_raters} raters, got {None if raters is None else len(raters)}")
         if probabilities.shape[0] != self.num_classes:
             raise ValueError(f"expected {self.num_classes} class channels, got {probabilities.shape[0]}")
         label = label.reshape(probabilities.shape[1:]).to(probabilities.device)
@@ -133,8 +148,15 @@ class SubjectSegmentationMetrics(Metric):
         self.volume_pred_soft_near_ml.append((soft_near * voxel_ml)[None])
         self.volume_expected_ml.append(expected[None])
         no_samples = torch.zeros((1, *label.shape), dtype=torch.uint8, device=device)
-        ged = generalised_energy_distance(samples if samples is not None else no_samples, label[None], self.num_classes)
+        references = label[None] if raters is None else raters.reshape(-1, *label.shape).to(device)
+        ged = generalised_energy_distance(samples if samples is not None else no_samples, references, self.num_classes)
         self.ged.append(ged[None])
+        if raters is not None:
+            rater_masks = references.reshape(len(references), 1, -1) == classes  # (R, C-1, N)
+            rater_counts = rater_masks.sum(2, dtype=torch.float64)
+            agreement = (rater_masks & prediction[None]).sum(2, dtype=torch.float64)
+            self.rater_dice.append(dice_from_counts(agreement, n_pred[None], rater_counts).T[None])
+            self.rater_volume_ml.append((rater_counts * voxel_ml).T[None])
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Raw per-subject rows ordered by subject: ``subject_index``, ``voxel_ml`` ``(N,)``,
@@ -149,7 +171,7 @@ class SubjectSegmentationMetrics(Metric):
         index = cat(self.subject_index)
         unique, first = _first_occurrences(index)
         rows = {"subject_index": unique}
-        for key in ("voxel_ml", "reliability", "top_label", "log_odds", *MEASURED_KEYS):
+        for key in ("voxel_ml", "reliability", "top_label", "log_odds", *MEASURED_KEYS, *self.rater_states):
             rows[key] = cat(getattr(self, key))[first]
         return rows
 
@@ -171,9 +193,24 @@ def per_subject(metric: SubjectSegmentationMetrics) -> tuple[dict[str, torch.Ten
     rows = {"subject_index": index, **{key: raw[key].reshape(n, k) for key in MEASURED_KEYS}}
     rows["ece"] = expected_calibration_error(reliability)
     rows.update(remedies)
+    if metric.num_raters:
+        rows.update(rater_rows(raw["rater_dice"].reshape(n, k, -1), raw["rater_volume_ml"].reshape(n, k, -1),
+                               rows["volume_pred_ml"], rows["volume_pred_soft_ml"]))
     pooled = reliability.sum(0)
     top_label = expected_calibration_error(raw["top_label"].reshape(n, RELIABILITY_BINS, 3).sum(0))
     return rows, {"ece": expected_calibration_error(pooled), "ece_top_label": top_label, "reliability": pooled, **fitted}
+
+
+def rater_rows(dice: torch.Tensor, volumes: torch.Tensor, hard: torch.Tensor, soft: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The multi-rater columns (module docstring) from per-rater Dice and volumes ``(N, C − 1, R)``
+    and the predicted hard and soft volumes ``(N, C − 1)``."""
+    low, high = volumes.min(2).values, volumes.max(2).values
+    rows = {f"dice_rater{r + 1}": dice[..., r] for r in range(dice.shape[2])}
+    rows["dice_raters_mean"] = torch.nanmean(dice, dim=2)
+    rows["volume_raters_min_ml"], rows["volume_raters_max_ml"] = low, high
+    rows["within_rater_range"] = ((hard >= low) & (hard <= high)).double()
+    rows["soft_within_rater_range"] = ((soft >= low) & (soft <= high)).double()
+    return rows
 
 
 def near_structure(masks: torch.Tensor, spacing_mm: Sequence[float], margin_mm: float) -> torch.Tensor:

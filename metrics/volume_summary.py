@@ -13,7 +13,9 @@ structure, see :mod:`metrics.subject_metrics`):
   expected) and ``relative_<prefix>expected_volume_bias``;
 
 and ``dice`` (argmax), ``dice_threshold``, ``dice_rankseg`` (mean Dice), ``ged`` (mean
-generalised energy distance, where the model gives samples: an ensemble), ``ece`` (class-wise,
+generalised energy distance, where the model gives samples: an ensemble), with several raters
+``dice_rater<k>``, ``dice_raters_mean`` and ``within_rater_range``/``soft_within_rater_range``
+(the share of subjects whose volume lies within the raters' range), ``ece`` (class-wise,
 over all validation voxels), ``ece_top_label`` (top-label, over all voxels and classes),
 ``ece_calibrated``/``ece_platt``/``ece_isotonic`` (after each recalibration), ``temperature``,
 ``platt_slope``, ``platt_bias``, ``threshold``.
@@ -61,6 +63,9 @@ def per_class_summary(rows: dict[str, torch.Tensor], fitted: dict[str, torch.Ten
     summary = {key: _nanmean(rows[key]) for key in ("dice", "dice_threshold", "dice_rankseg") if key in rows}
     if "ged" in rows and not torch.isnan(rows["ged"]).all():
         summary["ged"] = _nanmean(rows["ged"])
+    for key in rows:  # several raters: Dice against each and their mean, share of volumes within their range
+        if key.startswith(("dice_rater", "within_rater_range", "soft_within_rater_range")):
+            summary[key] = _nanmean(rows[key])
     for prefix, column in VOLUME_READINGS.items():
         if column not in rows:
             continue

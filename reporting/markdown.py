@@ -86,6 +86,19 @@ REMEDY_COLUMNS: list[Column] = [
      lambda r: mean_sd(r, "rankseg_relative_expected_volume_bias", as_percent=True)),
 ]
 
+RATER_COLUMNS: list[Column] = [
+    ("task", "task", lambda r: str(r["task"])),
+    ("loss", "loss", lambda r: str(r["loss"])),
+    ("Dice vs majority vote", "dice_mean", lambda r: mean_sd(r, "dice")),
+    ("mean Dice vs each rater", "dice_raters_mean_mean", lambda r: mean_sd(r, "dice_raters_mean")),
+    ("argmax within the raters' range", "within_rater_range_mean", lambda r: mean_sd(r, "within_rater_range", 2)),
+    ("soft within the raters' range", "soft_within_rater_range_mean", lambda r: mean_sd(r, "soft_within_rater_range", 2)),
+    ("argmax vs rater mean", "relative_expected_volume_bias_mean", lambda r: mean_sd(r, "relative_expected_volume_bias", as_percent=True)),
+    ("soft vs rater mean", "relative_soft_expected_volume_bias_mean",
+     lambda r: mean_sd(r, "relative_soft_expected_volume_bias", as_percent=True)),
+    ("GED", "ged_mean", lambda r: mean_sd(r, "ged")),
+]
+
 
 def _present(rows: list[Row], column: str) -> bool:
     return any(not (isinstance(r[column], float) and math.isnan(r[column])) for r in rows)
@@ -177,6 +190,12 @@ def report_markdown(rows: list[Row], groups: list[Group], excluded: list[Run], f
              markdown_table(main, MAIN_COLUMNS), ""]
     if any(_present(main, c[1]) for c in REMEDY_COLUMNS[2:]):
         text += ["### Post-hoc remedies", "", markdown_table(main, REMEDY_COLUMNS), ""]
+    rated = [r for r in main if not math.isnan(r.get("within_rater_range_mean", math.nan))]
+    if rated:
+        text += ["### Several raters", "", ("Tasks whose subjects several raters annotated: the reference is their "
+                 "majority vote, the expected volume their mean volume; \"within the raters' range\": the share of "
+                 "subjects whose volume lies between the smallest and the largest rater's."), "",
+                 markdown_table(rated, RATER_COLUMNS), ""]
     for task in dict.fromkeys(r["task"] for r in main):
         text += [f"### {task}", "", task_paragraph(task, [r for r in main if r["task"] == task], groups), ""]
     text += ["## Figures", ""]

@@ -12,7 +12,10 @@ remedies where the run has them: ``calibrated_…`` (soft volume after temperatu
 ``platt_…``, ``isotonic_…`` (after Platt scaling, isotonic regression), ``threshold_…``
 (Dice-optimal threshold), ``rankseg_…`` (RankSEG decoding), each as
 ``…_relative_volume_bias`` and ``…_relative_expected_volume_bias``, plus ``threshold_dice``
-and ``rankseg_dice``. A measure whose columns the run lacks is absent.
+and ``rankseg_dice``; ``ged`` where the model gave samples; with several raters
+``dice_raters_mean`` and ``within_rater_range``/``soft_within_rater_range`` (1 where the
+argmax / soft volume lies within the raters' range; their mean is the share of subjects). A
+measure whose columns the run lacks is absent.
 
 ``suffix`` picks the columns: ``""`` the class mean, ``"/<class>"`` one class.
 """
@@ -76,4 +79,6 @@ def subject_measures(subjects: dict[str, Column], suffix: str = "") -> dict[str,
             measures[f"{remedy}_relative_volume_bias"] = _relative(volume, reference)
         if volume is not None and expected is not None:
             measures[f"{remedy}_relative_expected_volume_bias"] = _relative(volume, expected)
+    for name in ("ged", "dice_raters_mean", "within_rater_range", "soft_within_rater_range"):  # ensembles, several raters
+        measures[name] = column(name)
     return {name: values for name, values in measures.items() if values is not None}

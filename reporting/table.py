@@ -35,6 +35,7 @@ MEASURES = (
     "isotonic_relative_volume_bias", "isotonic_relative_expected_volume_bias",
     "threshold_dice", "threshold_relative_volume_bias", "threshold_relative_expected_volume_bias",
     "rankseg_dice", "rankseg_relative_volume_bias", "rankseg_relative_expected_volume_bias",
+    "ged", "dice_raters_mean", "within_rater_range", "soft_within_rater_range",
 )
 # dataset-level values fitted at the final validation (metrics.json), mean and sd over runs
 FITTED = {

@@ -1,0 +1,120 @@
+"""Several raters per image (synthetic data.raters): the label the network trains on, and the
+validation measures against each rater, their majority vote and their range."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TINY, compose_config
+from hydra.errors import InstantiationException
+
+from datamodules import SyntheticDataModule
+from datamodules.cases import in_memory_case, majority_vote
+from datamodules.patch_stream import PatchBatches
+from input_errors import InputError
+from metrics import SubjectSegmentationMetrics, per_subject
+from train import train
+
+RATERS = np.array([  # three raters of a 4 x 1 x 1 volume, classes 0-2
+    [[[1]], [[1]], [[0]], [[2]]],
+    [[[1]], [[0]], [[0]], [[2]]],
+    [[[0]], [[2]], [[1]], [[0]]],
+])
+
+
+def test_majority_vote_rater_mean_and_expected_volume():
+    """Voxel 1 is a three-way tie (1, 0, 2): the lower class, background, wins; voxel 3 is 2."""
+    assert majority_vote(RATERS, 3)[:, 0, 0].tolist() == [1, 0, 0, 2]
+    case = in_memory_case("x", np.zeros((1, 4, 1, 1)), None, np.diag([2.0, 1.0, 1.0, 1.0]), 3, raters=RATERS)
+    assert case.label[:, 0, 0].tolist() == [1, 0, 0, 2]
+    np.testing.assert_allclose(case.probabilities[:, :, 0, 0], [[1 / 3, 1 / 3, 2 / 3, 1 / 3], [2 / 3, 1 / 3, 1 / 3, 0],
+                                                                [0, 1 / 3, 0, 2 / 3]], rtol=1e-6)
+    # voxels of 0.002 ml; rater volumes of class 1: 2, 1, 1 voxels; class 2: 1, 1, 1
+    assert case.expected_volume_ml == pytest.approx([4 / 3 * 0.002, 0.002])
+
+
+def test_measures_against_each_rater_by_hand():
+    """One class, 4 voxels of 1 ml. Raters {0,1}, {0}, {0,1,2}; majority vote {0,1}. The
+    prediction p = (0.9, 0.6, 0.4, 0.1) gives the mask {0,1} (2 ml) and soft volume 2.0 ml."""
+    raters = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]]).reshape(3, 4, 1, 1)
+    foreground = torch.tensor([0.9, 0.6, 0.4, 0.1]).reshape(4, 1, 1)
+    probabilities = torch.stack([1 - foreground, foreground])
+    metric = SubjectSegmentationMetrics(2, num_raters=3)
+    label = torch.tensor(majority_vote(raters.numpy(), 2))
+    samples = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]).reshape(2, 4, 1, 1)
+    metric.update(probabilities, label, (10.0, 10.0, 10.0), 0, [2.0], samples=samples, raters=raters)
+    rows, _ = per_subject(metric)
+    # Dice with each rater: 2·2/(2+2) = 1, 2·1/(2+1) = 2/3, 2·2/(2+3) = 4/5
+    assert [rows[f"dice_rater{k}"].item() for k in (1, 2, 3)] == pytest.approx([1.0, 2 / 3, 0.8])
+    assert rows["dice_raters_mean"].item() == pytest.approx((1 + 2 / 3 + 0.8) / 3)
+    assert rows["dice"].item() == pytest.approx(1.0)  # against the majority vote
+    assert (rows["volume_raters_min_ml"].item(), rows["volume_raters_max_ml"].item()) == (1.0, 3.0)
+    assert rows["within_rater_range"].item() == 1.0 and rows["soft_within_rater_range"].item() == 1.0
+    # GED against the raters: d(S, Y) for S {0,1}: 0, 1/2, 1/3; for S {0,1,2}: 1/3, 2/3, 0
+    # d(S, S'): 1/3 twice of 4 pairs; raters pairwise: {0,1}-{0}: 1/2, {0,1}-{0,1,2}: 1/3, {0}-{0,1,2}: 2/3
+    cross = (0 + 1 / 2 + 1 / 3 + 1 / 3 + 2 / 3 + 0) / 6
+    within_samples = 2 * (1 / 3) / 4
+    within_raters = 2 * (1 / 2 + 1 / 3 + 2 / 3) / 9
+    assert rows["ged"].item() == pytest.approx(2 * cross - within_samples - within_raters)
+    with pytest.raises(ValueError, match="the label maps of 3 raters"):
+        metric.update(probabilities, label, (10.0, 10.0, 10.0), 1, [2.0])
+
+
+def test_the_training_label_is_the_chosen_rater():
+    datamodule = SyntheticDataModule(num_train=1, num_val=1, shape=(24, 24, 16), spacing_mm=(1, 1, 1.5), num_structures=1,
+                                     radius_mm=(5, 6), uncertainty=1.0, raters=3, num_workers=0, patch_size=(24, 24, 16))
+    datamodule.setup()
+    case = datamodule.train_cases[0]
+    raters = [torch.from_numpy(r) for r in case.raters]
+    assert len({int(r.sum()) for r in raters}) == 3  # the three raters differ
+
+    def labels(train_rater):
+        stream = PatchBatches([case], (24, 24, 16), batch_size=1, samples_per_volume=30, foreground_probability=0.0,
+                              augmentation=[], train_rater=train_rater)
+        return [batch["label"]["data"][0, 0] for batch in stream]
+
+    for k in (1, 2, 3):
+        assert all(torch.equal(label, raters[k - 1]) for label in labels(k))
+    assert all(torch.equal(label, torch.from_numpy(case.label)) for label in labels("majority"))
+    drawn = [next(k for k, r in enumerate(raters) if torch.equal(label, r)) for label in labels("random")]
+    assert set(drawn) == {0, 1, 2}
+
+
+def test_a_multi_rater_run_reports_every_rater_and_report_py_compares_them(tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "data.raters=3", "data.uncertainty_kind=boundary",
+                             "callbacks.validation_figures=null", "logger=none", f"hydra.run.dir={run}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(run / "subjects.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        dice = [float(row[f"dice_rater{k}"]) for k in (1, 2, 3)]
+        assert float(row["dice_raters_mean"]) == pytest.approx(sum(dice) / 3)
+        low, high = float(row["volume_raters_min_ml"]), float(row["volume_raters_max_ml"])
+        assert float(row["within_rater_range"]) == float(low <= float(row["volume_pred_ml"]) <= high)
+        assert low <= float(row["volume_expected_ml"]) <= high  # the rater mean
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["val/within_rater_range"] == pytest.approx(np.mean([float(r["within_rater_range"]) for r in rows]))
+    assert "val/dice_rater3" in metrics
+    report = subprocess.run([sys.executable, str(ROOT / "report.py"), str(run), "--output", str(tmp_path / "report"),
+                             "--no-theory"], capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "### Several raters" in text and "soft within the raters' range" in text
+    with open(tmp_path / "report" / "results.csv") as handle:
+        summary = next(r for r in csv.DictReader(handle) if r["class"] == "all")
+    assert float(summary["within_rater_range_mean"]) == pytest.approx(metrics["val/within_rater_range"])
+
+
+def test_a_rater_the_data_does_not_have_is_refused(tmp_path):
+    with pytest.raises(InputError, match="data.train_rater=4, but the subjects have 3 raters"):
+        train(compose_config([*TINY, "data.raters=3", "data.train_rater=4"], tmp_path))
+    with pytest.raises((InputError, InstantiationException), match="data.train_rater must be random, majority or a rater number"):
+        train(compose_config([*TINY, "data.train_rater=first"], tmp_path))
