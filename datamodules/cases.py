@@ -65,6 +65,10 @@ class Intensity:
         return (out - shift) / scale
 
 
+def _array(value: ArrayOrPath | None) -> np.ndarray | None:
+    return value if value is None or isinstance(value, np.ndarray) else np.load(value, mmap_mode="r")
+
+
 @dataclass
 class Case:
     """A subject's arrays and what the samplers and metrics need to know about it.
@@ -89,8 +93,8 @@ class Case:
     expected_volume_ml: list[float] = field(default_factory=list)
     foreground_samples: np.ndarray | None = None
     intensity: Intensity | None = None
-    probabilities: np.ndarray | None = None
-    raters: np.ndarray | None = None
+    probabilities: ArrayOrPath | None = None
+    raters: ArrayOrPath | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -100,6 +104,14 @@ class Case:
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """``(image, label)``, memory-mapped where they live on disk."""
         return tuple(a if isinstance(a, np.ndarray) else np.load(a, mmap_mode="r") for a in (self.image, self.label))
+
+    def probability_maps(self) -> np.ndarray | None:
+        """``probabilities``, memory-mapped where they live on disk."""
+        return _array(self.probabilities)
+
+    def rater_maps(self) -> np.ndarray | None:
+        """``raters`` ``(R, W, H, D)``, memory-mapped where they live on disk."""
+        return _array(self.raters)
 
     def normalised(self, image: np.ndarray) -> np.ndarray:
         return self.intensity(image) if self.intensity is not None else np.asarray(image, dtype=np.float32)
@@ -115,7 +127,8 @@ class Case:
             expected_volume_ml=[float(v) for v in expected],
         )
         if self.raters is not None:  # one channel per rater
-            subject.add_image(tio.LabelMap(tensor=torch.from_numpy(np.asarray(self.raters, dtype=np.int64)), affine=self.affine), "raters")
+            raters = torch.from_numpy(np.asarray(self.rater_maps(), dtype=np.int64))
+            subject.add_image(tio.LabelMap(tensor=raters, affine=self.affine), "raters")
         return subject
 
 

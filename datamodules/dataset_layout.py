@@ -16,6 +16,18 @@ nnU-Net v2 raw::
 
 Label values must be the consecutive integers ``0 … C − 1`` (0 = background).
 
+Several raters per case (each case annotated by the same raters, numbered 1 … R):
+
+* nnU-Net, rater suffixes: ``labelsTr/X_rater1.nii.gz``, ``X_rater2.nii.gz``, … (every label
+  file of ``labelsTr`` then carries one);
+* nnU-Net, one folder per rater: ``labelsTr_rater1/X.nii.gz``, ``labelsTr_rater2/X.nii.gz``, …
+  (and no ``labelsTr/``);
+* Decathlon: ``"label": ["./labelsTr/X_r1.nii.gz", "./labelsTr/X_r2.nii.gz", …]``, a list in
+  rater order; the case is named after its image.
+
+A case missing a rater, a rater numbering with gaps and a mix of single and several labels
+are refused, naming the case and the rater.
+
 Images and labels are NIfTI files (``.nii.gz``, ``.nii``): other formats (``.mha``, ``.nrrd``,
 whose headers may name data files elsewhere) are refused; convert them first, e.g. with
 SimpleITK. A dataset folder may come from anyone, so ``dataset.json`` is checked like the
@@ -42,15 +54,22 @@ MAX_NAME_LENGTH = 200  # characters of a case name (cache files add theirs; file
 
 @dataclass(frozen=True)
 class CaseFiles:
-    """One case: its name, image file(s) (one per channel, or one 4D file) and label file."""
+    """One case: its name, image file(s) (one per channel, or one 4D file) and label file; with
+    several raters their label files in rater order (``label`` is then the first of them)."""
 
     name: str
     images: tuple[Path, ...]
     label: Path
+    raters: tuple[Path, ...] = ()
+
+    @property
+    def labels(self) -> tuple[Path, ...]:
+        """Every label file: the raters', or the one label."""
+        return self.raters or (self.label,)
 
     @property
     def files(self) -> tuple[Path, ...]:
-        return (*self.images, self.label)
+        return (*self.images, *self.labels)
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,11 @@ class DatasetLayout:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def num_raters(self) -> int:
+        """Label files per case where several raters annotated each; 0 = one label."""
+        return len(self.cases[0].raters) if self.cases else 0
 
     @property
     def in_channels(self) -> int:
@@ -210,16 +234,31 @@ def _msd_layout(root: Path, json_path: Path, description: dict, confine: _Confin
     cases, problems = [], []
     for index, entry in enumerate(training):
         fields = entry if isinstance(entry, dict) else {}
-        missing = [k for k in ("image", "label") if not isinstance(fields.get(k), str) or not fields.get(k)]
+        label = fields.get("label")
+        several = isinstance(label, list)
+        missing = [] if isinstance(fields.get("image"), str) and fields["image"] else ["'image'"]
+        if not (len(label) >= 2 and all(isinstance(p, str) and p for p in label) if several else isinstance(label, str) and label):
+            missing.append("'label'")
         if missing:
-            problems.append(f"{json_path}: training entry {index} needs {' and '.join(repr(k) for k in missing)} (file paths), got {_short(entry)}")
+            problems.append(f"{json_path}: training entry {index} needs {' and '.join(missing)} "
+                            f"(file paths; 'label' may list 2 or more raters' files), got {_short(entry)}")
             continue
-        image, label = confine(Path(fields["image"]), fields["image"]), confine(Path(fields["label"]), fields["label"])
-        name = case_name(Path(fields["label"]))
+        image = confine(Path(fields["image"]), fields["image"])
+        named_by = fields["image"] if several else fields["label"]
+        name = case_name(Path(named_by))
         if not name or name in (".", ".."):
-            problems.append(f"{json_path}: training entry {index}: {fields['label']!r} gives no case name")
+            problems.append(f"{json_path}: training entry {index}: {named_by!r} gives no case name")
             continue
-        cases.append(CaseFiles(name, (image,), label))
+        if several:
+            raters = tuple(confine(Path(p), p) for p in fields["label"])
+            cases.append(CaseFiles(name, (image,), raters[0], raters))
+        else:
+            cases.append(CaseFiles(name, (image,), confine(Path(fields["label"]), fields["label"])))
+    counts = sorted({len(c.raters) for c in cases})
+    if len(counts) > 1:
+        odd = next(c for c in cases if len(c.raters) != len(cases[0].raters))
+        problems.append(f"{json_path}: case {odd.name!r} has {len(odd.raters) or 1} label file(s), case {cases[0].name!r} "
+                        f"{len(cases[0].raters) or 1}: every case needs the same raters")
     if problems:
         raise DatasetError(problems)
     _unique_names(cases, json_path)
@@ -240,18 +279,22 @@ def _nnunet_layout(root: Path, json_path: Path, description: dict, confine: _Con
     channels = _indexed(description["channel_names"], "channel_names", json_path)
     class_names = _class_names_nnunet(description.get("labels"), json_path)
     labels_dir = root / "labelsTr"
-    if not labels_dir.is_dir():
-        raise DatasetError([f"{labels_dir}: missing (nnU-Net datasets keep their labels in labelsTr/)"])
+    rater_dirs = {int(m.group(1)): p for p in sorted(root.glob("labelsTr_rater*")) if p.is_dir()
+                  and (m := re.fullmatch(r"labelsTr_rater(\d+)", p.name))}
+    if labels_dir.is_dir() and rater_dirs:
+        raise DatasetError([f"{root}: holds both labelsTr/ and labelsTr_rater*/ folders; keep one layout"])
+    if not labels_dir.is_dir() and not rater_dirs:
+        raise DatasetError([f"{labels_dir}: missing (nnU-Net datasets keep their labels in labelsTr/, or one labelsTr_rater<k>/ per rater)"])
+    raters = _nnunet_raters(labels_dir, rater_dirs, ending)
     cases = []
-    # hidden files (macOS "._case.nii.gz" resource forks, editors' temporaries) are not cases
-    for label in sorted(p for p in labels_dir.iterdir() if p.name.endswith(ending) and not p.name.startswith(".")):
-        name = label.name[: -len(ending)]
+    for name, by_rater in raters.items():
         images = tuple(confine(Path("imagesTr") / f"{name}_{c:04d}{ending}") for c in range(len(channels)))
-        cases.append(CaseFiles(name, images, confine(label.relative_to(root))))
+        labels = tuple(confine(by_rater[k].relative_to(root)) for k in sorted(by_rater))
+        cases.append(CaseFiles(name, images, labels[0], labels if len(labels) > 1 else ()))
     _unique_names(cases, json_path)
     expected = description.get("numTraining")
     if expected is not None and expected != len(cases):
-        raise DatasetError([f"{json_path}: numTraining is {_short(expected)} but {labels_dir} holds {len(cases)} *{ending} files"])
+        raise DatasetError([f"{json_path}: numTraining is {_short(expected)} but the labels name {len(cases)} cases (*{ending} files)"])
     return DatasetLayout(
         root=root,
         layout="nnunet",
@@ -260,3 +303,39 @@ def _nnunet_layout(root: Path, json_path: Path, description: dict, confine: _Con
         class_names=class_names,
         cases=tuple(cases),
     )
+
+
+def _label_files(folder: Path, ending: str) -> list[Path]:
+    """The label files of ``folder`` (hidden files, e.g. macOS "._case.nii.gz" forks, are not cases)."""
+    return sorted(p for p in folder.iterdir() if p.name.endswith(ending) and not p.name.startswith("."))
+
+
+def _nnunet_raters(labels_dir: Path, rater_dirs: dict[int, Path], ending: str) -> dict[str, dict[int, Path]]:
+    """``{case: {rater: label file}}`` of an nnU-Net folder: one label per case (under rater 1
+    of a plain ``labelsTr/``; see :func:`read_layout` for the layouts with several), every
+    case with every rater 1 … R."""
+    found: dict[str, dict[int, Path]] = {}
+    if rater_dirs:
+        for rater, folder in rater_dirs.items():
+            for path in _label_files(folder, ending):
+                found.setdefault(path.name[: -len(ending)], {})[rater] = path
+        where = {k: f"{folder}/{{case}}{ending}" for k, folder in rater_dirs.items()}
+    else:
+        files = _label_files(labels_dir, ending)
+        suffixed = {p: re.fullmatch(r"(.+)_rater(\d+)", p.name[: -len(ending)]) for p in files}
+        plain = [p for p, match in suffixed.items() if match is None]
+        if plain and len(plain) < len(files):
+            raise DatasetError([f"{labels_dir}: mixes label files with a rater suffix (_rater<k>{ending}) and without "
+                                f"(e.g. {plain[0].name}); use one convention"])
+        for path, match in suffixed.items():
+            name, rater = (path.name[: -len(ending)], 1) if match is None else (match.group(1), int(match.group(2)))
+            found.setdefault(name, {})[rater] = path
+        where = {k: f"{labels_dir}/{{case}}_rater{k}{ending}" for k in {r for v in found.values() for r in v}}
+    raters = sorted({r for by_rater in found.values() for r in by_rater})
+    if raters and raters != list(range(1, len(raters) + 1)):
+        raise DatasetError([f"{labels_dir if not rater_dirs else labels_dir.parent}: raters are numbered {raters}; number them 1 … {len(raters)}"])
+    problems = [f"{name}: no label of rater {k} ({where[k].format(case=name)} is missing)"
+                for name, by_rater in found.items() for k in raters if k not in by_rater]
+    if problems:
+        raise DatasetError(problems)
+    return found

@@ -103,8 +103,6 @@ class FolderDataModule(SegmentationDataModule):
         **loader,
     ) -> None:
         super().__init__(**loader)
-        if self.label_mode == "soft":
-            raise InputError("data.label_mode=soft needs the labels' class probabilities; data=folder has label maps only")
         if root in (None, "", "???"):
             raise DatasetError(["data.root is not set: data=folder needs data.root=PATH (a folder with dataset.json)"])
         if splits_from is None and fold is not None and not 0 <= fold < num_folds:
@@ -114,6 +112,9 @@ class FolderDataModule(SegmentationDataModule):
         if int(num_folds) < 2:
             raise InputError(f"data.num_folds must be >= 2, got {num_folds}")
         self.layout: DatasetLayout = read_layout(root, allow_outside_root=bool(allow_outside_root))
+        if self.label_mode == "soft" and not self.layout.num_raters:
+            raise InputError("data.label_mode=soft needs the labels' class probabilities: data=folder has them only "
+                             "where several raters annotated each case (their mean); this dataset has one label per case")
         if self.layout.num_classes > 256:
             raise DatasetError([f"{self.layout.root / 'dataset.json'}: more than 256 classes are not supported"])
         self.cache_dir = cache_dir
@@ -135,6 +136,10 @@ class FolderDataModule(SegmentationDataModule):
     @property
     def in_channels(self) -> int:
         return self.layout.in_channels
+
+    @property
+    def num_raters(self) -> int:
+        return self.layout.num_raters
 
     @property
     def class_names(self) -> list[str]:

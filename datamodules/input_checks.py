@@ -62,27 +62,45 @@ def check_case(
         if problem:
             problems.append(f"{path}: {problem}")
         images.append((path, data.shape[1:], affine))
-    try:
-        label, label_affine = read_image(case.label)
-    except UnreadableImage as error:
-        return problems + [f"{case.label}: {error}"]
-    if label.shape[0] != 1:
-        problems.append(f"{case.label}: label maps must have one channel, found {label.shape[0]}")
-    if not np.all(np.isfinite(label)) or not np.array_equal(label, np.round(label)):
-        problems.append(f"{case.label}: label values must be integers")
-    else:
-        undeclared = sorted(set(np.unique(label).astype(int).tolist()) - set(range(num_classes)))
-        if undeclared:
-            problems.append(f"{case.label}: label value(s) {undeclared} not declared in dataset.json (0 … {num_classes - 1})")
-    for path, shape, affine in images:
-        if tuple(shape) != tuple(label.shape[1:]):
-            problems.append(f"{path}: shape {tuple(shape)} differs from the label {case.label}: {tuple(label.shape[1:])}")
-        elif not np.allclose(affine, label_affine, atol=AFFINE_TOLERANCE):
-            problems.append(
-                f"{path}: affine differs from the label {case.label}'s by up to "
-                f"{np.abs(affine - label_affine).max():.4g} (tolerance {AFFINE_TOLERANCE})"
-            )
+    reference = None  # the first label's (path, shape, affine): images and the other raters must match it
+    for path in case.labels:
+        try:
+            label, label_affine = read_image(path)
+        except UnreadableImage as error:
+            problems.append(f"{path}: {error}")
+            continue
+        problems += label_problems(path, label, num_classes)
+        if reference is None:
+            reference = (path, label.shape[1:], label_affine)
+        else:
+            problems += geometry_problems(path, label.shape[1:], label_affine, reference, "rater 1's label")
+    if reference is not None:
+        for path, shape, affine in images:
+            problems += geometry_problems(path, shape, affine, reference, "the label")
     return problems
+
+
+def label_problems(path: Path, label: np.ndarray, num_classes: int) -> list[str]:
+    """What is wrong with a label map ``(1, W, H, D)`` read from ``path``."""
+    if label.shape[0] != 1:
+        return [f"{path}: label maps must have one channel, found {label.shape[0]}"]
+    if not np.all(np.isfinite(label)) or not np.array_equal(label, np.round(label)):
+        return [f"{path}: label values must be integers"]
+    undeclared = sorted(set(np.unique(label).astype(int).tolist()) - set(range(num_classes)))
+    if undeclared:
+        return [f"{path}: label value(s) {undeclared} not declared in dataset.json (0 … {num_classes - 1})"]
+    return []
+
+
+def geometry_problems(path: Path, shape, affine: np.ndarray, reference: tuple, what: str) -> list[str]:
+    """``path``'s grid against ``reference`` = (its path, shape, affine), called ``what``."""
+    reference_path, reference_shape, reference_affine = reference
+    if tuple(shape) != tuple(reference_shape):
+        return [f"{path}: shape {tuple(shape)} differs from {what} {reference_path}: {tuple(reference_shape)}"]
+    if not np.allclose(affine, reference_affine, atol=AFFINE_TOLERANCE):
+        return [f"{path}: affine differs from {what} {reference_path}'s by up to "
+                f"{np.abs(affine - reference_affine).max():.4g} (tolerance {AFFINE_TOLERANCE})"]
+    return []
 
 
 def check_cases(layout: DatasetLayout, cases: Sequence[CaseFiles], num_workers: int = 0, target_spacing=None) -> None:

@@ -155,9 +155,10 @@ class PatchBatches(IterableDataset):
         image, label = case.arrays()
         shape = np.asarray(label.shape[-3:])
         if self.soft_labels:
-            label = case.probabilities
+            label = case.probability_maps()
         elif case.raters is not None and self.train_rater != "majority":  # the label is the raters' majority vote
-            label = case.raters[rng.integers(len(case.raters)) if self.train_rater == "random" else self.train_rater - 1]
+            raters = case.rater_maps()
+            label = raters[rng.integers(len(raters)) if self.train_rater == "random" else self.train_rater - 1]
         with_context, after_crop = self.augmentation.split(self.augmentation.draw(rng))
         context = self.context if with_context else np.zeros(3, dtype=int)
         start = self.patch_start(case, shape, rng) - context

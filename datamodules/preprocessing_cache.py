@@ -10,7 +10,9 @@ Layout::
     <cache_dir>/<dataset name>-<hash of its path>/<hash of the settings>/
         settings.json          the settings the hash stands for (human-readable)
         <case>.image.npy       float32 (C, W, H, D), read memory-mapped
-        <case>.label.npy       uint8 (W, H, D)
+        <case>.label.npy       uint8 (W, H, D); with several raters their majority vote
+        <case>.raters.npy      uint8 (R, W, H, D), each rater's label (several raters only)
+        <case>.probabilities.npy  float32 (C, W, H, D), the raters' mean (several raters only)
         <case>.sampling.npz    foreground voxel locations per class, foreground intensities
         <case>.meta.json       affine, spacing, statistics and the source files' fingerprint
 
@@ -42,7 +44,7 @@ import torchio as tio
 from tqdm import tqdm
 
 from callbacks.results_writer import write_atomically
-from datamodules.cases import Case, class_locations, foreground_samples
+from datamodules.cases import Case, class_locations, foreground_samples, majority_vote, rater_mean, rater_volumes_ml
 from datamodules.dataset_layout import CaseFiles, DatasetLayout
 from datamodules.image_files import UnreadableImage, itk_affine
 from datamodules.input_checks import check_cases
@@ -50,8 +52,9 @@ from input_errors import InputError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # bump when the stored arrays or their .meta.json change meaning
+CACHE_VERSION = 4  # bump when the stored arrays or their .meta.json change meaning
 ARRAYS = ("image.npy", "label.npy", "sampling.npz")
+RATER_ARRAYS = ("raters.npy", "probabilities.npy")  # cases with several raters
 
 
 def default_cache_dir() -> str:
@@ -83,13 +86,17 @@ def median_spacing(cases: Sequence[CaseFiles]) -> list[float]:
 
 
 def load_subject(case: CaseFiles) -> tio.Subject:
-    """The case's image (all channels: one 4D file or one file per channel) and label."""
+    """The case's image (all channels: one 4D file or one file per channel) and label, or with
+    several raters ``raters`` (one channel per rater; the input checks made their grids equal)."""
     images = [tio.ScalarImage(p) for p in case.images]
     if len(images) > 1:
         tensor = torch.cat([i.data for i in images])
         image = tio.ScalarImage(tensor=tensor, affine=images[0].affine)
     else:
         image = images[0]
+    if case.raters:
+        maps = [tio.LabelMap(p) for p in case.raters]
+        return tio.Subject(image=image, raters=tio.LabelMap(tensor=torch.cat([m.data for m in maps]), affine=maps[0].affine))
     return tio.Subject(image=image, label=tio.LabelMap(case.label))
 
 
@@ -155,19 +162,22 @@ class PreprocessingCache:
     def intact(self, name: str, meta: dict) -> bool:
         """The entry's arrays have the sizes, shapes and types recorded when they were written."""
         sizes = meta.get("sizes", {})
-        for kind in ARRAYS:
+        raters = int(meta.get("raters", 0))
+        for kind in (*ARRAYS, *(RATER_ARRAYS if raters else ())):
             path = self.array_path(name, kind)
             if not path.is_file() or path.stat().st_size != sizes.get(kind):
                 return False
-        for kind, dtype in (("image.npy", "float32"), ("label.npy", "uint8")):
+        shapes = {"image.npy": (meta["channels"], *meta["shape"]), "label.npy": tuple(meta["shape"]),
+                  "raters.npy": (raters, *meta["shape"]), "probabilities.npy": (self.layout.num_classes, *meta["shape"])}
+        for kind, dtype in (("image.npy", "float32"), ("label.npy", "uint8"), *((("raters.npy", "uint8"),
+                            ("probabilities.npy", "float32")) if raters else ())):
             with open(self.array_path(name, kind), "rb") as file:
                 version = np.lib.format.read_magic(file)
                 if version not in ((1, 0), (2, 0)):
                     return False
                 read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
                 shape, _, stored = read_header(file)
-            expected = (meta["channels"], *meta["shape"]) if kind == "image.npy" else tuple(meta["shape"])
-            if tuple(shape) != tuple(expected) or stored != np.dtype(dtype):
+            if tuple(shape) != tuple(shapes[kind]) or stored != np.dtype(dtype):
                 return False
         with zipfile.ZipFile(self.array_path(name, "sampling.npz")) as archive:  # reads the index only
             return all(info.filename.endswith(".npy") for info in archive.infolist())
@@ -234,7 +244,18 @@ class PreprocessingCache:
             self.settings["crop_nonzero"],
         )
         image = np.ascontiguousarray(subject["image"].data.numpy(), dtype=np.float32)
-        label = np.ascontiguousarray(np.rint(subject["label"].data.numpy()[0]), dtype=np.uint8)
+        voxel_ml = abs(float(np.linalg.det(subject["image"].affine[:3, :3]))) / 1000.0
+        extra: dict = {}
+        if case.raters:
+            raters = np.ascontiguousarray(np.rint(subject["raters"].data.numpy()), dtype=np.uint8)
+            label = majority_vote(raters, self.layout.num_classes).astype(np.uint8)
+            probabilities = rater_mean(raters, self.layout.num_classes)
+            write_atomically(self.array_path(case.name, "raters.npy"), lambda h: np.save(h, raters))
+            write_atomically(self.array_path(case.name, "probabilities.npy"), lambda h: np.save(h, probabilities))
+            extra = {"raters": len(raters),
+                     "expected_volume_ml": rater_volumes_ml(raters, self.layout.num_classes, voxel_ml).mean(0).tolist()}
+        else:
+            label = np.ascontiguousarray(np.rint(subject["label"].data.numpy()[0]), dtype=np.uint8)
         rng = np.random.default_rng(0)
         locations = class_locations(label, self.layout.num_classes, rng)
         flat = image.reshape(len(image), -1)
@@ -249,9 +270,11 @@ class PreprocessingCache:
             "affine": subject["image"].affine.tolist(),
             "shape": list(label.shape),
             "channels": len(image),
-            "sizes": {kind: self.array_path(case.name, kind).stat().st_size for kind in ARRAYS},
+            "sizes": {kind: self.array_path(case.name, kind).stat().st_size
+                      for kind in (*ARRAYS, *(RATER_ARRAYS if case.raters else ()))},
             "channel_mean": flat.mean(1, dtype=np.float64).tolist(),
             "channel_std": flat.std(1, dtype=np.float64).tolist(),
+            **extra,  # several raters: their number and mean volume per foreground class (ml)
         }
         write_atomically(self.meta_path(case.name), json.dumps(meta))
 
@@ -272,4 +295,6 @@ class PreprocessingCache:
             channel_mean=np.asarray(meta["channel_mean"]),
             channel_std=np.asarray(meta["channel_std"]),
             foreground_samples=samples,
+            **({"raters": self.array_path(case.name, "raters.npy"), "probabilities": self.array_path(case.name, "probabilities.npy"),
+                "expected_volume_ml": [float(v) for v in meta["expected_volume_ml"]]} if meta.get("raters") else {}),
         )

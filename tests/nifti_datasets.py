@@ -11,13 +11,17 @@ import numpy as np
 CLASSES = ("background", "core", "rim")
 
 
-def case_arrays(index: int, shape=(20, 18, 12), channels: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """A sphere ("core", 1) inside a shell ("rim", 2); channels see it with different contrast."""
+def case_arrays(index: int, shape=(20, 18, 12), channels: int = 2, offset: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """A sphere ("core", 1) inside a shell ("rim", 2); channels see it with different contrast.
+    ``offset`` (voxels) grows the label's boundaries as a rater who over-segments would (the
+    image stays the same)."""
     rng = np.random.default_rng(index)
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
     centre = np.asarray(shape) / 2 + rng.uniform(-2, 2, 3)
     distance = np.linalg.norm(grid - centre, axis=-1)
-    label = np.where(distance < 3, 1, np.where(distance < 5, 2, 0)).astype(np.uint8)
+    label = np.where(distance < 3 + offset, 1, np.where(distance < 5 + offset, 2, 0)).astype(np.uint8)
+    if offset:
+        return case_arrays(index, shape, channels)[0], label
     image = np.stack([100 + 50 * c + (c + 1) * 40 * label + rng.normal(0, 5, shape) for c in range(channels)])
     image[:, :2] = 0  # an empty border, so non-zero cropping has something to crop
     return image.astype(np.float32), label
@@ -72,3 +76,37 @@ def write_nnunet(root: Path, num_cases: int = 5, channels: int = 2) -> Path:
 def folder_digest(root: Path) -> dict[str, bytes]:
     """Every file's bytes, to assert a folder is unchanged."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+RATER_OFFSETS = (1.0, -1.0, 0.0)  # voxels: rater 1 over-segments, rater 2 under-segments, rater 3 does neither
+RATER_LAYOUTS = ("nnunet_suffix", "nnunet_folders", "msd_list")
+
+
+def write_multi_rater(root: Path, layout: str, num_cases: int = 5, channels: int = 2) -> Path:
+    """A dataset annotated by three raters (:data:`RATER_OFFSETS`) in one of :data:`RATER_LAYOUTS`:
+    ``labelsTr/<case>_rater<k>.nii.gz``, ``labelsTr_rater<k>/<case>.nii.gz``, or a Decathlon
+    ``"label"`` list."""
+    if layout == "msd_list":
+        write_msd(root, num_cases, channels)
+        description = json.loads((root / "dataset.json").read_text())
+        for i, entry in enumerate(description["training"]):
+            (root / "labelsTr" / f"case_{i:03d}.nii.gz").unlink()
+            entry["label"] = [f"./labelsTr/case_{i:03d}_r{k}.nii.gz" for k in range(1, 4)]
+            for k, offset in enumerate(RATER_OFFSETS, start=1):
+                nib.save(nib.Nifti1Image(case_arrays(i, channels=channels, offset=offset)[1], affine_for(i)),
+                         root / "labelsTr" / f"case_{i:03d}_r{k}.nii.gz")
+        (root / "dataset.json").write_text(json.dumps(description))
+        return root
+    write_nnunet(root, num_cases, channels)
+    for i in range(num_cases):
+        (root / "labelsTr" / f"case_{i:03d}.nii.gz").unlink()
+        for k, offset in enumerate(RATER_OFFSETS, start=1):
+            label = nib.Nifti1Image(case_arrays(i, channels=channels, offset=offset)[1], affine_for(i))
+            if layout == "nnunet_suffix":
+                nib.save(label, root / "labelsTr" / f"case_{i:03d}_rater{k}.nii.gz")
+            else:
+                (root / f"labelsTr_rater{k}").mkdir(exist_ok=True)
+                nib.save(label, root / f"labelsTr_rater{k}" / f"case_{i:03d}.nii.gz")
+    if layout == "nnunet_folders":
+        (root / "labelsTr").rmdir()
+    return root

@@ -200,6 +200,8 @@ def test_ct_normalisation_uses_training_foreground_statistics(tmp_path):
     assert dm.inference_settings()["intensity"]["lower"] == pytest.approx(list(lower))
 
 
-def test_soft_labels_are_refused_before_any_preprocessing(tmp_path):
-    with pytest.raises(ValueError, match="label_mode=soft.*folder"):
-        FolderDataModule(root=str(tmp_path), label_mode="soft")
+def test_soft_labels_of_one_label_per_case_are_refused_before_any_preprocessing(tmp_path):
+    root = write_nnunet(tmp_path / "data")
+    with pytest.raises(ValueError, match="label_mode=soft.*data=folder has them only where several raters"):
+        FolderDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), label_mode="soft")
+    assert not (tmp_path / "cache").exists()

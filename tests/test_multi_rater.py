@@ -8,16 +8,19 @@ import json
 import subprocess
 import sys
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT, TINY, compose_config
 from hydra.errors import InstantiationException
+from nifti_datasets import RATER_LAYOUTS, affine_for, write_multi_rater, write_nnunet
+from test_folder_data import TINY_FOLDER
 
-from datamodules import SyntheticDataModule
+from datamodules import FolderDataModule, SyntheticDataModule
 from datamodules.cases import in_memory_case, majority_vote
 from datamodules.patch_stream import PatchBatches
-from input_errors import InputError
+from input_errors import DatasetError, InputError
 from metrics import SubjectSegmentationMetrics, per_subject
 from train import train
 
@@ -118,3 +121,68 @@ def test_a_rater_the_data_does_not_have_is_refused(tmp_path):
         train(compose_config([*TINY, "data.raters=3", "data.train_rater=4"], tmp_path))
     with pytest.raises((InputError, InstantiationException), match="data.train_rater must be random, majority or a rater number"):
         train(compose_config([*TINY, "data.train_rater=first"], tmp_path))
+
+
+@pytest.mark.parametrize("layout", RATER_LAYOUTS)
+def test_each_multi_rater_folder_layout_trains_and_reports_every_rater(layout, tmp_path):
+    root = write_multi_rater(tmp_path / "data", layout)
+    cfg = compose_config([*TINY_FOLDER, f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
+    summary = train(cfg)
+    with open(tmp_path / "run" / "subjects.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        for name in ("core", "rim"):  # rater 1 over-segments, rater 2 under-segments: their volumes bound the mean
+            low, high = float(row[f"volume_raters_min_ml/{name}"]), float(row[f"volume_raters_max_ml/{name}"])
+            assert low < float(row[f"volume_expected_ml/{name}"]) < high
+    assert {f"val/dice_rater{k}" for k in (1, 2, 3)} <= set(summary)
+    datamodule = FolderDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), num_workers=0, patch_size=(16, 16, 8))
+    assert datamodule.num_raters == 3
+    datamodule.setup()
+    for case in datamodule.val_cases:
+        raters = case.rater_maps()
+        assert raters.shape[0] == 3 and raters.shape[1:] == case.arrays()[1].shape
+        assert np.array_equal(case.arrays()[1], majority_vote(np.asarray(raters), 3))
+        assert np.allclose(case.probability_maps().sum(0), 1.0)
+
+
+def test_soft_targets_of_folder_data_are_the_rater_mean(tmp_path):
+    root = write_multi_rater(tmp_path / "data", "nnunet_suffix")
+    train(compose_config([*TINY_FOLDER, f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "data.label_mode=soft"],
+                         tmp_path / "run"))
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    single = write_nnunet(tmp_path / "single")
+    with pytest.raises(InputError, match="this dataset has one label per case"):
+        FolderDataModule(root=str(single), cache_dir=str(tmp_path / "cache"), label_mode="soft")
+
+
+def broken(tmp_path, layout, damage):
+    root = write_multi_rater(tmp_path / "data", layout, num_cases=3)
+    damage(root)
+    return lambda: FolderDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), num_workers=0,
+                                    patch_size=(16, 16, 8)).prepare_data()
+
+
+def test_broken_multi_rater_folders_are_named(tmp_path):
+    cases = {
+        "missing": ("nnunet_suffix", lambda r: (r / "labelsTr" / "case_001_rater2.nii.gz").unlink(),
+                    r"case_001: no label of rater 2 \(.*labelsTr/case_001_rater2.nii.gz is missing\)"),
+        "missing_folder_file": ("nnunet_folders", lambda r: (r / "labelsTr_rater3" / "case_002.nii.gz").unlink(),
+                                r"case_002: no label of rater 3 \(.*labelsTr_rater3/case_002.nii.gz is missing\)"),
+        "mixed": ("nnunet_suffix", lambda r: (r / "labelsTr" / "case_000_rater1.nii.gz").rename(r / "labelsTr" / "case_000.nii.gz"),
+                  "mixes label files with a rater suffix"),
+        "gap": ("nnunet_suffix", lambda r: [(r / "labelsTr" / f"case_{i:03d}_rater3.nii.gz").rename(
+                    r / "labelsTr" / f"case_{i:03d}_rater4.nii.gz") for i in range(3)],
+                r"raters are numbered \[1, 2, 4\]; number them 1 … 3"),
+        "both": ("nnunet_folders", lambda r: (r / "labelsTr").mkdir(), "holds both labelsTr/ and labelsTr_rater"),
+        "shape": ("nnunet_suffix", lambda r: nib.save(nib.Nifti1Image(np.zeros((20, 18, 11), np.uint8), affine_for(1)),
+                                                     r / "labelsTr" / "case_001_rater3.nii.gz"),
+                  r"case_001_rater3.nii.gz: shape \(20, 18, 11\) differs from rater 1's label .*case_001_rater1.nii.gz"),
+        "value": ("msd_list", lambda r: nib.save(nib.Nifti1Image(np.full((20, 18, 12), 7, np.uint8), affine_for(2)),
+                                                r / "labelsTr" / "case_002_r2.nii.gz"),
+                  r"case_002_r2.nii.gz: label value\(s\) \[7\] not declared"),
+        "counts": ("msd_list", lambda r: r.joinpath("dataset.json").write_text(r.joinpath("dataset.json").read_text().replace(
+                    '"./labelsTr/case_001_r1.nii.gz", ', "", 1)), "case 'case_001' has 2 label file\\(s\\), case 'case_000' 3"),
+    }
+    for name, (layout, damage, message) in cases.items():
+        with pytest.raises(DatasetError, match=message):
+            broken(tmp_path / name, layout, damage)()
