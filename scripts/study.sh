@@ -44,7 +44,9 @@ else
     done
     # 2. a real field of view, and real anatomy (the longest runs: 4-5 times a small task's)
     for task in large_field_of_view mni152_grey_matter; do
-        add "$study/$task" "ce softdice" "$seeds" experiment=$task
+        for seed in $seeds; do  # seed by seed, so that an interrupted study has both losses of the first seeds
+            add "$study/$task" "ce softdice" "$seed" experiment=$task
+        done
     done
     # 3. cross-entropy's residual: what moves it (RESULTS.md)
     for task in high low medium; do
@@ -70,8 +72,10 @@ else
     add "$study/high_uncertainty_soft_labels" "ce softdice softdice_softlabel" "$seeds" \
         experiment=high_uncertainty data.label_mode=soft task_name=high_uncertainty_soft_labels
     add "$study/high_uncertainty" "dscpp focal unified_focal" "$seeds" experiment=high_uncertainty
-    # 6. the remedies of the paper's citations: Nordström's calibrated Dice surrogate, Hong's Tversky hypernetwork
-    for task in high_uncertainty boundary_uncertainty; do
+    # 6. several raters per image, and the remedies of the paper's citations: Nordström's calibrated Dice
+    #    surrogate, Hong's Tversky hypernetwork
+    add "$study/multi_rater" "ce softdice" "$seeds" experiment=multi_rater
+    for task in high_uncertainty boundary_uncertainty multi_rater; do
         add "$study/$task" calibrated_dice "$seeds" experiment=$task
         for seed in $seeds; do
             runs+=("$study/$task/tversky_hypernet/seed$seed loss=tversky model=tversky_hypernet seed=$seed experiment=$task")
