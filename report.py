@@ -10,6 +10,7 @@ runs are listed with the reason and left out. Writes into ``--output`` (default
 ``<DIR>/report``, or ``<common parent>/report`` for several directories): results.csv (per
 task × loss: mean and sd over seeds, run-level tests against cross-entropy, Holm-corrected),
 subjects.csv (every run's per-subject values, from which every number can be recomputed),
+history.csv (every run's validations during training: Dice and volume biases per step),
 report.md and PNG figures. Exit status 1 when no run is complete.
 """
 
@@ -24,7 +25,7 @@ from reporting.grouping import group_runs
 from reporting.markdown import report_markdown
 from reporting.plots import write_figures
 from reporting.runs import find_run_dirs, read_run
-from reporting.table import SUBJECT_COLUMNS, result_rows, subject_rows, write_csv
+from reporting.table import HISTORY_COLUMNS, SUBJECT_COLUMNS, history_rows, result_rows, subject_rows, write_csv
 from reporting.theory_link import Theory
 from reporting.wandb_upload import upload_report
 
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(rows, output / "results.csv")
     per_subject = subject_rows(groups, output)
     write_csv(per_subject, output / "subjects.csv", SUBJECT_COLUMNS)
+    write_csv(history_rows(groups, output), output / "history.csv", HISTORY_COLUMNS)
     figures, notes = write_figures(groups, rows, theory, output)
     notes += theory.notes + [f"{run.path}: {w}" for run in runs for w in run.warnings]
     report = output / "report.md"

@@ -152,6 +152,28 @@ def subject_rows(groups: list[Group], folder: Path) -> list[dict[str, object]]:
     return rows
 
 
+HISTORY_KEYS = ("val/dice", "val/relative_soft_expected_volume_bias", "val/relative_expected_volume_bias",
+                "val/soft_relative_volume_bias", "val/relative_volume_bias")
+HISTORY_COLUMNS = ("task", "loss", "seed", "run", "step", *HISTORY_KEYS)
+
+
+def history_rows(groups: list[Group], folder: Path) -> list[dict[str, object]]:
+    """Every run's validations during training (``HISTORY_COLUMNS``, from its csv/metrics.csv):
+    the numbers behind the bias-vs-steps figures."""
+    rows = []
+    for group in groups:
+        for run in group.runs:
+            by_step: dict[int, dict[str, float]] = {}
+            for key in HISTORY_KEYS:
+                for step, value in run.history.get(key, []):
+                    by_step.setdefault(step, {})[key] = value
+            location = os.path.relpath(run.path, folder)
+            for step in sorted(by_step):
+                rows.append({"task": group.task, "loss": group.loss, "seed": run.seed, "run": location, "step": step,
+                             **{key: by_step[step].get(key, math.nan) for key in HISTORY_KEYS}})
+    return rows
+
+
 def measured_relative_bias(row: dict[str, object]) -> tuple[float, float, str]:
     """The row's measured relative soft and argmax volume bias to compare with the theory:
     against the expected volume where known, else against the reference; and which."""

@@ -8,6 +8,7 @@ import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from reporting.statistics import holm, subject_means, welch_test
 from reporting.table import result_rows, subject_rows
 
 SWEEP = [o for o in TINY if not o.startswith("data.num_val")] + [
-    "data.num_val=6", "callbacks.validation_figures=null", "logger=none",
+    "data.num_val=6", "callbacks.validation_figures=null", "logger=csv",
 ]  # 6 validation subjects: enough pairs for the Wilcoxon test
 
 
@@ -48,6 +49,13 @@ def test_report_cli_compares_the_losses_of_a_sweep(sweep, tmp_path):
     assert result.stdout.strip().splitlines()[-1] == str(output / "report.md")
     rows = {r["loss"]: r for r in read_results(output) if r["class"] == "all"}
     assert set(rows) == {"ce", "softdice"}
+    with open(output / "history.csv") as handle:
+        history = list(csv.DictReader(handle))
+    assert sorted((h["loss"], h["seed"]) for h in history) == [("ce", "0"), ("ce", "1"), ("softdice", "0"), ("softdice", "1")]
+    for entry in history:  # one epoch: the final validation, as in the run's metrics.json
+        metrics = json.loads((Path(output) / entry["run"] / "metrics.json").read_text())
+        assert float(entry["val/dice"]) == pytest.approx(metrics["val/dice"])
+        assert int(entry["step"]) == metrics["global_step"] - 1 or int(entry["step"]) == metrics["global_step"]
     for row in rows.values():
         assert (row["task"], row["n_runs"], row["seeds"], row["n_subjects"]) == ("train", "2", "0 1", "6")
         for column in ("dice_mean", "dice_sd", "volume_bias_ml_mean", "relative_volume_bias_mean",
