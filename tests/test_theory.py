@@ -232,3 +232,17 @@ def test_cli_writes_the_table_and_figures(tmp_path):
     assert (tmp_path / "volume_bias.png").stat().st_size > 0
     assert (tmp_path / "volume_bias_vs_radius.png").stat().st_size > 0
     assert str(tmp_path / "theory.csv") in done.stdout
+
+
+def test_hypernetworks_and_several_raters_are_not_modelled():
+    """A hypernetwork's map is a marginal over α and several raters' labels a mixture of rater
+    models: the theory gives no prediction rather than a wrong one."""
+    from conftest import compose_config
+    from theory.curves import run_bias_curve
+    from theory.prediction import predicted_volume_bias
+
+    plain = compose_config(["experiment=high_uncertainty", "loss=tversky", "data.num_val=2"])
+    assert predicted_volume_bias(plain) is not None and run_bias_curve(plain) is not None
+    for overrides in (["model=tversky_hypernet"], ["data.raters=3"]):
+        cfg = compose_config(["experiment=high_uncertainty", "loss=tversky", "data.num_val=2", *overrides])
+        assert predicted_volume_bias(cfg) is None and run_bias_curve(cfg) is None

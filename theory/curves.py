@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules import SyntheticDataModule
 from theory.expected_loss import LossSpec, implied_volumes, named_loss
 from theory.groups import sphere_groups
-from theory.prediction import loss_spec
+from theory.prediction import run_loss_spec
 
 ROW_KEYS = ("kind", "radius_mm", "sigma_mm", "loss", "expected_ml", "soft_ml", "hard_ml",
             "relative_soft", "relative_hard")
@@ -66,7 +66,7 @@ def run_bias_curve(run_config: DictConfig | Mapping) -> dict[str, list[float]] |
     if not issubclass(get_class(data._target_), SyntheticDataModule) or data.get("label_mode", "hard") == "soft":
         return None
     datamodule = instantiate(data)
-    spec = loss_spec(instantiate(config.loss), datamodule.batch_size)
+    spec = run_loss_spec(config)
     if spec is None or datamodule.num_classes != 2:
         return None
     case = datamodule.case_kwargs

@@ -62,6 +62,17 @@ def loss_spec(loss: nn.Module, batch_size: int, soft_targets: bool = False) -> L
     return None
 
 
+def run_loss_spec(config: DictConfig) -> LossSpec | None:
+    """The run's loss as the theory models it (:func:`loss_spec`), or None where the run is not
+    modelled: a Tversky hypernetwork (its map is a marginal over α, not one loss's optimum) and
+    several raters per image (their labels are a mixture of rater models, not one uncertainty
+    model)."""
+    if (config.get("model") or {}).get("hypernet") or int(config.data.get("raters", 0) or 0):
+        return None
+    soft_targets = config.data.get("label_mode", "hard") == "soft"
+    return loss_spec(instantiate(config.loss), int(config.data.get("batch_size", 1)), soft_targets)
+
+
 def groups_of(case: SyntheticCase | Case, rng: np.random.Generator) -> VoxelGroups:
     """A generated synthetic case by its own uncertainty kind; any other case with known
     class probabilities (MNI152) as the ``voxel`` kind of its foreground map."""
@@ -94,8 +105,7 @@ def predicted_volume_bias(run_config: DictConfig | Mapping) -> dict[str, float] 
     ``loss`` with ``_target_``), as a DictConfig or a plain dict.
     """
     config = run_config if isinstance(run_config, DictConfig) else OmegaConf.create(dict(run_config))
-    soft_targets = config.data.get("label_mode", "hard") == "soft"
-    spec = loss_spec(instantiate(config.loss), int(config.data.get("batch_size", 1)), soft_targets)
+    spec = run_loss_spec(config)
     if spec is None:
         return None
     groups = validation_groups(config.data, spec.batch_size)
