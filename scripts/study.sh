@@ -10,6 +10,9 @@
 # $RESIDUAL_DIR (logs/ce_residual) as <setting>/ce/seed<k>; running the script again continues
 # every interrupted run from its last.ckpt and leaves finished ones as they are. The reports go to results/study and
 # results/ce_residual (quick: $STUDY_DIR/report), the theory curves to results/theory.
+# results/study_runs keeps the finished runs' records without their checkpoints (config, metrics.json,
+# subjects.csv, calibration.csv, csv/metrics.csv): `cp -r results/study_runs/. logs/study/` before this
+# script continues a study where those runs are done; `python report.py results/study_runs` reports them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-full}
@@ -91,6 +94,9 @@ fi
 run_one() {  # run_one RUN_DIR OVERRIDES...: train, or continue an interrupted run (auto_resume); a finished one is left as it is
     local dir=$1
     shift
+    if [ -f "$dir/metrics.json" ] && [ ! -d "$dir/checkpoints" ]; then
+        return 0  # a finished run's record without its checkpoints (results/study_runs, copied back): nothing to resume
+    fi
     mkdir -p "$(dirname "$dir")"
     # shellcheck disable=SC2086
     python train.py "$@" $common hydra.run.dir="$dir" >> "$dir.log" 2>&1 || echo "failed: $dir (see $dir.log)" >&2
@@ -104,6 +110,7 @@ echo "training: $(( ($(date +%s) - started) / 60 )) min for ${#runs[@]} runs wit
 if [ "$mode" = quick ]; then
     python report.py "$study" --output "$study/report"
 else
+    bash scripts/keep_study_records.sh "$study" results/study_runs
     python report.py "$study" --output results/study
     python report.py "$residual" "$study/high_uncertainty/ce" "$study/boundary_uncertainty/ce" "$study/low_uncertainty/ce" \
         "$study/medium_uncertainty/ce" --output results/ce_residual --no-theory

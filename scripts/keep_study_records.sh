@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Copy every finished study run's record, without its checkpoints, into results/study_runs/:
+# .hydra/ (the config), metrics.json, subjects.csv, calibration.csv and csv/metrics.csv (the
+# history), enough for report.py to report the run again and small enough to commit.
+#
+#   bash scripts/keep_study_records.sh [STUDY_DIR (logs/study)] [RECORDS_DIR (results/study_runs)]
+#
+# A run counts as finished when its train.log says Lightning stopped at max_epochs; interrupted
+# runs are left out (they continue from their checkpoints when scripts/study.sh runs again).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+study=${1:-logs/study}
+records=${2:-results/study_runs}
+kept=0
+while IFS= read -r log; do
+    run=$(dirname "$log")
+    target="$records/${run#"$study"/}"
+    mkdir -p "$target/csv"
+    cp -r "$run/.hydra" "$target/"
+    cp "$run/metrics.json" "$run/subjects.csv" "$run/calibration.csv" "$target/"
+    cp "$run/csv/metrics.csv" "$target/csv/"
+    kept=$((kept + 1))
+done < <(grep -l 'Trainer.fit` stopped: `max_epochs=' "$study"/*/*/seed*/train.log 2>/dev/null || true)
+echo "kept the records of $kept finished run(s) in $records" >&2
