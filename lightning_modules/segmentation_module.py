@@ -212,9 +212,8 @@ class SegmentationModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         # an epoch resumed in its middle keeps the sums of its batches before the stop (on_load_checkpoint)
-        if self.epoch_loss_epoch != self.current_epoch:
-            self.epoch_loss = torch.zeros(2, device=self.device)
-        self.epoch_loss_epoch = self.current_epoch
+        kept = self.epoch_loss if self.epoch_loss_epoch == self.current_epoch else torch.zeros(2)
+        self.epoch_loss, self.epoch_loss_epoch = kept.to(self.device), self.current_epoch
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "set_epoch"):
             datamodule.set_epoch(self.current_epoch)
