@@ -52,7 +52,8 @@ def flatten(section: object, prefix: str = "") -> dict[str, str]:
 def data_signature(run: Run) -> dict[str, str]:
     """What defines a task: the data settings, the model and optimiser, the training length."""
     signature = {k: v for k, v in flatten(run.data).items() if k.split(".")[0] not in IGNORED_DATA_KEYS}
-    signature.update(flatten(run.model, "model."))
+    # a Tversky hypernetwork is a method compared on the task, named by its loss (reporting.runs)
+    signature.update({k: v for k, v in flatten(run.model, "model.").items() if not k.startswith("model.hypernet")})
     signature["max_epochs"] = json.dumps(run.max_epochs)
     return signature
 

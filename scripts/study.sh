@@ -84,6 +84,15 @@ else
             runs+=("$study/$task/tversky_hypernet/seed$seed loss=tversky model=tversky_hypernet seed=$seed experiment=$task")
         done
     done
+    # 7. Hong et al.'s ensemble: Tversky networks of alpha 0.3, 0.5, 0.7 (false positives; beta = 1 - alpha), averaged
+    #    per seed by evaluate.py after training (logs/study_ensembles)
+    for task in high_uncertainty multi_rater; do
+        for pair in 0.3:0.7 0.5:0.5 0.7:0.3; do
+            for seed in $seeds; do
+                runs+=("$study/$task/tversky_a${pair%:*}/seed$seed loss=tversky loss.alpha=${pair%:*} loss.beta=${pair#*:} seed=$seed experiment=$task")
+            done
+        done
+    done
 fi
 
 if [ "$mode" = list ]; then
@@ -110,6 +119,13 @@ echo "training: $(( ($(date +%s) - started) / 60 )) min for ${#runs[@]} runs wit
 if [ "$mode" = quick ]; then
     python report.py "$study" --output "$study/report"
 else
+    for task in high_uncertainty multi_rater; do  # Hong et al.'s Tversky ensembles, one per seed
+        for seed in $seeds; do
+            members=("$study/$task"/tversky_a*/seed"$seed"/checkpoints/last.ckpt)
+            [ -f "${members[0]}" ] && python evaluate.py "ckpt_path=$study/$task/tversky_a*/seed$seed/checkpoints/last.ckpt" \
+                hydra.run.dir="logs/study_ensembles/$task/seed$seed" trainer.enable_progress_bar=false >&2
+        done
+    done
     bash scripts/keep_study_records.sh "$study" results/study_runs
     python report.py "$study" --output results/study
     python report.py "$residual" "$study/high_uncertainty/ce" "$study/boundary_uncertainty/ce" "$study/low_uncertainty/ce" \

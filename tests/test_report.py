@@ -202,6 +202,19 @@ def test_tasks_of_one_name_with_different_data_get_their_own_rows():
         ("train [uncertainty=2.5]", "softdice", 1)]
 
 
+def test_a_hypernetwork_is_a_method_of_its_task_not_another_task():
+    def run(loss, model, seed, hypernet=False):
+        subjects = {"dice": {"s": 0.5}, "volume_ref_ml": {"s": 1.0}, "volume_pred_ml": {"s": 1.5},
+                    "volume_pred_soft_ml": {"s": 1.2}}
+        model_config = {"features": [8, 16], **({"hypernet": {"alpha_range": [0.05, 0.95]}} if hypernet else {})}
+        return Run(path=ROOT, task_name="high", loss_name=f"{loss}_hypernet" if hypernet else loss,
+                   choices={"loss": loss, "model": model}, seed=seed, data={"uncertainty": 2.5}, model=model_config,
+                   loss={"_target_": "x"}, metrics={"epoch": 0}, subjects=subjects)
+
+    groups = group_runs([run("ce", "unet", 0), run("tversky", "tversky_hypernet", 0, True), run("tversky", "tversky_hypernet", 1, True)])
+    assert [(g.task, g.loss, len(g.runs)) for g in groups] == [("high", "ce", 1), ("high", "tversky_hypernet", 2)]
+
+
 def test_theory_prediction_is_computed_once_per_configuration(sweep, tmp_path, monkeypatch):
     import theory
 
