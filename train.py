@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from callbacks import ResultsWriter
 from cli import check_command_line
 from datamodules import SegmentationDataModule
 from input_errors import InputError, exit_on_input_error
@@ -177,6 +178,25 @@ def finish_wandb(logger: WandbLogger, exit_code: int) -> None:
         log.warning(f"wandb run not closed cleanly ({type(error).__name__}); its records up to the last flush are kept")
 
 
+def validate_the_last_epoch_if_cut(trainer: pl.Trainer, model: SegmentationModule, datamodule) -> None:
+    """Validate the final weights when the last epoch's validation is due but did not happen.
+
+    A run stopped (SIGTERM, requeue) during its last epoch's validation has trained every
+    batch; resumed, Lightning counts the epoch as done and ends at once, so without this the
+    run would end with an earlier epoch's validation in metrics.json."""
+    every, last = trainer.check_val_every_n_epoch, (trainer.max_epochs or 0) - 1
+    due = every is not None and last >= 0 and (last + 1) % every == 0 and trainer.limit_val_batches != 0
+    if trainer.state.status == "finished" and due and model.validated_epoch != last and trainer.current_epoch >= last:
+        log.info(f"the last epoch's validation was cut short before the resume: validating epoch {last} now")
+        writers = [c for c in trainer.callbacks if isinstance(c, ResultsWriter)]
+        for writer in writers:  # after fit the trainer's epoch counter is one past the last epoch
+            writer.fields["epoch"] = last
+        trainer.validate(model, datamodule=datamodule, verbose=False)
+        for writer in writers:
+            del writer.fields["epoch"]
+            writer.print_summary(trainer, model)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model described by ``cfg``; returns the last validation summary (``val/…`` keys)."""
     route_library_output()
@@ -201,6 +221,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams({**identity, **run_config})
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # never unpickle code
+        validate_the_last_epoch_if_cut(trainer, model, datamodule)
     finally:
         # close the wandb run, flushing what it holds: so that sweeps start fresh runs, and so
         # that a run stopped by SIGTERM (preemption, requeue) keeps what it logged before

@@ -159,3 +159,38 @@ def epoch_losses(run_dir) -> dict[int, float]:
                     assert int(row["epoch"]) not in losses, f"epoch {row['epoch']} logged twice in {path}"
                     losses[int(row["epoch"])] = float(row["train/loss"])
     return losses
+
+
+class StopDuringLastValidation(pl.Callback):
+    """Stops the run as SIGTERM would (Lightning's own flag) after the first subject of the last
+    epoch's validation: Lightning then saves nothing of that validation."""
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking and trainer.current_epoch == trainer.max_epochs - 1 and batch_idx == 0:
+            trainer._signal_connector.received_sigterm = True
+
+
+def test_a_run_stopped_during_its_last_validation_validates_when_resumed(tmp_path):
+    """Every batch trained, the final validation cut short: the resumed run must still end with
+    the final validation, not with the previous epoch's in metrics.json."""
+    from omegaconf import open_dict
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from conftest import compose_config
+    from train import train
+
+    overrides = [o for o in TINY if not o.startswith(("trainer.max_epochs", "data.num_val"))]
+    overrides += ["trainer.max_epochs=2", "data.num_val=3", "callbacks.validation_figures=null"]
+    train(compose_config(overrides, tmp_path / "full"))
+    cfg = compose_config(overrides, tmp_path / "cut")
+    with open_dict(cfg):
+        cfg.callbacks.stop = {"_target_": f"{__name__}.StopDuringLastValidation"}
+    with pytest.raises(SIGTERMException):
+        train(cfg)
+    assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["epoch"] == 0  # the last validation was lost
+    train(compose_config(overrides, tmp_path / "cut"))  # the same command again: auto_resume
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert (cut["epoch"], cut["global_step"]) == (full["epoch"], full["global_step"]) == (1, full["global_step"])
+    assert cut["val/dice"] == full["val/dice"] and cut["val/soft_volume_bias_ml"] == full["val/soft_volume_bias_ml"]
+    assert epoch_losses(tmp_path / "cut") == pytest.approx(epoch_losses(tmp_path / "full"), rel=1e-6)
