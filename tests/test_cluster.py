@@ -173,10 +173,10 @@ class StopDuringLastValidation(pl.Callback):
 def test_a_run_stopped_during_its_last_validation_validates_when_resumed(tmp_path):
     """Every batch trained, the final validation cut short: the resumed run must still end with
     the final validation, not with the previous epoch's in metrics.json."""
+    from conftest import compose_config
     from omegaconf import open_dict
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from conftest import compose_config
     from train import train
 
     overrides = [o for o in TINY if not o.startswith(("trainer.max_epochs", "data.num_val"))]

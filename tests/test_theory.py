@@ -238,6 +238,7 @@ def test_hypernetworks_and_several_raters_are_not_modelled():
     """A hypernetwork's map is a marginal over α and several raters' labels a mixture of rater
     models: the theory gives no prediction rather than a wrong one."""
     from conftest import compose_config
+
     from theory.curves import run_bias_curve
     from theory.prediction import predicted_volume_bias
 
