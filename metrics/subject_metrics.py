@@ -147,9 +147,11 @@ class SubjectSegmentationMetrics(Metric):
         self.volume_pred_soft_ml.append((soft * voxel_ml)[None])
         self.volume_pred_soft_near_ml.append((soft_near * voxel_ml)[None])
         self.volume_expected_ml.append(expected[None])
-        no_samples = torch.zeros((1, *label.shape), dtype=torch.uint8, device=device)
         references = label[None] if raters is None else raters.reshape(-1, *label.shape).to(device)
-        ged = generalised_energy_distance(samples if samples is not None else no_samples, references, self.num_classes)
+        if samples is not None:
+            ged = generalised_energy_distance(samples, references, self.num_classes)
+        else:  # one segmentation: no energy distance (as generalised_energy_distance gives for one sample)
+            ged = torch.full((self.num_classes - 1,), torch.nan, dtype=torch.float64, device=device)
         self.ged.append(ged[None])
         if raters is not None:
             rater_masks = references.reshape(len(references), 1, -1) == classes  # (R, C-1, N)
