@@ -96,6 +96,10 @@ RATER_COLUMNS: list[Column] = [
     ("argmax vs rater mean", "relative_expected_volume_bias_mean", lambda r: mean_sd(r, "relative_expected_volume_bias", as_percent=True)),
     ("soft vs rater mean", "relative_soft_expected_volume_bias_mean",
      lambda r: mean_sd(r, "relative_soft_expected_volume_bias", as_percent=True)),
+    ("argmax vs rater mean, ratio of sums", "pooled_relative_expected_volume_bias_mean",
+     lambda r: mean_sd(r, "pooled_relative_expected_volume_bias", as_percent=True)),
+    ("soft vs rater mean, ratio of sums", "pooled_relative_soft_expected_volume_bias_mean",
+     lambda r: mean_sd(r, "pooled_relative_soft_expected_volume_bias", as_percent=True)),
     ("GED", "ged_mean", lambda r: mean_sd(r, "ged")),
 ]
 
@@ -194,7 +198,10 @@ def report_markdown(rows: list[Row], groups: list[Group], excluded: list[Run], f
     if rated:
         text += ["### Several raters", "", ("Tasks whose subjects several raters annotated: the reference is their "
                  "majority vote, the expected volume their mean volume; \"within the raters' range\": the share of "
-                 "subjects whose volume lies between the smallest and the largest rater's."), "",
+                 "subjects whose volume lies between the smallest and the largest rater's. \"vs rater mean\": the mean of "
+                 "the per-subject relative biases; \"ratio of sums\": the run's total predicted volume over the raters' "
+                 "total mean volume, minus 1: the one to quote, since a noisy rater mean of a small structure inflates "
+                 "the mean of per-subject ratios (Jensen's inequality)."), "",
                  markdown_table(rated, RATER_COLUMNS), ""]
     for task in dict.fromkeys(r["task"] for r in main):
         text += [f"### {task}", "", task_paragraph(task, [r for r in main if r["task"] == task], groups), ""]

@@ -18,6 +18,11 @@ argmax / soft volume lies within the raters' range; their mean is the share of s
 measure whose columns the run lacks is absent.
 
 ``suffix`` picks the columns: ``""`` the class mean, ``"/<class>"`` one class.
+
+:func:`pooled_measures` gives run-level ratios of sums, ``Σ_s predicted / Σ_s reference − 1`` over
+the run's subjects: the bias of the total volume. With noisy per-subject references (a rater
+mean of a small structure) the per-subject mean of ratios is inflated by Jensen's inequality
+(a subject whose reference is small by chance weighs more); the ratio of sums is not.
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ REMEDY_VOLUMES = {  # remedy -> (its volume column, its Dice column)
 }
 
 Column = dict[str, float]  # subject -> value
+
+POOLED = {  # run-level ratio of sums -> (predicted volume column, reference volume column)
+    "pooled_relative_volume_bias": ("volume_pred_ml", "volume_ref_ml"),
+    "pooled_soft_relative_volume_bias": ("volume_pred_soft_ml", "volume_ref_ml"),
+    "pooled_relative_expected_volume_bias": ("volume_pred_ml", "volume_expected_ml"),
+    "pooled_relative_soft_expected_volume_bias": ("volume_pred_soft_ml", "volume_expected_ml"),
+}
 
 
 def _difference(a: Column, b: Column) -> Column:
@@ -82,3 +94,19 @@ def subject_measures(subjects: dict[str, Column], suffix: str = "") -> dict[str,
     for name in ("ged", "dice_raters_mean", "within_rater_range", "soft_within_rater_range"):  # ensembles, several raters
         measures[name] = column(name)
     return {name: values for name, values in measures.items() if values is not None}
+
+
+def pooled_measures(subjects: dict[str, Column], suffix: str = "") -> dict[str, float]:
+    """Each available :data:`POOLED` ratio of sums over the subjects where both volumes are
+    known; NaN where the reference volumes sum to zero."""
+    pooled = {}
+    for name, (predicted_name, reference_name) in POOLED.items():
+        predicted, reference = subjects.get(predicted_name + suffix), subjects.get(reference_name + suffix)
+        if predicted is None or reference is None:
+            continue
+        both = [s for s in predicted if s in reference and not math.isnan(predicted[s]) and not math.isnan(reference[s])]
+        if not both:
+            continue
+        total = sum(reference[s] for s in both)
+        pooled[name] = sum(predicted[s] for s in both) / total - 1 if total > 0 else math.nan
+    return pooled

@@ -8,7 +8,8 @@ averaging each subject over the seeds, for context. Every loss is compared with 
 cross-entropy group by Welch's t-test on the run means (``diff_…_vs_ce``, ``p_…_vs_ce``), and
 all p-values of the report are Holm-corrected together (``p_holm_…_vs_ce``). Measured biases
 are also given as excess over cross-entropy, beside the theory's excess over cross-entropy's
-theoretical optimum. ``class`` is ``all`` for the class mean (subjects.csv's plain columns:
+theoretical optimum. The run-level ratios of sums (``pooled_…``, :func:`reporting.measures.pooled_measures`)
+are summarised over runs the same way. ``class`` is ``all`` for the class mean (subjects.csv's plain columns:
 with several foreground classes, the mean over classes of each volume and Dice), or a class
 name.
 """
@@ -21,7 +22,7 @@ import os
 from pathlib import Path
 
 from reporting.grouping import Group, reference_group
-from reporting.measures import subject_measures
+from reporting.measures import POOLED, pooled_measures, subject_measures
 from reporting.statistics import holm, mean_sd, nanmean, subject_means, welch_test
 from reporting.theory_link import Theory
 
@@ -51,6 +52,7 @@ COLUMNS = (
     "task", "loss", "class", "n_runs", "seeds", "n_subjects",
     *(f"{m}_{s}" for m in MEASURES for s in ("mean", "sd", "subject_sd")),
     *(f"{c}_{s}" for c in FITTED for s in ("mean", "sd")),
+    *(f"{c}_{s}" for c in POOLED for s in ("mean", "sd")),
     "n_runs_ce", *(f"{c}_{m}_vs_ce" for m in TESTED for c in ("diff", "p", "p_holm")),
     "theory_relative_soft_bias", "theory_relative_hard_bias",
     *(f"{c}_{m}" for m in EXCESS for c in ("excess_vs_ce", "excess_vs_ce_se", "theory_excess_vs_ce")),
@@ -98,6 +100,9 @@ def result_rows(groups: list[Group], theory: Theory | None = None) -> list[dict[
                     row[f"{measure}_subject_sd"] = mean_sd(seed_averaged[measure].values())[1]
             for column, key in FITTED.items():
                 row[f"{column}_mean"], row[f"{column}_sd"] = _metric_over_runs(group, f"{key}{suffix}")
+            pooled = [pooled_measures(run.subjects, suffix) for run in group.runs]
+            for column in POOLED:
+                row[f"{column}_mean"], row[f"{column}_sd"] = mean_sd(p[column] for p in pooled if column in p)
             if name == ALL_CLASSES and theory is not None:
                 prediction = theory.prediction(group)
                 if prediction is not None:

@@ -17,6 +17,7 @@ from scipy import stats
 
 from report import main as report_main
 from reporting.grouping import group_runs
+from reporting.measures import pooled_measures
 from reporting.runs import Run, find_run_dirs, read_run
 from reporting.statistics import holm, subject_means, welch_test
 from reporting.table import result_rows, subject_rows
@@ -177,6 +178,32 @@ def test_seeds_are_the_unit_numbers_by_hand():
     per_subject = [r for r in subject_rows(group_runs(runs), ROOT) if r["task"] == "a" and r["loss"] == "softdice"]
     assert len(per_subject) == 6 and {r["seed"] for r in per_subject} == {0, 1, 2}
     assert sorted(r["soft_volume_bias_ml"] for r in per_subject) == pytest.approx([3.0, 3.5, 3.5, 4.0, 4.0, 5.0])
+
+
+def test_ratio_of_sums_is_the_bias_of_the_total_volume_numbers_by_hand():
+    """Run-level ratios of sums beside the per-subject mean of ratios, which a small, noisy
+    reference inflates: subject s1's soft volume is twice its 2 ml expected volume."""
+    def run(seed, soft):
+        subjects = {"dice": {"s1": 0.5, "s2": 0.9}, "volume_ref_ml": {"s1": 2.0, "s2": 20.0},
+                    "volume_expected_ml": {"s1": 2.0, "s2": 20.0}, "volume_pred_ml": {"s1": 1.0, "s2": 18.0},
+                    "volume_pred_soft_ml": soft}
+        return Run(path=ROOT / f"r{seed}", task_name="t", loss_name="ce", choices={"loss": "ce"}, seed=seed,
+                   data={}, loss={"_target_": "x"}, metrics={"epoch": 0}, subjects=subjects)
+
+    runs = [run(0, {"s1": 4.0, "s2": 20.0}), run(1, {"s1": 2.0, "s2": 24.0})]
+    row = result_rows(group_runs(runs))[0]
+    per_run_mean_of_ratios = [(1.0 + 0.0) / 2, (0.0 + 0.2) / 2]
+    per_run_ratio_of_sums = [24 / 22 - 1, 26 / 22 - 1]
+    assert row["relative_soft_expected_volume_bias_mean"] == pytest.approx(np.mean(per_run_mean_of_ratios))
+    assert row["pooled_relative_soft_expected_volume_bias_mean"] == pytest.approx(np.mean(per_run_ratio_of_sums))
+    assert row["pooled_relative_soft_expected_volume_bias_sd"] == pytest.approx(np.std(per_run_ratio_of_sums, ddof=1))
+    assert row["pooled_soft_relative_volume_bias_mean"] == pytest.approx(np.mean(per_run_ratio_of_sums))
+    assert row["pooled_relative_expected_volume_bias_mean"] == pytest.approx(19 / 22 - 1)  # argmax: both runs alike
+    assert row["pooled_relative_expected_volume_bias_sd"] == 0.0
+    nan_run = run(2, {"s1": math.nan, "s2": 22.0})  # a subject without a soft volume leaves both sums
+    assert pooled_measures(nan_run.subjects)["pooled_relative_soft_expected_volume_bias"] == pytest.approx(22 / 20 - 1)
+    zero = {"volume_pred_ml": {"s1": 1.0}, "volume_ref_ml": {"s1": 0.0}}
+    assert math.isnan(pooled_measures(zero)["pooled_relative_volume_bias"])
 
 
 def test_holm_and_welch_edge_cases():
