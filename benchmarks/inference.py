@@ -56,7 +56,6 @@ import torch
 from benchmarks import common
 
 
-
 def our_grid(shape, patch, overlap) -> list[tuple[int, ...]]:
     from lightning_modules.sliding_window import grid_locations, grid_overlap
 

@@ -29,10 +29,9 @@ import nibabel as nib
 import numpy as np
 import torch
 import torchio as tio
+from common import ROOT, base_parser, emit, median, print_table, spread, triple
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-from common import ROOT, base_parser, emit, median, print_table, spread, triple
 
 from datamodules import FolderDataModule
 from datamodules.segmentation import resolve_num_workers

@@ -41,7 +41,6 @@ from torch import nn
 from benchmarks import common
 
 
-
 def build_ours(in_channels: int, num_classes: int, features: list[int]) -> nn.Module:
     from lightning_modules.unet import UNet3D
 

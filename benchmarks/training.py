@@ -24,10 +24,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torchio as tio
-from torch.utils.data import DataLoader, IterableDataset
-
 from common import base_parser, emit, gib, ints, median, print_table, select_device, triple
 from pipeline import default_augmentation, write_dataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules import FolderDataModule
 from datamodules.segmentation import resolve_num_workers
