@@ -71,6 +71,21 @@ def plain_int(value: object) -> int | None:
         return None
 
 
+SUMMARY = (  # what the closing line shows: (metrics.json key, label, format)
+    ("val/dice", "Dice", "{:.3f}"),
+    ("val/relative_volume_bias", "argmax ΔV/ref", "{:+.1%}"),
+    ("val/soft_relative_volume_bias", "soft ΔV/ref", "{:+.1%}"),
+    ("val/relative_soft_expected_volume_bias", "soft vs expected", "{:+.1%}"),
+    ("val/ece", "pooled ECE", "{:.4f}"),
+    ("val/ged", "GED", "{:.3f}"),
+)
+
+
+def summary_line(summary: dict[str, float]) -> str:
+    """The headline numbers of an evaluation in one line (biases are means over subjects)."""
+    return " · ".join(f"{label} {fmt.format(summary[key])}" for key, label, fmt in SUMMARY if key in summary)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Validate the checkpoint ``cfg.ckpt_path``; returns the summary (``val/…`` keys)."""
     route_library_output()
@@ -90,13 +105,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     writer = ResultsWriter(cfg.paths.output_dir, fields=origin)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False,
                                       enable_progress_bar=progress_bar(cfg.trainer.get("enable_progress_bar", "auto")))
-    trainer.validate(trained.module, datamodule=datamodule)
+    trainer.validate(trained.module, datamodule=datamodule, verbose=False)  # every value is in metrics.json
     return {f"val/{k}": v for k, v in (trained.module.validation_summary or {}).items()}
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    exit_on_input_error(lambda: evaluate(cfg))
+    summary = exit_on_input_error(lambda: evaluate(cfg))
+    print(f"{summary_line(summary)}\nmetrics.json, subjects.csv, calibration.csv: {cfg.paths.output_dir}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from test_folder_data import TINY_FOLDER
 
 from datamodules import DatasetError
-from evaluate import evaluate
+from evaluate import evaluate, summary_line
 from predict import predict, predict_case
 from train import train
 
@@ -51,6 +51,9 @@ def test_evaluate_writes_what_training_validation_wrote(trained_run, tmp_path):
     assert metrics["global_step"] == trained_metrics["global_step"]
     assert json.loads((tmp_path / "splits.json").read_text()) == json.loads((run / "splits.json").read_text())
     assert summary["val/dice"] == pytest.approx(trained_metrics["val/dice"])
+    line = summary_line(summary)  # what evaluate.py prints instead of Lightning's table of every value
+    assert line.startswith(f"Dice {trained_metrics['val/dice']:.3f} · argmax ΔV/ref ")
+    assert f"pooled ECE {trained_metrics['val/ece']:.4f}" in line and "GED" not in line  # one network: no samples
 
 
 def reoriented_copy(root: Path, target: Path) -> Path:
