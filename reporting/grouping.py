@@ -3,7 +3,7 @@
 * The task is the run's ``task_name``. When runs of one task name differ in their data
   settings, model or optimiser settings, or training length, each setting becomes its own
   task, labelled by what tells them apart: the experiment choice, the data option, else the
-  differing keys, e.g. ``train [uncertainty=2.5]``, ``train [lr=0.01]``.
+  fewest differing keys that give every setting its own label, e.g. ``train [uncertainty=2.5]``, ``train [lr=0.01]``.
 * The loss is the ``loss`` option (``hydra.runtime.choices``), else the loss class name;
   runs of one option with different loss settings are told apart the same way, e.g.
   ``softdice [squared=True]``.
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from reporting.runs import Run
 
 IGNORED_DATA_KEYS = ("num_workers", "pin_memory", "val_batch_size")  # how, not what, is computed
-MAX_LABEL_KEYS = 4
 
 
 @dataclass
@@ -86,12 +85,24 @@ def labels(base: str, runs: list[Run], signature: Callable[[Run], dict[str, str]
     for members in colliding.values():
         if len(members) > 1:
             member_flats = [flats[id(first[key])] for key in members]
-            names = sorted(set().union(*member_flats))
-            differing = [n for n in names if len({flat.get(n) for flat in member_flats}) > 1][:MAX_LABEL_KEYS]
             for key in members:
                 flat = flats[id(first[key])]
-                parts[key] += [f"{n.rsplit('.', 1)[-1]}={_short(flat.get(n))}" for n in differing]
+                parts[key] += [f"{n.rsplit('.', 1)[-1]}={_short(flat.get(n))}" for n in telling_keys(member_flats)]
     return {id(run): f"{base} [{', '.join(parts[keys[id(run)]])}]" for run in runs}
+
+
+def telling_keys(flats: list[dict[str, str]]) -> list[str]:
+    """Few keys whose values tell the distinct ``flats`` apart: greedily the key that separates
+    the most, until every flat has its own combination (so no two settings share a label)."""
+    names = sorted(n for n in set().union(*flats) if len({flat.get(n) for flat in flats}) > 1)
+    chosen: list[str] = []
+
+    def distinct(keys: list[str]) -> int:
+        return len({tuple(flat.get(k) for k in keys) for flat in flats})
+
+    while distinct(chosen) < len(flats):
+        chosen.append(max((n for n in names if n not in chosen), key=lambda n: distinct([*chosen, n])))
+    return sorted(chosen)
 
 
 def _short(value: str | None) -> str:

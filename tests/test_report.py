@@ -229,6 +229,24 @@ def test_tasks_of_one_name_with_different_data_get_their_own_rows():
         ("train [uncertainty=2.5]", "softdice", 1)]
 
 
+def test_settings_that_differ_beyond_the_first_keys_are_never_pooled():
+    """Six settings of one task that differ in six different keys (an ablation study): each
+    gets its own row and a label that tells it apart, however many keys that takes."""
+    def run(seed, **changes):
+        data = {"a_aug": 1, "b_aug": 1, "c_aug": 1, "d_aug": 1, "e_aug": 1, **changes}
+        subjects = {"dice": {"s": 0.5}, "volume_ref_ml": {"s": 1.0}, "volume_pred_ml": {"s": 1.5},
+                    "volume_pred_soft_ml": {"s": 1.2}}
+        return Run(path=ROOT, task_name="high", loss_name="ce", choices={"loss": "ce"}, seed=seed, data=data,
+                   loss={"_target_": "x"}, metrics={"epoch": 0}, subjects=subjects)
+
+    settings = [{}, {"a_aug": 0}, {"b_aug": 0}, {"c_aug": 0}, {"d_aug": 0}, {"e_aug": 0}, {"z_decay": 0}]
+    groups = group_runs([run(seed, **change) for change in settings for seed in (0, 1)])
+    assert len(groups) == len(settings) and all(len(g.runs) == 2 for g in groups)
+    assert len({g.task for g in groups}) == len(settings)
+    assert {tuple(sorted(r.data.items())) for g in groups for r in g.runs[:1]} == {
+        tuple(sorted({"a_aug": 1, "b_aug": 1, "c_aug": 1, "d_aug": 1, "e_aug": 1, **c}.items())) for c in settings}
+
+
 def test_a_hypernetwork_is_a_method_of_its_task_not_another_task():
     def run(loss, model, seed, hypernet=False):
         subjects = {"dice": {"s": 0.5}, "volume_ref_ml": {"s": 1.0}, "volume_pred_ml": {"s": 1.5},
