@@ -10,7 +10,7 @@
 # $RESIDUAL_DIR (logs/ce_residual) as <setting>/ce/seed<k>; running the script again continues
 # every interrupted run from its last.ckpt and leaves finished ones as they are. The reports go to results/study and
 # results/ce_residual (quick: $STUDY_DIR/report), the theory curves to results/theory.
-# results/study_runs keeps the finished runs' records without their checkpoints (config, metrics.json,
+# results/study_runs (results/ce_residual_runs: the ablations) keeps the finished runs' records without their checkpoints (config, metrics.json,
 # subjects.csv, calibration.csv, csv/metrics.csv): `cp -r results/study_runs/. logs/study/` before this
 # script continues a study where those runs are done; `python report.py results/study_runs` reports them.
 set -euo pipefail
@@ -127,6 +127,7 @@ else
         done
     done
     bash scripts/keep_study_records.sh "$study" results/study_runs
+    bash scripts/keep_study_records.sh "$residual" results/ce_residual_runs
     python report.py "$study" --output results/study
     python report.py "$residual" "$study/high_uncertainty/ce" "$study/boundary_uncertainty/ce" "$study/low_uncertainty/ce" \
         "$study/medium_uncertainty/ce" --output results/ce_residual --no-theory
