@@ -85,9 +85,10 @@ def labels(base: str, runs: list[Run], signature: Callable[[Run], dict[str, str]
     for members in colliding.values():
         if len(members) > 1:
             member_flats = [flats[id(first[key])] for key in members]
+            telling = telling_keys(member_flats)
             for key in members:
                 flat = flats[id(first[key])]
-                parts[key] += [f"{n.rsplit('.', 1)[-1]}={_short(flat.get(n))}" for n in telling_keys(member_flats)]
+                parts[key] += [f"{n.rsplit('.', 1)[-1]}={_short(flat.get(n))}" for n in telling]
     return {id(run): f"{base} [{', '.join(parts[keys[id(run)]])}]" for run in runs}
 
 
