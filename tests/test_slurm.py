@@ -137,7 +137,9 @@ def test_a_sweep_through_the_slurm_launcher_runs_each_point_as_a_job(tmp_path):
     # submitit submits a sweep as one array job, a task per sweep point
     tasks = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
     assert len(tasks) == 2 and tasks[0].split("_")[0] == tasks[1].split("_")[0]
-    assert all(job_state(task) == "COMPLETED" for task in tasks)
+    # submitit returns once a task's result is written; SLURM may still hold the task as RUNNING or
+    # COMPLETING for a few seconds (epilog, accounting), so wait for its final state
+    assert [wait_for(lambda: finished(task), 120, f"task {task} to end") for task in tasks] == ["COMPLETED"] * 2
     report = subprocess.run([sys.executable, str(ROOT / "report.py"), str(sweep), "--no-theory"],
                             capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
