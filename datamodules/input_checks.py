@@ -46,12 +46,7 @@ def check_case(
     if problems:
         return problems
     images = []
-    for path in case.images:
-        try:
-            data, affine = read_image(path)
-        except UnreadableImage as error:
-            problems.append(f"{path}: {error}")
-            continue
+    for path, data, affine in _readable(case.images, problems):
         expected = in_channels if channels_in_one_file else 1
         if data.shape[0] != expected:
             problems.append(f"{path}: {data.shape[0]} channel(s), dataset.json declares {expected}")
@@ -63,12 +58,7 @@ def check_case(
             problems.append(f"{path}: {problem}")
         images.append((path, data.shape[1:], affine))
     reference = None  # the first label's (path, shape, affine): images and the other raters must match it
-    for path in case.labels:
-        try:
-            label, label_affine = read_image(path)
-        except UnreadableImage as error:
-            problems.append(f"{path}: {error}")
-            continue
+    for path, label, label_affine in _readable(case.labels, problems):
         problems += label_problems(path, label, num_classes)
         if reference is None:
             reference = (path, label.shape[1:], label_affine)
@@ -78,6 +68,17 @@ def check_case(
         for path, shape, affine in images:
             problems += geometry_problems(path, shape, affine, reference, "the label")
     return problems
+
+
+def _readable(paths, problems: list[str]):
+    """``(path, data, affine)`` of each file that reads; an unreadable one adds its problem to ``problems``."""
+    for path in paths:
+        try:
+            data, affine = read_image(path)
+        except UnreadableImage as error:
+            problems.append(f"{path}: {error}")
+            continue
+        yield path, data, affine
 
 
 def label_problems(path: Path, label: np.ndarray, num_classes: int) -> list[str]:
