@@ -85,7 +85,7 @@ else
         done
     done
     # 7. Hong et al.'s ensemble: Tversky networks of alpha 0.3, 0.5, 0.7 (false positives; beta = 1 - alpha), averaged
-    #    per seed by evaluate.py after training (logs/study_ensembles)
+    #    per seed by evaluate.py after training (results/ensembles/<task>/tversky_ensemble/seed<k>)
     for task in high_uncertainty multi_rater; do
         for pair in 0.3:0.7 0.5:0.5 0.7:0.3; do
             for seed in $seeds; do
@@ -119,13 +119,22 @@ echo "training: $(( ($(date +%s) - started) / 60 )) min for ${#runs[@]} runs wit
 if [ "$mode" = quick ]; then
     python report.py "$study" --output "$study/report"
 else
+    evaluate() {  # evaluate OUTPUT CHECKPOINT_GLOB: one ensemble's whole-volume validation into results/ensembles
+        python evaluate.py "ckpt_path=$2" hydra.run.dir="$1" trainer.enable_progress_bar=false >&2
+    }
+    for task in high_uncertainty boundary_uncertainty; do  # deep ensembles: the three seeds of one loss
+        for loss in ce softdice; do
+            evaluate "results/ensembles/$task/$loss" "$study/$task/$loss/seed*/checkpoints/last.ckpt"
+        done
+    done
     for task in high_uncertainty multi_rater; do  # Hong et al.'s Tversky ensembles, one per seed
         for seed in $seeds; do
             members=("$study/$task"/tversky_a*/seed"$seed"/checkpoints/last.ckpt)
-            [ -f "${members[0]}" ] && python evaluate.py "ckpt_path=$study/$task/tversky_a*/seed$seed/checkpoints/last.ckpt" \
-                hydra.run.dir="logs/study_ensembles/$task/seed$seed" trainer.enable_progress_bar=false >&2
+            [ -f "${members[0]}" ] && evaluate "results/ensembles/$task/tversky_ensemble/seed$seed" \
+                "$study/$task/tversky_a*/seed$seed/checkpoints/last.ckpt"
         done
     done
+    python scripts/summarise_evaluations.py results/ensembles > results/ensembles/summary.md
     bash scripts/keep_study_records.sh "$study" results/study_runs
     bash scripts/keep_study_records.sh "$residual" results/ce_residual_runs
     python report.py "$study" --output results/study

@@ -133,3 +133,31 @@ def test_a_hypernetworks_alpha_trades_volume_at_inference(tmp_path):
     summary = evaluate(evaluation_config(tmp_path / "at_alpha", f"ckpt_path={ckpt}", "alpha=0.9"))
     assert json.loads((tmp_path / "at_alpha" / "metrics.json").read_text())["alpha"] == 0.9
     assert "val/ged" not in summary  # one α, one sample
+
+
+def test_evaluations_are_summarised_over_seeds_with_ratios_of_sums(tmp_path, capsys):
+    """scripts/summarise_evaluations.py on two hand-made seed folders: mean ± sd over seeds of
+    metrics.json values, of ratios of sums and of per-subject means (hand-computed)."""
+    from scripts.summarise_evaluations import main as summarise
+
+    subjects = {  # seed -> [(soft ml, argmax ml, expected ml)] for subjects a, b
+        0: [(1.2, 0.9, 1.0), (3.6, 2.7, 3.0)],  # soft 4.8 / 4 - 1 = +20 %, per subject +20, +20; argmax -10 %
+        1: [(0.8, 1.0, 1.0), (3.6, 3.0, 3.0)],  # soft 4.4 / 4 - 1 = +10 %, per subject -20, +20; argmax 0 %
+    }
+    for seed, rows in subjects.items():
+        folder = tmp_path / "multi_rater" / "tversky" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"val/dice": 0.5 + 0.1 * seed, "val/ged": 0.3}))
+        with open(folder / "subjects.csv", "w") as handle:
+            handle.write("subject,dice,volume_ref_ml,volume_pred_ml,volume_pred_soft_ml,volume_expected_ml\n")
+            for name, (soft, hard, expected) in zip("ab", rows):
+                handle.write(f"{name},0.5,{expected},{hard},{soft},{expected}\n")
+    assert summarise([str(tmp_path)]) == 0
+    header, _, row = capsys.readouterr().out.strip().splitlines()
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["evaluation"] == "multi_rater/tversky" and cells["n"] == "2"
+    assert cells["Dice"] == "0.55 ± 0.071"  # sd of 0.5, 0.6
+    assert cells["soft vs expected, ratio of sums"] == "+15.0 ± 7.1 %"  # +20, +10
+    assert cells["argmax vs expected, ratio of sums"] == "-5.0 ± 7.1 %"  # -10, 0
+    assert cells["soft vs expected, mean of ratios"] == "+10.0 ± 14.1 %"  # +20, 0
+    assert cells["GED"] == "0.3 ± 0" and cells["mean Dice vs each rater"] == ""  # no raters' columns
