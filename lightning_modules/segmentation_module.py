@@ -252,20 +252,22 @@ class SegmentationModule(pl.LightningModule):
             yield from module.own_probabilities(image)
 
     @torch.no_grad()
-    def predict_with_samples(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def predict_with_samples(self, image: torch.Tensor, keep_samples: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The mean of the members' probabilities ``(C, W, H, D)`` and, where there are several
-        members, each one's argmax segmentation ``(M, W, H, D)`` (uint8) as samples."""
-        total, samples = None, []
+        members and ``keep_samples``, each one's argmax segmentation ``(M, W, H, D)`` (uint8) as samples."""
+        total, count, samples = None, 0, []
         for probabilities in self.member_probabilities(image):
             total = probabilities if total is None else total + probabilities
-            samples.append(probabilities.argmax(0).to(torch.uint8))
+            count += 1
+            if keep_samples:
+                samples.append(probabilities.argmax(0).to(torch.uint8))
         assert total is not None
-        return total / len(samples), (torch.stack(samples) if len(samples) > 1 else None)
+        return total / count, (torch.stack(samples) if len(samples) > 1 else None)
 
     def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Whole-volume class probabilities ``(C, W, H, D)`` on the module's device (the mean
         over an ensemble's members, and a hypernetwork's inference α)."""
-        return self.predict_with_samples(image)[0]
+        return self.predict_with_samples(image, keep_samples=False)[0]
 
     def add_ensemble_members(self, members: Sequence[SegmentationModule]) -> None:
         """Average ``members``' probability maps with this network's. They must segment the same
