@@ -37,6 +37,8 @@ COLUMNS = (  # (header, source, key, percent): source "metrics" (metrics.json), 
     ("pooled ECE", "metrics", "val/ece", False),
     ("top-label ECE", "metrics", "val/ece_top_label", False),
     ("GED", "metrics", "val/ged", False),
+    ("fitted T", "metrics", "val/temperature", False),
+    ("Platt-scaled soft vs expected, mean of ratios", "subjects", "platt_relative_expected_volume_bias", True),
 )
 
 
