@@ -9,7 +9,11 @@
   ``softdice [squared=True]``.
 
 Runs that differ in nothing else (the training seed, execution settings such as
-``data.num_workers``) share a row.
+``data.num_workers``) share a row. A key that only some runs' configs hold, with one value
+among them, that the other runs lack together with any section around or within it, and
+that no run's command line added (``+data.foo=…``), is a setting a later version of biasseg
+introduced with its default, the behaviour the runs without it had: it
+does not split a study that grew across versions.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ def labels(base: str, runs: list[Run], signature: Callable[[Run], dict[str, str]
     """A label per run (by ``id``): ``base``, or ``base [what differs]`` when the runs hold
     several signatures. The chosen options of ``choice_groups`` are tried first, then the
     signature keys that still differ."""
-    flats = {id(run): signature(run) for run in runs}
+    flats = without_later_defaults(runs, {id(run): signature(run) for run in runs})
     keys = {id(run): json.dumps(flats[id(run)], sort_keys=True) for run in runs}
     if len(set(keys.values())) == 1:
         return {id(run): base for run in runs}
@@ -90,6 +94,25 @@ def labels(base: str, runs: list[Run], signature: Callable[[Run], dict[str, str]
                 flat = flats[id(first[key])]
                 parts[key] += [f"{n.rsplit('.', 1)[-1]}={_short(flat.get(n))}" for n in telling]
     return {id(run): f"{base} [{', '.join(parts[keys[id(run)]])}]" for run in runs}
+
+
+def without_later_defaults(runs: list[Run], flats: dict[int, dict[str, str]]) -> dict[int, dict[str, str]]:
+    """``flats`` without the keys that a later version added (see the module docstring): held
+    by some runs only, with one value, and not added on any run's command line."""
+    every = [set(flat) for flat in flats.values()]
+    partial = set().union(*every) - set.intersection(*every)
+    added = [key for run in runs for key in run.added_keys]
+
+    def absent(name: str, flat: dict[str, str]) -> bool:
+        """Neither the key nor a section around it or within it (``augmentation: null`` in
+        one run, ``augmentation.gamma`` in another is a difference, not an addition)."""
+        return not any(k == name or name.startswith(k + ".") or k.startswith(name + ".") for k in flat)
+
+    later = {name for name in partial
+             if len({flat[name] for flat in flats.values() if name in flat}) == 1
+             and all(absent(name, flat) for flat in flats.values() if name not in flat)
+             and not any(key == name or key.endswith("." + name) for key in added)}
+    return {run_id: {k: v for k, v in flat.items() if k not in later} for run_id, flat in flats.items()}
 
 
 def telling_keys(flats: list[dict[str, str]]) -> list[str]:

@@ -29,6 +29,7 @@ class Run:
     task_name: str = "?"
     loss_name: str = "?"
     choices: dict[str, str] = field(default_factory=dict)
+    added_keys: list[str] = field(default_factory=list)  # config keys the command line added (+key=…, ++key=…)
     seed: int | None = None
     max_epochs: int | None = None
     data: dict = field(default_factory=dict)
@@ -118,7 +119,7 @@ def read_run(path: Path) -> Run:
     model = plain(_resolved(config, "model"))
     run.model = model if isinstance(model, dict) else {}
     run.loss = plain(_resolved(config, "loss")) or {}
-    run.choices = _choices(path)
+    run.choices, run.added_keys = _choices(path), _added_keys(path)
     target = str(run.loss.get("_target_", "")) if isinstance(run.loss, dict) else ""
     run.loss_name = run.choices.get("loss") or target.rsplit(".", 1)[-1] or "?"
     if run.choices.get("model") == "tversky_hypernet":  # one network for all α: a method of its own
@@ -138,6 +139,17 @@ def _choices(path: Path) -> dict[str, str]:
     except Exception:
         return {}
     return {str(k): str(v) for k, v in choices.items() if v is not None} if isinstance(choices, dict) else {}
+
+
+def _added_keys(path: Path) -> list[str]:
+    """The keys that the run's command line added to the config (``+data.foo=1``, ``++model.x=2``)."""
+    try:
+        overrides = OmegaConf.load(path / ".hydra" / "overrides.yaml")
+    except Exception:
+        return []
+    if not isinstance(overrides, ListConfig):
+        return []
+    return [str(o).lstrip("+").split("=", 1)[0] for o in overrides if isinstance(o, str) and o.startswith("+")]
 
 
 def _read_results(run: Run) -> str | None:

@@ -16,7 +16,7 @@ from conftest import ROOT, TINY
 from scipy import stats
 
 from report import main as report_main
-from reporting.grouping import group_runs
+from reporting.grouping import group_runs, reference_group
 from reporting.measures import pooled_measures
 from reporting.runs import Run, find_run_dirs, read_run
 from reporting.statistics import holm, subject_means, welch_test
@@ -237,14 +237,49 @@ def test_settings_that_differ_beyond_the_first_keys_are_never_pooled():
         subjects = {"dice": {"s": 0.5}, "volume_ref_ml": {"s": 1.0}, "volume_pred_ml": {"s": 1.5},
                     "volume_pred_soft_ml": {"s": 1.2}}
         return Run(path=ROOT, task_name="high", loss_name="ce", choices={"loss": "ce"}, seed=seed, data=data,
-                   loss={"_target_": "x"}, metrics={"epoch": 0}, subjects=subjects)
+                   loss={"_target_": "x"}, metrics={"epoch": 0}, subjects=subjects,
+                   added_keys=[f"data.{k}" for k in changes if k not in data_defaults])
 
+    data_defaults = ("a_aug", "b_aug", "c_aug", "d_aug", "e_aug")
+    # z_decay is not in the config: the command line added it (+data.z_decay=0)
     settings = [{}, {"a_aug": 0}, {"b_aug": 0}, {"c_aug": 0}, {"d_aug": 0}, {"e_aug": 0}, {"z_decay": 0}]
     groups = group_runs([run(seed, **change) for change in settings for seed in (0, 1)])
     assert len(groups) == len(settings) and all(len(g.runs) == 2 for g in groups)
     assert len({g.task for g in groups}) == len(settings)
     assert {tuple(sorted(r.data.items())) for g in groups for r in g.runs[:1]} == {
         tuple(sorted({"a_aug": 1, "b_aug": 1, "c_aug": 1, "d_aug": 1, "e_aug": 1, **c}.items())) for c in settings}
+
+
+def test_a_setting_a_later_version_added_does_not_split_a_study_that_grew_across_versions():
+    """Runs of one task from two versions of biasseg: the later one's config holds keys the
+    earlier lacked (data.raters: 0, its default). They share the task, and the new loss is
+    compared with the old runs' cross-entropy; a key the command line added, or one that
+    takes two values, still splits."""
+    def run(loss, seed, added=(), **new_keys):
+        subjects = {"dice": {"s": 0.5}, "volume_ref_ml": {"s": 1.0}, "volume_pred_ml": {"s": 1.5},
+                    "volume_pred_soft_ml": {"s": 1.2}}
+        return Run(path=ROOT, task_name="high", loss_name=loss, choices={"loss": loss}, seed=seed,
+                   data={"uncertainty": 2.5, **new_keys}, loss={"_target_": loss}, metrics={"epoch": 0},
+                   subjects=subjects, added_keys=list(added))
+
+    old = [run("ce", 0), run("ce", 1), run("softdice", 0)]
+    groups = group_runs([*old, run("calibrated_dice", 0, raters=0), run("calibrated_dice", 1, raters=0)])
+    assert [(g.task, g.loss, len(g.runs)) for g in groups] == [
+        ("high", "ce", 2), ("high", "calibrated_dice", 2), ("high", "softdice", 1)]
+    assert reference_group(groups, "high").loss == "ce"
+    by_command_line = group_runs([*old, run("calibrated_dice", 0, added=["data.raters"], raters=0)])
+    assert sorted({g.task for g in by_command_line}) == ["high [raters=0]", "high [raters=unset]"]
+    two_values = group_runs([*old, run("calibrated_dice", 0, raters=0), run("calibrated_dice", 1, raters=3)])
+    assert len({g.task for g in two_values}) == 3
+
+
+def test_the_keys_a_command_line_added_are_read_from_hydras_overrides(tmp_path):
+    from reporting.runs import _added_keys
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- loss=ce\n- +data.z_decay=0\n- ++model.depth=3\n- seed=1\n")
+    assert _added_keys(tmp_path) == ["data.z_decay", "model.depth"]
+    assert _added_keys(tmp_path / "missing") == []
 
 
 def test_a_hypernetwork_is_a_method_of_its_task_not_another_task():
