@@ -24,7 +24,7 @@ from reporting.runs import Run
 def run_config(run: Run) -> DictConfig:
     """The parts of a run's config the theory needs (resolved, plain values)."""
     return OmegaConf.create({"task_name": run.task_name, "seed": run.seed, "data": run.data, "loss": run.loss,
-                             "trainer": {"max_epochs": run.max_epochs}})
+                             "model": run.model, "trainer": {"max_epochs": run.max_epochs}})
 
 
 class Theory:
@@ -84,7 +84,7 @@ class Theory:
         if function is None:
             return None
         run = group.runs[0]
-        key = (name, json.dumps({"data": run.data, "loss": run.loss}, sort_keys=True, default=str))
+        key = (name, json.dumps({"data": run.data, "loss": run.loss, "model": run.model}, sort_keys=True, default=str))
         if key not in self._cache:
             self.log(f"theory: {name} for {group.task} / {group.loss} …")
             try:

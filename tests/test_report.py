@@ -325,6 +325,20 @@ def test_theory_prediction_is_computed_once_per_configuration(sweep, tmp_path, m
     assert link.notes == []
 
 
+def test_the_theory_predicts_nothing_for_a_hypernetwork():
+    """Its map is a marginal over α, not the optimum of its loss config's Tversky α (report.py
+    had quoted the α = 0.3 optimum for it: the model section did not reach the theory)."""
+    from reporting.grouping import Group
+    from reporting.theory_link import Theory
+
+    loss = {"_target_": "losses.SoftDiceLoss", "alpha": 0.3, "beta": 0.7}
+    hypernet = Run(path=ROOT, task_name="high", loss_name="tversky_hypernet", seed=0, max_epochs=1,
+                   data={"_target_": "datamodules.SyntheticDataModule", "uncertainty": 2.5}, loss=loss,
+                   model={"hypernet": {"alpha_range": [0.05, 0.95]}})
+    link = Theory(log=lambda message: None)
+    assert link.prediction(Group("high", "tversky_hypernet", [hypernet])) is None and link.notes == []
+
+
 def test_the_report_goes_to_wandb_beside_the_runs(sweep, tmp_path, monkeypatch):
     import wandb
     from wandb_files import history, run_record
