@@ -119,7 +119,11 @@ echo "training: $(( ($(date +%s) - started) / 60 )) min for ${#runs[@]} runs wit
 if [ "$mode" = quick ]; then
     python report.py "$study" --output "$study/report"
 else
-    evaluate() {  # evaluate OUTPUT CHECKPOINT_GLOB: one ensemble's whole-volume validation into results/ensembles
+    evaluate() {  # evaluate OUTPUT CHECKPOINT_GLOB: one ensemble's whole-volume validation into results/ensembles;
+        # skipped where no checkpoint matches (runs restored from results/study_runs keep none)
+        local members
+        read -ra members <<< "$(compgen -G "$2" | tr '\n' ' ')"
+        [ "${#members[@]}" -gt 0 ] || return 0
         python evaluate.py "ckpt_path=$2" hydra.run.dir="$1" trainer.enable_progress_bar=false >&2
     }
     for task in high_uncertainty boundary_uncertainty; do  # deep ensembles: the three seeds of one loss
@@ -129,9 +133,7 @@ else
     done
     for task in high_uncertainty multi_rater; do  # Hong et al.'s Tversky ensembles, one per seed
         for seed in $seeds; do
-            members=("$study/$task"/tversky_a*/seed"$seed"/checkpoints/last.ckpt)
-            [ -f "${members[0]}" ] && evaluate "results/ensembles/$task/tversky_ensemble/seed$seed" \
-                "$study/$task/tversky_a*/seed$seed/checkpoints/last.ckpt"
+            evaluate "results/ensembles/$task/tversky_ensemble/seed$seed" "$study/$task/tversky_a*/seed$seed/checkpoints/last.ckpt"
         done
     done
     python scripts/summarise_evaluations.py results/ensembles > results/ensembles/summary.md
