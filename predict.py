@@ -38,6 +38,7 @@ from cli import check_command_line
 from datamodules.cases import Intensity
 from datamodules.dataset_layout import case_name
 from datamodules.image_files import AFFINE_TOLERANCE, NIFTI_ENDINGS, UnreadableImage, read_image, resampled_size_problem
+from datamodules.original_grid import OriginalGrid
 from datamodules.preprocessing_cache import preprocess_subject
 from input_errors import DatasetError, InputError, exit_on_input_error
 from lightning_modules.checkpoints import TrainedModel, load_ensemble, read_checkpoints
@@ -131,17 +132,16 @@ def intensity_for(image: np.ndarray, settings: dict) -> Intensity:
 
 
 @torch.no_grad()
-def predict_case(trained: TrainedModel, image: tio.ScalarImage, reference: Path) -> np.ndarray:
-    """Class probabilities ``(C, W, H, D)`` on the grid of ``reference`` (the input file)."""
+def predict_case(trained: TrainedModel, image: tio.ScalarImage) -> np.ndarray:
+    """Class probabilities ``(C, W, H, D)`` on the input ``image``'s own grid (mapped back as
+    validation does, :mod:`datamodules.original_grid`)."""
     settings = trained.inference_settings
     subject = preprocess_subject(tio.Subject(image=image), settings.get("target_spacing"), bool(settings.get("crop_nonzero")))
     data = subject["image"].data.numpy()
     normalised = torch.from_numpy(intensity_for(data, settings)(data))
-    probabilities = trained.module.predict_probabilities(normalised).float().cpu()
-    on_input = tio.Resample(str(reference))(tio.ScalarImage(tensor=probabilities, affine=subject["image"].affine))
-    result = on_input.data.numpy().clip(0, 1)
-    result[0] = np.clip(1 - result[1:].sum(0), 0, 1)  # outside the crop only background remains
-    return result
+    probabilities = trained.module.predict_probabilities(normalised).float()
+    grid = OriginalGrid(image.affine, tuple(image.shape[1:]))
+    return grid.probabilities(probabilities, subject["image"].affine).cpu().numpy()
 
 
 def write_like(path: Path, data: np.ndarray, reference: nib.Nifti1Image, dtype) -> None:
@@ -216,7 +216,7 @@ def predict(cfg: DictConfig) -> Path:
         raise InputError(f"output={output}: not writable by you")
     rows = []
     for name, files in tqdm(cases.items(), desc="Predicting", unit="case"):
-        probabilities = predict_case(trained, load_case(files), files[0])
+        probabilities = predict_case(trained, load_case(files))
         reference = nib.load(files[0])
         segmentation = probabilities.argmax(0)
         write_like(output / f"{name}.nii.gz", segmentation, reference, np.uint8 if len(probabilities) < 256 else np.int16)

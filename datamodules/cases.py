@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torchio as tio
 
+from datamodules.original_grid import OriginalGrid
+
 MAX_LOCATIONS_PER_CLASS = 10_000  # like nnU-Net: a random subset of each class's voxels is enough to sample from
 
 ArrayOrPath = np.ndarray | Path
@@ -81,6 +83,12 @@ class Case:
     datamodule from its normalisation setting. A case annotated by several raters has their
     label maps in ``raters`` ``(R, W, H, D)``; then ``label`` is their majority vote,
     ``probabilities`` their mean (one-hot) and ``expected_volume_ml`` their mean volume.
+
+    A case preprocessed from a file (``data=folder``) also keeps the annotation as it was
+    given: ``original_grid`` (its affine and shape), ``original_label`` ``(W, H, D)`` on it and,
+    with several raters, ``original_raters`` ``(R, W, H, D)`` (``original_label`` is then their
+    majority vote); validation measures there (:mod:`datamodules.original_grid`). Where
+    ``original_grid`` is None the case was made on its grid and is measured on it.
     """
 
     name: str
@@ -95,6 +103,9 @@ class Case:
     intensity: Intensity | None = None
     probabilities: ArrayOrPath | None = None
     raters: ArrayOrPath | None = None
+    original_grid: OriginalGrid | None = None
+    original_label: ArrayOrPath | None = None
+    original_raters: ArrayOrPath | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -129,6 +140,11 @@ class Case:
         if self.raters is not None:  # one channel per rater
             raters = torch.from_numpy(np.asarray(self.rater_maps(), dtype=np.int64))
             subject.add_image(tio.LabelMap(tensor=raters, affine=self.affine), "raters")
+        if self.original_grid is not None:  # plain entries, not images: their grid differs from the image's
+            subject["original_grid"] = self.original_grid
+            subject["original_label"] = torch.from_numpy(np.asarray(_array(self.original_label), dtype=np.int64))
+            if self.original_raters is not None:
+                subject["original_raters"] = torch.from_numpy(np.asarray(_array(self.original_raters), dtype=np.int64))
         return subject
 
 

@@ -13,6 +13,8 @@ Layout::
         <case>.label.npy       uint8 (W, H, D); with several raters their majority vote
         <case>.raters.npy      uint8 (R, W, H, D), each rater's label (several raters only)
         <case>.probabilities.npy  float32 (C, W, H, D), the raters' mean (several raters only)
+        <case>.original_label.npy   uint8, the label as annotated: the file's own grid and axes
+        <case>.original_raters.npy  uint8 (R, …), each rater's as annotated (several raters only)
         <case>.sampling.npz    foreground voxel locations per class, foreground intensities
         <case>.meta.json       affine, spacing, statistics and the source files' fingerprint
 
@@ -48,13 +50,14 @@ from datamodules.cases import Case, class_locations, foreground_samples, majorit
 from datamodules.dataset_layout import CaseFiles, DatasetLayout
 from datamodules.image_files import UnreadableImage, itk_affine
 from datamodules.input_checks import check_cases
+from datamodules.original_grid import OriginalGrid
 from input_errors import InputError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 4  # bump when the stored arrays or their .meta.json change meaning
-ARRAYS = ("image.npy", "label.npy", "sampling.npz")
-RATER_ARRAYS = ("raters.npy", "probabilities.npy")  # cases with several raters
+CACHE_VERSION = 5  # bump when the stored arrays or their .meta.json change meaning
+ARRAYS = ("image.npy", "label.npy", "sampling.npz", "original_label.npy")
+RATER_ARRAYS = ("raters.npy", "probabilities.npy", "original_raters.npy")  # cases with several raters
 
 
 def default_cache_dir() -> str:
@@ -168,9 +171,11 @@ class PreprocessingCache:
             if not path.is_file() or path.stat().st_size != sizes.get(kind):
                 return False
         shapes = {"image.npy": (meta["channels"], *meta["shape"]), "label.npy": tuple(meta["shape"]),
-                  "raters.npy": (raters, *meta["shape"]), "probabilities.npy": (self.layout.num_classes, *meta["shape"])}
-        for kind, dtype in (("image.npy", "float32"), ("label.npy", "uint8"), *((("raters.npy", "uint8"),
-                            ("probabilities.npy", "float32")) if raters else ())):
+                  "raters.npy": (raters, *meta["shape"]), "probabilities.npy": (self.layout.num_classes, *meta["shape"]),
+                  "original_label.npy": tuple(meta["original_shape"]), "original_raters.npy": (raters, *meta["original_shape"])}
+        for kind, dtype in (("image.npy", "float32"), ("label.npy", "uint8"), ("original_label.npy", "uint8"),
+                            *((("raters.npy", "uint8"), ("probabilities.npy", "float32"), ("original_raters.npy", "uint8"))
+                              if raters else ())):
             with open(self.array_path(name, kind), "rb") as file:
                 version = np.lib.format.read_magic(file)
                 if version not in ((1, 0), (2, 0)):
@@ -238,23 +243,26 @@ class PreprocessingCache:
         """Preprocess one case and write its entry atomically."""
         torch.set_num_threads(1)
         source = fingerprint(case)
-        subject = preprocess_subject(
-            load_subject(case),
-            self.settings["target_spacing_mm"],
-            self.settings["crop_nonzero"],
-        )
+        original = load_subject(case)
+        annotated = original["raters" if case.raters else "label"]  # the annotation's own grid, kept for measuring
+        original_grid = OriginalGrid(annotated.affine, tuple(annotated.shape[1:]))
+        original_maps = np.ascontiguousarray(np.rint(annotated.data.numpy()), dtype=np.uint8)  # (1 or R, W, H, D)
+        subject = preprocess_subject(original, self.settings["target_spacing_mm"], self.settings["crop_nonzero"])
         image = np.ascontiguousarray(subject["image"].data.numpy(), dtype=np.float32)
-        voxel_ml = abs(float(np.linalg.det(subject["image"].affine[:3, :3]))) / 1000.0
         extra: dict = {}
         if case.raters:
             raters = np.ascontiguousarray(np.rint(subject["raters"].data.numpy()), dtype=np.uint8)
             label = majority_vote(raters, self.layout.num_classes).astype(np.uint8)
             probabilities = rater_mean(raters, self.layout.num_classes)
+            original_label = majority_vote(original_maps, self.layout.num_classes).astype(np.uint8)
             write_atomically(self.array_path(case.name, "raters.npy"), lambda h: np.save(h, raters))
             write_atomically(self.array_path(case.name, "probabilities.npy"), lambda h: np.save(h, probabilities))
-            extra = {"raters": len(raters),
-                     "expected_volume_ml": rater_volumes_ml(raters, self.layout.num_classes, voxel_ml).mean(0).tolist()}
+            write_atomically(self.array_path(case.name, "original_raters.npy"), lambda h: np.save(h, original_maps))
+            extra = {"raters": len(raters),  # their mean volume as annotated, each voxel its own size
+                     "expected_volume_ml": rater_volumes_ml(original_maps, self.layout.num_classes,
+                                                            original_grid.voxel_ml).mean(0).tolist()}
         else:
+            original_label = original_maps[0]
             label = np.ascontiguousarray(np.rint(subject["label"].data.numpy()[0]), dtype=np.uint8)
         rng = np.random.default_rng(0)
         locations = class_locations(label, self.layout.num_classes, rng)
@@ -264,11 +272,14 @@ class PreprocessingCache:
         write_atomically(self.array_path(case.name, "image.npy"), lambda h: np.save(h, image))
         write_atomically(self.array_path(case.name, "label.npy"), lambda h: np.save(h, label))
         write_atomically(self.array_path(case.name, "sampling.npz"), lambda h: np.savez(h, **arrays))
+        write_atomically(self.array_path(case.name, "original_label.npy"), lambda h: np.save(h, original_label))
         meta = {
             "name": case.name,
             "fingerprint": source,
             "affine": subject["image"].affine.tolist(),
             "shape": list(label.shape),
+            "original_affine": np.asarray(original_grid.affine).tolist(),
+            "original_shape": list(original_grid.shape),
             "channels": len(image),
             "sizes": {kind: self.array_path(case.name, kind).stat().st_size
                       for kind in (*ARRAYS, *(RATER_ARRAYS if case.raters else ()))},
@@ -295,6 +306,9 @@ class PreprocessingCache:
             channel_mean=np.asarray(meta["channel_mean"]),
             channel_std=np.asarray(meta["channel_std"]),
             foreground_samples=samples,
+            original_grid=OriginalGrid(np.asarray(meta["original_affine"], dtype=np.float64), tuple(meta["original_shape"])),
+            original_label=self.array_path(case.name, "original_label.npy"),
             **({"raters": self.array_path(case.name, "raters.npy"), "probabilities": self.array_path(case.name, "probabilities.npy"),
+                "original_raters": self.array_path(case.name, "original_raters.npy"),
                 "expected_volume_ml": [float(v) for v in meta["expected_volume_ml"]]} if meta.get("raters") else {}),
         )

@@ -276,18 +276,29 @@ class SegmentationModule(pl.LightningModule):
         self.ensemble.extend(members)
 
     def validation_step(self, subject: tio.Subject, batch_idx: int) -> None:
+        """Segment the whole subject and measure it where it was annotated: a subject that
+        carries its ``original_grid`` (data=folder) is scored on that grid against its original
+        label, each voxel its own size (:mod:`datamodules.original_grid`); others on theirs."""
         probabilities, samples = self.predict_with_samples(subject["image"][tio.DATA])
+        if int(subject["subject_index"]) < self.preview_subjects:
+            self._previews.append(preview_slices(subject, probabilities))
+        label, spacing = subject["label"][tio.DATA], subject["label"].spacing
+        raters = subject["raters"][tio.DATA] if "raters" in subject else None
+        grid = subject.get("original_grid")
+        if grid is not None:
+            affine = subject["image"].affine
+            probabilities = grid.probabilities(probabilities, affine)
+            samples = None if samples is None else grid.segmentations(samples, affine)
+            label, spacing, raters = subject["original_label"], grid.spacing, subject.get("original_raters")
         self.val_metrics.update(
             probabilities,
-            subject["label"][tio.DATA],
-            subject["label"].spacing,
+            label,
+            spacing,
             int(subject["subject_index"]),
             subject.get("expected_volume_ml"),
             samples,
-            subject["raters"][tio.DATA] if "raters" in subject else None,
+            raters,
         )
-        if int(subject["subject_index"]) < self.preview_subjects:
-            self._previews.append(preview_slices(subject, probabilities))
 
     def on_validation_epoch_end(self) -> None:
         rows, fitted = per_subject(self.val_metrics)

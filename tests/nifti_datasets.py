@@ -110,3 +110,56 @@ def write_multi_rater(root: Path, layout: str, num_cases: int = 5, channels: int
     if layout == "nnunet_folders":
         (root / "labelsTr").rmdir()
     return root
+
+
+def thick_slice_spacing(index: int) -> tuple[float, float, float]:
+    """Each case its own spacing: in-plane 0.7–1.0 mm, slices 2.5–5 mm (a clinical MR/CT mix)."""
+    rng = np.random.default_rng(1000 + index)
+    in_plane = float(rng.uniform(0.7, 1.0))
+    return in_plane, in_plane * float(rng.uniform(0.95, 1.05)), float(rng.uniform(2.5, 5.0))
+
+
+def thick_slice_case(index: int, field_mm=(40.0, 40.0, 45.0), modality: str = "MRI") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(image (W, H, D), label (W, H, D) uint8, affine)`` of an ellipsoid (semi-axes 9–13 mm in
+    plane, 8–14 mm across slices) in a field of ``field_mm``, sampled at
+    :func:`thick_slice_spacing`; ``modality`` "CT" gives Hounsfield-like intensities."""
+    rng = np.random.default_rng(index)
+    spacing = np.asarray(thick_slice_spacing(index))
+    shape = tuple(int(round(f / s)) for f, s in zip(field_mm, spacing))
+    centres = [(np.arange(n) + 0.5) * s for n, s in zip(shape, spacing)]
+    grid = np.stack(np.meshgrid(*centres, indexing="ij"), -1)
+    centre = np.asarray(field_mm) / 2 + rng.uniform(-3, 3, 3)
+    axes = np.asarray([rng.uniform(9, 13), rng.uniform(9, 13), rng.uniform(8, 14)])
+    label = (np.linalg.norm((grid - centre) / axes, axis=-1) < 1).astype(np.uint8)
+    if modality == "CT":
+        image = -100 + 160 * label + rng.normal(0, 20, shape)
+    else:
+        image = 200 + 120 * label + rng.normal(0, 25, shape)
+    image[:2] = 0  # an empty border for the non-zero crop
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = rng.uniform(-50, 50, 3)
+    return image.astype(np.float32), label, affine
+
+
+def write_thick_slices(root: Path, num_cases: int = 6, modality: str = "MRI", start: int = 0) -> Path:
+    """An nnU-Net v2 raw dataset of :func:`thick_slice_case` cases ``start … start + num_cases − 1``."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for i in range(start, start + num_cases):
+        image, label, affine = thick_slice_case(i, modality=modality)
+        nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / f"case_{i:03d}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / f"case_{i:03d}.nii.gz")
+    description = {"channel_names": {"0": modality}, "labels": {"background": 0, "lesion": 1},
+                   "numTraining": num_cases, "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(description))
+    return root
+
+
+def annotated_volumes_ml(root: Path) -> dict[str, float]:
+    """Each case's foreground volume as annotated: voxels × its own voxel volume (ml)."""
+    volumes = {}
+    for path in sorted((root / "labelsTr").glob("*.nii.gz")):
+        image = nib.load(path)
+        voxel_ml = abs(np.linalg.det(image.affine[:3, :3])) / 1000
+        volumes[path.name[: -len(".nii.gz")]] = float((np.asarray(image.dataobj) > 0).sum() * voxel_ml)
+    return volumes

@@ -104,7 +104,7 @@ def test_geometry_round_trip_recovers_the_label(trained_run, tmp_path):
         module=SimpleNamespace(predict_probabilities=lambda x: torch.nn.functional.one_hot(
             torch.clamp(torch.round((x[0] - 100) / 40), 0, 2).long(), 3).permute(3, 0, 1, 2).float()),
     )
-    probabilities = predict_case(trained, tio.ScalarImage(inputs / "turned_0000.nii.gz"), inputs / "turned_0000.nii.gz")
+    probabilities = predict_case(trained, tio.ScalarImage(inputs / "turned_0000.nii.gz"))
     prediction = probabilities.argmax(0)
     assert prediction.shape == turned.shape
     foreground = (prediction > 0), (turned > 0)
