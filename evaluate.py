@@ -1,17 +1,26 @@
-"""Evaluate a trained checkpoint on whole validation volumes.
+"""Evaluate a trained checkpoint on whole volumes, measured where each case was annotated.
 
     python evaluate.py ckpt_path=logs/train/runs/<run>/checkpoints/best-….ckpt
-    python evaluate.py ckpt_path=… data=folder data.root=/data/Task04_Hippocampus
+    python evaluate.py ckpt_path=… data=folder data.root=/data/OtherDataset        # every case of another dataset
     python evaluate.py 'ckpt_path=logs/study/high_uncertainty/ce/seed*/checkpoints/last.ckpt'   # a deep ensemble
     python evaluate.py ckpt_path=…/hypernet.ckpt alpha=0.3     # a Tversky hypernetwork at one α
 
 Writes ``metrics.json``, ``subjects.csv`` and ``calibration.csv`` (the format of training's
 validation) into ``logs/evaluate/runs/<timestamp>/``; the post-hoc remedies' temperature
-and threshold are fitted on the evaluated subjects, as in training's validation. Without ``data=…`` the checkpoint's own data config
-is used, with its split (``splits.json`` of the training run, when it still exists).
+and threshold are fitted on the evaluated subjects, as in training's validation.
+
+Which data, read how: without ``data=…`` the checkpoint's own data config, with its split
+(``splits.json`` of the training run, when it still exists). With ``data=…`` another dataset
+is read *as the model was trained to read it* (its target spacing, crop, normalisation and
+its training statistics, channel order): its own median spacing or the default normalisation
+never replace the model's, and a dataset whose channels or classes differ from the model's
+is refused. ``cases`` chooses what is scored: ``auto`` = the training split's validation cases
+on the training dataset, every case on another one; ``all``; ``val`` (the split drawn by
+``data.*``'s split keys). No model is scored on a case it trained on: a case in the training
+cases of any checkpoint (an ensemble's members included) is refused, naming both.
 ``epoch`` and ``global_step`` in ``metrics.json`` are the checkpoint's (lists, one per member,
-for an ensemble: several checkpoints, whose probability maps are averaged; the data and
-split are the first one's).
+for an ensemble: several checkpoints, whose probability maps are averaged; the data config
+is the first one's).
 """
 
 from __future__ import annotations
@@ -28,12 +37,13 @@ from callbacks import ResultsWriter
 from cli import check_command_line
 from datamodules.preprocessing_cache import default_cache_dir
 from input_errors import InputError, exit_on_input_error
-from lightning_modules.checkpoint_contents import check_targets, instantiate_section
+from lightning_modules.checkpoint_contents import check_targets, instantiate_section, split_record_problem
 from lightning_modules.checkpoints import load_ensemble, read_checkpoints
 from loggers.run_log import progress_bar, route_library_output
 
 # A checkpoint's data config decides what is read; these keys, how it is read, stay the user's.
 CHECKPOINT_DATA_OVERRIDES = {"allow_outside_root": False, "num_workers": "auto"}
+CASES = ("auto", "all", "val")
 
 
 def data_config(cfg: DictConfig, run_data: object, source: str) -> DictConfig:
@@ -41,8 +51,8 @@ def data_config(cfg: DictConfig, run_data: object, source: str) -> DictConfig:
     which may only name biasseg's datamodules and TorchIO's random augmentations, and whose
     settings of where to write and how many processes to start are this user's (the cache
     folder, workers) or the safe defaults (files inside the dataset folder only). Folder data
-    of the training dataset reuses the training run's split; the split used is written
-    beside the outputs."""
+    of the training dataset reuses the training run's split, and ``cases`` (see the module
+    docstring) picks the cases; the split used is written beside the outputs."""
     stored = run_data if isinstance(run_data, dict) else {}
     if cfg.get("data") is not None:
         data = OmegaConf.to_container(cfg.data, resolve=True)
@@ -54,13 +64,55 @@ def data_config(cfg: DictConfig, run_data: object, source: str) -> DictConfig:
         data.update({key: value for key, value in CHECKPOINT_DATA_OVERRIDES.items() if key in data})
         if "cache_dir" in data:
             data["cache_dir"] = default_cache_dir()
-    if "splits_file" in data:
+    cases = cfg.get("cases", "auto")
+    if cases not in CASES:
+        raise InputError(f"cases must be one of {CASES}, got {cases!r}")
+    if "splits_file" in data:  # folder data
+        same_dataset = same_folder(data.get("root"), stored.get("root"))
+        if cases == "all" or (cases == "auto" and not same_dataset):
+            data["validate"] = "all"
         trained_split = stored.get("splits_file")
-        same_dataset = data.get("root") == stored.get("root")
         if same_dataset and not data.get("splits_from") and isinstance(trained_split, str) and Path(trained_split).is_file():
             data["splits_from"] = trained_split
         data["splits_file"] = str(Path(cfg.paths.output_dir) / "splits.json")
+    elif cases == "all":
+        raise InputError("cases=all scores every case of a dataset folder (data=folder); this data has only its split")
     return OmegaConf.create(data)
+
+
+def same_folder(a: object, b: object) -> bool:
+    """Whether two configured dataset folders are one folder."""
+    if not isinstance(a, str) or not isinstance(b, str):
+        return False
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def refuse_training_cases(datamodule: object, checkpoints: list[tuple[Path, dict]]) -> None:
+    """One line naming a scored case and the checkpoint that trained on it, if there is one:
+    a score on a training case is a leaked score (an ensemble of fold models on one fold's
+    validation cases, a model on every case of its own dataset)."""
+    split, layout = getattr(datamodule, "split", None), getattr(datamodule, "layout", None)
+    if split is None or layout is None:
+        return
+    scored = set(split["val"])
+    for path, checkpoint in checkpoints:
+        record = checkpoint.get("data_split")
+        if record is None:
+            continue  # written before biasseg recorded it
+        problem = split_record_problem(record)
+        if problem:
+            raise InputError(f"ckpt_path={path}: {problem}")
+        if same_folder(record["dataset"], str(layout.root)):
+            trained_on = sorted(scored & set(record["train"]))
+            if trained_on:
+                more = f" (and {len(trained_on) - 1} more)" if len(trained_on) > 1 else ""
+                raise InputError(
+                    f"case {trained_on[0]}{more} of {layout.root} is a training case of ckpt_path={path}: a score on it "
+                    "would be leaked; score the cases no member trained on (cases=val with data.splits_from=…), "
+                    "another dataset, or each fold on its own validation cases (cross_validation=true)")
 
 
 def plain_int(value: object) -> int | None:
@@ -96,12 +148,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     config = data_config(cfg, checkpoints[0][1]["run_config"].get("data"), source)  # the first member's data
     datamodule = instantiate(config) if cfg.get("data") is not None else instantiate_section(config, "data", source)
     trained = load_ensemble(checkpoints, sliding_window=datamodule.sliding_window_settings(), alpha=cfg.get("alpha"))
+    if trained.inference_settings:  # written by every train.py run; the model's preprocessing, never this data's own
+        datamodule.adopt_preprocessing(trained.inference_settings, source)
+    refuse_training_cases(datamodule, checkpoints)
     origin = {key: [plain_int(checkpoint.get(key)) for _, checkpoint in checkpoints] for key in ("epoch", "global_step")}
     origin["ckpt_path"] = [str(path) for path, _ in checkpoints]
     if len(checkpoints) == 1:  # one checkpoint: plain values, as training's metrics.json
         origin = {key: value[0] for key, value in origin.items()}
     if cfg.get("alpha") is not None:
         origin["alpha"] = float(cfg.alpha)
+    origin["preprocessing"] = {key: trained.inference_settings.get(key) for key in ("target_spacing", "crop_nonzero", "normalization")}
     writer = ResultsWriter(cfg.paths.output_dir, fields=origin)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False,
                                       enable_progress_bar=progress_bar(cfg.trainer.get("enable_progress_bar", "auto")))

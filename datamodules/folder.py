@@ -84,6 +84,9 @@ class FolderDataModule(SegmentationDataModule):
         splits_from: a ``splits.json`` to reuse instead of drawing a split.
         allow_outside_root: accept files that ``dataset.json`` places outside ``root`` (``..``,
             absolute paths, symbolic links out of it); refused by default.
+        validate: ``"split"``: validate on the split's validation cases (training); ``"all"``:
+            on every case, with no training cases (a trained model scored on a dataset:
+            ``evaluate.py``).
         **loader: :class:`SegmentationDataModule` arguments.
     """
 
@@ -100,6 +103,7 @@ class FolderDataModule(SegmentationDataModule):
         splits_file: str | None = None,
         splits_from: str | None = None,
         allow_outside_root: bool = False,
+        validate: str = "split",
         **loader,
     ) -> None:
         super().__init__(**loader)
@@ -109,6 +113,9 @@ class FolderDataModule(SegmentationDataModule):
             raise InputError(f"data.fold must be in [0, {num_folds}) (data.num_folds), got {fold}")
         if not 0.0 < val_fraction < 1.0:
             raise InputError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if validate not in ("split", "all"):
+            raise InputError(f"data.validate must be split or all, got {validate!r}")
+        self.evaluation_only = validate == "all"
         if int(num_folds) < 2:
             raise InputError(f"data.num_folds must be >= 2, got {num_folds}")
         self.layout: DatasetLayout = read_layout(root, allow_outside_root=bool(allow_outside_root))
@@ -126,8 +133,12 @@ class FolderDataModule(SegmentationDataModule):
         self.split_seed = int(split_seed)
         self.splits_file, self.splits_from = splits_file, splits_from
         self._cache: PreprocessingCache | None = None
-        self.all_splits = self.splits()  # checked now, before any preprocessing
-        self.split = chosen_split(self.all_splits, fold, self.splits_from or "the drawn split")
+        if self.evaluation_only:
+            self.all_splits = [{"train": [], "val": [c.name for c in self.layout.cases]}]
+            self.split = self.all_splits[0]
+        else:
+            self.all_splits = self.splits()  # checked now, before any preprocessing
+            self.split = chosen_split(self.all_splits, fold, self.splits_from or "the drawn split")
 
     @property
     def num_classes(self) -> int:
@@ -144,6 +155,28 @@ class FolderDataModule(SegmentationDataModule):
     @property
     def class_names(self) -> list[str]:
         return list(self.layout.class_names[1:])
+
+    @property
+    def channel_names(self) -> list[str]:
+        return list(self.layout.channel_names)
+
+    @property
+    def description(self) -> str:
+        return f"{self.layout.root / 'dataset.json'}"
+
+    def adopt_preprocessing(self, settings, source: str) -> None:
+        """As :meth:`SegmentationDataModule.adopt_preprocessing`, and the model's target spacing
+        and non-zero crop (this dataset's own median spacing is not used)."""
+        super().adopt_preprocessing(settings, source)
+        if settings.get("target_spacing") is not None:
+            self.target_spacing = [float(s) for s in settings["target_spacing"]]
+        self.crop_nonzero = bool(settings.get("crop_nonzero", self.crop_nonzero))
+        self._cache = None
+
+    def split_record(self) -> dict:
+        """Which cases of which dataset the model trains and validates on (stored in checkpoints,
+        so that an evaluation never scores a model on a case it trained on)."""
+        return {"dataset": str(self.layout.root), "train": list(self.split["train"]), "val": list(self.split["val"])}
 
     @property
     def cache(self) -> PreprocessingCache:
@@ -179,7 +212,8 @@ class FolderDataModule(SegmentationDataModule):
         return train, val
 
     def inference_settings(self) -> dict:
-        """What prediction on new images needs to preprocess them like the training data."""
+        """What prediction on new images needs to preprocess them like the training data (the
+        data of a model that was itself scored only, ``validate=all``, keeps the model's)."""
         return {
             **super().inference_settings(),
             "target_spacing": self.cache.settings["target_spacing_mm"],

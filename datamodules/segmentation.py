@@ -208,6 +208,36 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         """Names of the foreground classes (``num_classes − 1``)."""
         return [f"class{c}" for c in range(1, self.num_classes)]
 
+    @property
+    def channel_names(self) -> list[str]:
+        """Names of the image channels, in the order the model reads them."""
+        return [f"channel{c}" for c in range(self.in_channels)]
+
+    evaluation_only = False  # True: validation cases only (a trained model scored on a dataset), no training cases
+
+    def adopt_preprocessing(self, settings: Mapping, source: str) -> None:
+        """Read the data as the model of ``source`` (a checkpoint, named in errors) was trained
+        to: its ``inference_settings``' normalisation, with its training statistics for ``ct``
+        (subclasses also take its spacing and crop). Refuses, in one line, data whose channels
+        or classes differ from the model's. Call before :meth:`setup`."""
+        model_channels = list(settings.get("channel_names") or [])
+        channels_differ = int(settings.get("in_channels", self.in_channels)) != self.in_channels or (
+            model_channels and model_channels != self.channel_names)
+        classes_differ = list(settings.get("class_names") or self.class_names) != self.class_names
+        if channels_differ or classes_differ:
+            raise InputError(
+                f"{self.description}: channels {self.channel_names} and classes {self.class_names}; {source} was trained on "
+                f"channels {model_channels or settings.get('in_channels')} and classes {settings.get('class_names')}: "
+                "it cannot segment this data")
+        self.normalization = settings.get("normalization") or self.normalization
+        if self.normalization == "ct":
+            self.intensity = Intensity(**{k: np.asarray(v, dtype=np.float64) for k, v in settings["intensity"].items()})
+
+    @property
+    def description(self) -> str:
+        """What this data is, for messages (the dataset folder, the generator)."""
+        return type(self).__name__
+
     @abc.abstractmethod
     def load_cases(self) -> tuple[list[Case], list[Case]]:
         """Training and validation cases."""
@@ -217,9 +247,9 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         if self.train_cases is not None:
             return
         train, val = self.load_cases()
-        if not train or not val:
+        if not val or not (train or self.evaluation_only):
             raise InputError(f"need at least one training and one validation subject, got {len(train)} and {len(val)}")
-        if not any(case.locations for case in train):
+        if train and not any(case.locations for case in train):
             warnings.warn(
                 f"every training label of this {type(self).__name__} is empty (background only): "
                 "the model can only learn to predict background",
@@ -227,7 +257,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
             )
         if isinstance(self.train_rater, int) and self.train_rater > max(self.num_raters, 1):
             raise InputError(f"data.train_rater={self.train_rater}, but the subjects have {self.num_raters or 'one label, no'} raters")
-        if self.normalization == "ct":
+        if self.normalization == "ct" and self.intensity is None:  # a model's own statistics stay (adopt_preprocessing)
             self.intensity = ct_intensity(train)
         for case in [*train, *val]:
             case.intensity = self.case_intensity(case)
@@ -259,6 +289,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
             "normalization": self.normalization,
             "intensity": None if self.intensity is None else {k: v.tolist() for k, v in vars(self.intensity).items()},
             "in_channels": self.in_channels,
+            "channel_names": self.channel_names,
             "class_names": self.class_names,
         }
 

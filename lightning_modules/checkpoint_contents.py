@@ -178,6 +178,12 @@ def inference_settings_problem(settings: object, in_channels: int) -> str | None
     spacing = settings.get("target_spacing")
     if spacing is not None and not (_numbers(spacing, 3) and min(spacing) > 0):
         return f"target_spacing must be three positive numbers (mm), got {str(spacing)[:80]}"
+    for key in ("channel_names", "class_names"):
+        names = settings.get(key)
+        if names is not None and not (isinstance(names, list) and len(names) <= 1024 and all(isinstance(n, str) for n in names)):
+            return f"{key} must be a list of names, got {str(names)[:80]}"
+    if settings.get("channel_names") is not None and len(settings["channel_names"]) != in_channels:
+        return f"channel_names names {len(settings['channel_names'])} channels, the model reads {in_channels}"
     if settings.get("normalization") not in (None, *NORMALISATIONS):
         return f"normalization must be one of {NORMALISATIONS}, got {str(settings.get('normalization'))[:40]!r}"
     if settings.get("normalization") == "ct":
@@ -205,4 +211,16 @@ def state_dict_problem(build, state_dict: Mapping) -> str | None:
     wrong = [k for k in expected if expected[k] != given[k]]
     if wrong:
         return f"{wrong[0]} has shape {given[wrong[0]]}, the model needs {expected[wrong[0]]}"
+    return None
+
+
+def split_record_problem(record: object) -> str | None:
+    """What is wrong with a checkpoint's ``data_split`` (``{"dataset": folder, "train": [case
+    names], "val": [case names]}``, see ``FolderDataModule.split_record``), or None."""
+    if not isinstance(record, dict) or not isinstance(record.get("dataset"), str):
+        return "data_split must be a mapping with the dataset folder"
+    for key in ("train", "val"):
+        names = record.get(key)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return f"data_split.{key} must be a list of case names"
     return None

@@ -371,3 +371,5 @@ class SegmentationModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "inference_settings"):
             checkpoint["inference_settings"] = datamodule.inference_settings()
+        if datamodule is not None and hasattr(datamodule, "split_record"):  # the cases it trained on (evaluate.py's leak check)
+            checkpoint["data_split"] = datamodule.split_record()

@@ -51,3 +51,20 @@ def _offline(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+@pytest.fixture(scope="session")
+def thick_slice_run(tmp_path_factory):
+    """One epoch on six CT cases, each with its own in-plane (0.7–1.0 mm) and slice (2.5–5 mm)
+    spacing, CT normalisation: (dataset root, run dir)."""
+    from nifti_datasets import write_thick_slices
+    from test_folder_data import TINY_FOLDER
+
+    from train import train
+
+    tmp = tmp_path_factory.mktemp("thick")
+    root = write_thick_slices(tmp / "data", modality="CT")
+    cfg = compose_config([*TINY_FOLDER, f"data.root={root}", f"data.cache_dir={tmp / 'cache'}", "data.val_fraction=0.34",
+                          "data.normalization=ct"], tmp / "run")
+    train(cfg)
+    return root, tmp / "run"

@@ -132,9 +132,9 @@ def thick_slice_case(index: int, field_mm=(40.0, 40.0, 45.0), modality: str = "M
     axes = np.asarray([rng.uniform(9, 13), rng.uniform(9, 13), rng.uniform(8, 14)])
     label = (np.linalg.norm((grid - centre) / axes, axis=-1) < 1).astype(np.uint8)
     if modality == "CT":
-        image = -100 + 160 * label + rng.normal(0, 20, shape)
+        image = -100.0 + 160 * label + rng.normal(0, 20, shape)
     else:
-        image = 200 + 120 * label + rng.normal(0, 25, shape)
+        image = 200.0 + 120 * label + rng.normal(0, 25, shape)
     image[:2] = 0  # an empty border for the non-zero crop
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = rng.uniform(-50, 50, 3)

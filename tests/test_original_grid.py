@@ -8,14 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torchio as tio
-from conftest import ROOT, compose_config
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
-from nifti_datasets import annotated_volumes_ml, write_thick_slices
-from test_folder_data import TINY_FOLDER
+from nifti_datasets import annotated_volumes_ml
 
 from datamodules.original_grid import OriginalGrid
 from evaluate import evaluate
-from train import train
 
 
 def ellipsoid_on(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -51,15 +49,12 @@ def test_the_same_grid_is_left_as_it_is():
     assert grid.voxel_ml == pytest.approx(0.006) and grid.spacing == (1.0, 2.0, 3.0)
 
 
-@pytest.fixture(scope="module")
-def thick_slice_run(tmp_path_factory):
-    """One epoch on six cases, each with its own in-plane (0.7–1.0 mm) and slice (2.5–5 mm) spacing."""
-    tmp = tmp_path_factory.mktemp("thick")
-    root = write_thick_slices(tmp / "data")
-    cfg = compose_config([*TINY_FOLDER, f"data.root={root}", f"data.cache_dir={tmp / 'cache'}", "data.val_fraction=0.34"],
-                         tmp / "run")
-    train(cfg)
-    return root, tmp / "run"
+def evaluation_config(ckpt: str, output_dir, *overrides: str):
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        cfg = compose("evaluate", overrides=[f"ckpt_path={ckpt}", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+                                             *overrides])
+    cfg.paths.output_dir = str(output_dir)
+    return cfg
 
 
 def reference_volumes(subjects_csv) -> dict[str, float]:
@@ -74,9 +69,5 @@ def test_training_and_evaluation_measure_each_case_against_its_annotation(thick_
     assert len(trained) == 2
     for name, volume in trained.items():  # the annotation's own voxels and voxel volume, not a resampled copy
         assert volume == pytest.approx(annotated[name], rel=1e-6)
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        cfg = compose("evaluate", overrides=[f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "trainer.accelerator=cpu",
-                                             "trainer.enable_progress_bar=false"])
-    cfg.paths.output_dir = str(tmp_path)
-    evaluate(cfg)
+    evaluate(evaluation_config(run / "checkpoints" / "last.ckpt", tmp_path))
     assert reference_volumes(tmp_path / "subjects.csv") == pytest.approx(trained, rel=1e-9)
