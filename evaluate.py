@@ -147,7 +147,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     source = f"ckpt_path={checkpoints[0][0]}"
     config = data_config(cfg, checkpoints[0][1]["run_config"].get("data"), source)  # the first member's data
     datamodule = instantiate(config) if cfg.get("data") is not None else instantiate_section(config, "data", source)
-    trained = load_ensemble(checkpoints, sliding_window=datamodule.sliding_window_settings(), alpha=cfg.get("alpha"))
+    window = {"overlap": datamodule.val_patch_overlap, "batch_size": datamodule.val_batch_size, "weighting": datamodule.val_weighting}
+    trained = load_ensemble(checkpoints, sliding_window=window, alpha=cfg.get("alpha"))  # the model's own patch
     if trained.inference_settings:  # written by every train.py run; the model's preprocessing, never this data's own
         datamodule.adopt_preprocessing(trained.inference_settings, source)
     refuse_training_cases(datamodule, checkpoints)

@@ -35,11 +35,11 @@ from tqdm import tqdm
 
 from callbacks.results_writer import write_atomically
 from cli import check_command_line
-from datamodules.cases import Intensity
+from datamodules.cases import Intensity, channel_intensity
 from datamodules.dataset_layout import case_name
 from datamodules.image_files import AFFINE_TOLERANCE, NIFTI_ENDINGS, UnreadableImage, read_image, resampled_size_problem
 from datamodules.original_grid import OriginalGrid
-from datamodules.preprocessing_cache import preprocess_subject
+from datamodules.preprocessing_cache import nonzero_statistics, preprocess_subject
 from input_errors import DatasetError, InputError, exit_on_input_error
 from lightning_modules.checkpoints import TrainedModel, load_ensemble, read_checkpoints
 
@@ -121,14 +121,15 @@ def load_case(files: list[Path]) -> tio.ScalarImage:
 
 
 def intensity_for(image: np.ndarray, settings: dict) -> Intensity:
-    """The training run's normalisation, applied to this (preprocessed) image."""
-    channels = len(image)
-    if settings.get("normalization") == "zscore":
-        flat = image.reshape(channels, -1)
-        return Intensity.zscore(flat.mean(1, dtype=np.float64), flat.std(1, dtype=np.float64))
-    if settings.get("normalization") == "ct":
-        return Intensity(**{k: np.asarray(v) for k, v in settings["intensity"].items()})
-    return Intensity.identity(channels)
+    """The training run's normalisation (a scheme for every channel or one per channel; CT
+    statistics from training), applied to this (preprocessed) image as validation applies it."""
+    flat = image.reshape(len(image), -1)
+    normalization = settings.get("normalization") or "none"
+    schemes = normalization if isinstance(normalization, list) else [normalization] * len(image)
+    ct = Intensity(**{k: np.asarray(v) for k, v in settings["intensity"].items()}) if "ct" in schemes else None
+    nonzero = nonzero_statistics(flat)
+    return channel_intensity(schemes, flat.mean(1, dtype=np.float64), flat.std(1, dtype=np.float64),
+                             np.asarray(nonzero["nonzero_mean"]), np.asarray(nonzero["nonzero_std"]), ct)
 
 
 @torch.no_grad()

@@ -61,8 +61,11 @@ def checked_loss(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
 
 def build_model(cfg: DictConfig, datamodule: SegmentationDataModule) -> SegmentationModule:
     """The configured model and loss, shaped by what the data provides (channels, classes, patch)."""
+    stages = len(cfg.model.get("features") or [])
+    planned = datamodule.network_plan(stages) if hasattr(datamodule, "network_plan") and stages else {}
     return instantiate(
         cfg.model,
+        **{key: value for key, value in planned.items() if cfg.model.get(key) is None},  # the plan fills what is not set
         loss=checked_loss(cfg, datamodule.num_classes),
         in_channels=datamodule.in_channels,
         num_classes=datamodule.num_classes,

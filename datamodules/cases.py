@@ -11,6 +11,7 @@ memory-mapped, so that a training patch reads only its own bytes.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,12 +40,15 @@ def class_locations(label: np.ndarray, num_classes: int, rng: np.random.Generato
 
 @dataclass
 class Intensity:
-    """Per-channel intensity mapping ``(clip(x, lower, upper) − shift) / scale``."""
+    """Per-channel intensity mapping ``(clip(x, lower, upper) − shift) / scale``; where
+    ``keep_zero`` is set for a channel, its zero voxels (outside the non-zero mask) stay 0, as
+    nnU-Net's masked z-score leaves them."""
 
     shift: np.ndarray
     scale: np.ndarray
     lower: np.ndarray
     upper: np.ndarray
+    keep_zero: np.ndarray | None = None
 
     @classmethod
     def zscore(cls, mean: np.ndarray, std: np.ndarray) -> "Intensity":
@@ -57,6 +61,14 @@ class Intensity:
     def identity(cls, channels: int) -> "Intensity":
         return cls.zscore(np.zeros(channels), np.ones(channels))
 
+    @classmethod
+    def per_channel(cls, parts: Sequence["Intensity"]) -> "Intensity":
+        """Channel ``c`` mapped as ``parts[c]``'s channel ``c`` (each part covers every channel)."""
+        pick = {key: np.asarray([getattr(part, key)[c] for c, part in enumerate(parts)], dtype=np.float64)
+                for key in ("shift", "scale", "lower", "upper")}
+        keep = np.asarray([bool(part.keep_zero[c]) if part.keep_zero is not None else False for c, part in enumerate(parts)])
+        return cls(**pick, keep_zero=keep if keep.any() else None)
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """Normalised float32 copy of ``image`` ``(C, …)``."""
         shape = (-1,) + (1,) * (image.ndim - 1)
@@ -64,7 +76,37 @@ class Intensity:
         if np.isfinite(self.lower).any() or np.isfinite(self.upper).any():
             out = np.clip(out, self.lower.reshape(shape).astype(np.float32), self.upper.reshape(shape).astype(np.float32))
         shift, scale = self.shift.reshape(shape).astype(np.float32), self.scale.reshape(shape).astype(np.float32)
-        return (out - shift) / scale
+        out = (out - shift) / scale
+        if self.keep_zero is not None:
+            out = np.where((np.asarray(image) == 0) & self.keep_zero.reshape(shape), np.float32(0), out)
+        return out
+
+
+NORMALISATION_SCHEMES = ("ct", "zscore", "zscore_nonzero", "none")  # per channel (datamodules.plan chooses them)
+
+
+def channel_intensity(schemes: Sequence[str], mean: np.ndarray, std: np.ndarray, nonzero_mean: np.ndarray | None = None,
+                      nonzero_std: np.ndarray | None = None, ct: Intensity | None = None) -> Intensity:
+    """One image's intensity mapping, one scheme per channel: ``zscore`` with the image's
+    ``mean``/``std``; ``zscore_nonzero`` with those of its non-zero voxels, zeros kept (nnU-Net's
+    masked z-score); ``ct`` with the dataset's mapping ``ct`` (clip + z-score from training
+    foreground statistics); ``none`` unchanged."""
+    channels = len(schemes)
+    parts = []
+    for scheme in schemes:
+        if scheme == "zscore":
+            parts.append(Intensity.zscore(mean, std))
+        elif scheme == "zscore_nonzero":
+            masked = Intensity.zscore(mean if nonzero_mean is None else nonzero_mean, std if nonzero_std is None else nonzero_std)
+            masked.keep_zero = np.ones(channels, dtype=bool)
+            parts.append(masked)
+        elif scheme == "ct":
+            if ct is None:
+                raise ValueError("a ct channel needs the dataset's ct mapping")
+            parts.append(ct)
+        else:
+            parts.append(Intensity.identity(channels))
+    return Intensity.per_channel(parts)
 
 
 def _array(value: ArrayOrPath | None) -> np.ndarray | None:
@@ -76,6 +118,7 @@ class Case:
     """A subject's arrays and what the samplers and metrics need to know about it.
 
     ``channel_mean``/``channel_std`` describe the image (for per-subject z-scores),
+    ``nonzero_mean``/``nonzero_std`` its non-zero voxels (masked z-scores; None: unknown),
     ``foreground_samples`` ``(C, N)`` are image values at random foreground voxels (for CT
     normalisation statistics);
     ``expected_volume_ml`` is ``Σ p × voxel volume`` per foreground class where the label's
@@ -103,6 +146,8 @@ class Case:
     intensity: Intensity | None = None
     probabilities: ArrayOrPath | None = None
     raters: ArrayOrPath | None = None
+    nonzero_mean: np.ndarray | None = None
+    nonzero_std: np.ndarray | None = None
     original_grid: OriginalGrid | None = None
     original_label: ArrayOrPath | None = None
     original_raters: ArrayOrPath | None = None

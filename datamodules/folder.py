@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,13 @@ import numpy as np
 from callbacks.results_writer import write_atomically
 from datamodules.cases import Case
 from datamodules.dataset_layout import DatasetLayout, read_layout
-from datamodules.preprocessing_cache import PreprocessingCache, median_spacing
+from datamodules.fingerprint import dataset_fingerprint
+from datamodules.plan import Plan, make_plan, pooling
+from datamodules.preprocessing_cache import PreprocessingCache, dataset_directory
 from datamodules.segmentation import SegmentationDataModule, distributed_context
 from input_errors import DatasetError, InputError
+
+log = logging.getLogger(__name__)
 
 
 def split_cases(names: Sequence[str], seed: int, val_fraction: float, fold: int | None, num_folds: int) -> list[dict]:
@@ -74,8 +79,13 @@ class FolderDataModule(SegmentationDataModule):
     Args:
         root: the dataset folder (holding ``dataset.json``).
         cache_dir: where preprocessed cases are kept (see :mod:`datamodules.preprocessing_cache`).
-        target_spacing: resampling target in mm ``(x, y, z)`` (RAS+), or None for the
-            dataset's median spacing (nnU-Net's default).
+        target_spacing: resampling target in mm ``(x, y, z)`` (RAS+), or None: planned from
+            the dataset's fingerprint (:mod:`datamodules.plan`: nnU-Net's median, the 10th
+            percentile along a thick-slice axis). ``patch_size`` None and ``normalization``
+            ``"auto"`` (loader arguments) are planned too, and the U-Net's strides
+            (:meth:`network_plan`).
+        plan_patch_voxels: the planned patch's size in voxels (its shape follows the spacing).
+        plan_file: where the plan is written (JSON), or None.
         crop_nonzero: crop each case to the box of non-zero image voxels.
         val_fraction: share of cases held out for validation when ``fold`` is None.
         fold, num_folds: use fold ``fold`` of a ``num_folds``-fold split instead.
@@ -104,9 +114,18 @@ class FolderDataModule(SegmentationDataModule):
         splits_from: str | None = None,
         allow_outside_root: bool = False,
         validate: str = "split",
+        plan_patch_voxels: int = 32768,
+        plan_file: str | None = None,
         **loader,
     ) -> None:
-        super().__init__(**loader)
+        planned_patch = loader.get("patch_size") is None
+        super().__init__(**{**loader, "patch_size": (1, 1, 1) if planned_patch else loader["patch_size"]})
+        self.patch_size: tuple[int, ...] | None = None if planned_patch else self.patch_size  # None until planned
+        if int(plan_patch_voxels) < 8:
+            raise InputError(f"data.plan_patch_voxels must be >= 8, got {plan_patch_voxels}")
+        self.plan_patch_voxels, self.plan_file = int(plan_patch_voxels), plan_file
+        self._plan: Plan | None = None
+        self._keep_fingerprint: Callable[[], None] = lambda: None
         if root in (None, "", "???"):
             raise DatasetError(["data.root is not set: data=folder needs data.root=PATH (a folder with dataset.json)"])
         if splits_from is None and fold is not None and not 0 <= fold < num_folds:
@@ -179,16 +198,56 @@ class FolderDataModule(SegmentationDataModule):
         return {"dataset": str(self.layout.root), "train": list(self.split["train"]), "val": list(self.split["val"])}
 
     @property
+    def plan(self) -> Plan:
+        """The dataset's plan (:mod:`datamodules.plan`), made once from its fingerprint; the
+        entries set by keys replace the planned ones, which fill what is not set."""
+        if self._plan is None:
+            fingerprint, self._keep_fingerprint = dataset_fingerprint(
+                self.layout, dataset_directory(self.layout, self.cache_dir), self.num_workers)
+            plan = make_plan(fingerprint, self.plan_patch_voxels)
+            spacing = self.target_spacing or plan.target_spacing
+            patch = list(self.patch_size) if self.patch_size is not None else plan.patch_size
+            strides, kernels, _ = pooling(spacing, patch)
+            normalization = plan.normalization if self.normalization == "auto" else self.channel_schemes
+            self._plan = Plan(spacing, patch, strides, kernels, normalization, plan.median_size)
+            self.patch_size = tuple(patch)
+            log.info(f"Plan for {self.layout.name} ({len(fingerprint.spacings)} cases; data.* and model.strides keys override it):\n"
+                     f"{self._plan.table()}")
+            if self.plan_file and distributed_context()[0] == 0:
+                Path(self.plan_file).parent.mkdir(parents=True, exist_ok=True)
+                write_atomically(Path(self.plan_file), json.dumps(self._plan.as_dict(), indent=2))
+        return self._plan
+
+    @property
+    def channel_schemes(self) -> list[str]:
+        if self.normalization == "auto":
+            return list(self.plan.normalization)
+        return super().channel_schemes
+
+    def network_plan(self, stages: int) -> dict:
+        """The U-Net's planned ``strides`` and ``kernel_sizes`` for ``stages`` stages (the first
+        pooling steps of the plan; stride-1 stages where the patch allows no more)."""
+        strides, kernels = self.plan.strides[: stages - 1], self.plan.kernel_sizes[: stages - 1]
+        strides = strides + [[1, 1, 1]] * (stages - 1 - len(strides))
+        kernels = kernels + [[3, 3, 3]] * (stages - len(kernels))
+        return {"strides": strides, "kernel_sizes": kernels}
+
+    def sliding_window_settings(self) -> dict:
+        self.plan  # noqa: B018 (the patch size may be planned)
+        return super().sliding_window_settings()
+
+    @property
     def cache(self) -> PreprocessingCache:
-        """The cache for this dataset and these settings (resolving the median spacing once)."""
+        """The cache for this dataset and these settings (planning the target spacing once)."""
         if self._cache is None:
-            spacing = self.target_spacing or median_spacing(self.layout.cases)
+            spacing = self.target_spacing or self.plan.target_spacing
             self._cache = PreprocessingCache(self.layout, self.cache_dir, spacing, self.crop_nonzero)
         return self._cache
 
     def prepare_data(self) -> None:
         """Check, then preprocess, every case not yet cached (once per node)."""
         self.cache.prepare(self.layout.cases, self.num_workers)
+        self._keep_fingerprint()  # the checks passed
 
     def splits(self) -> list[dict]:
         """Every split: the reused ``splits_from`` file, or drawn from the cases."""
@@ -214,8 +273,11 @@ class FolderDataModule(SegmentationDataModule):
     def inference_settings(self) -> dict:
         """What prediction on new images needs to preprocess them like the training data (the
         data of a model that was itself scored only, ``validate=all``, keeps the model's)."""
-        return {
+        settings = {
             **super().inference_settings(),
             "target_spacing": self.cache.settings["target_spacing_mm"],
             "crop_nonzero": self.crop_nonzero,
         }
+        if self._plan is not None:
+            settings["plan"] = self._plan.as_dict()
+        return settings

@@ -48,7 +48,6 @@ from tqdm import tqdm
 from callbacks.results_writer import write_atomically
 from datamodules.cases import Case, class_locations, foreground_samples, majority_vote, rater_mean, rater_volumes_ml
 from datamodules.dataset_layout import CaseFiles, DatasetLayout
-from datamodules.image_files import UnreadableImage, itk_affine
 from datamodules.input_checks import check_cases
 from datamodules.original_grid import OriginalGrid
 from input_errors import InputError
@@ -68,24 +67,6 @@ def default_cache_dir() -> str:
 def fingerprint(case: CaseFiles) -> list:
     """``[path, size, mtime_ns]`` of each source file."""
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in case.files]
-
-
-def median_spacing(cases: Sequence[CaseFiles]) -> list[float]:
-    """nnU-Net's default target spacing: the per-axis median over the cases (in RAS+ order).
-
-    Unreadable files are skipped here; the input checks report them.
-    """
-    spacings = []
-    for case in cases:
-        try:
-            affine = itk_affine(case.label)
-        except (UnreadableImage, OSError):
-            continue
-        canonical = tio.ToCanonical()(tio.ScalarImage(tensor=torch.zeros(1, 1, 1, 1), affine=affine)).affine
-        spacings.append(np.linalg.norm(canonical[:3, :3], axis=0))
-    if not spacings:
-        return [1.0, 1.0, 1.0]
-    return [round(float(s), 6) for s in np.median(np.stack(spacings), axis=0)]
 
 
 def load_subject(case: CaseFiles) -> tio.Subject:
@@ -129,6 +110,20 @@ def nonzero_crop(image: np.ndarray) -> tuple[int, ...] | None:
     return tuple(bounds) if any(bounds) else None
 
 
+def nonzero_statistics(flat: np.ndarray) -> dict:
+    """Mean and sd per channel over the voxels where any channel is non-zero (nnU-Net's mask
+    for masked z-scores), from the image ``(C, N)``; the whole image when none is."""
+    mask = np.any(flat != 0, axis=0)
+    inside = flat[:, mask] if mask.any() else flat
+    return {"nonzero_mean": inside.mean(1, dtype=np.float64).tolist(), "nonzero_std": inside.std(1, dtype=np.float64).tolist()}
+
+
+def dataset_directory(layout: DatasetLayout, cache_dir: str | Path) -> Path:
+    """The cache folder of one dataset (all its settings; its fingerprint)."""
+    dataset_key = hashlib.sha1(str(layout.root).encode()).hexdigest()[:8]
+    return Path(cache_dir).expanduser() / f"{layout.safe_name}-{dataset_key}"
+
+
 class PreprocessingCache:
     """The cache directory of one dataset under one set of preprocessing settings."""
 
@@ -140,10 +135,9 @@ class PreprocessingCache:
             "target_spacing_mm": [float(s) for s in target_spacing],
             "crop_nonzero": bool(crop_nonzero),
         }
-        dataset_key = hashlib.sha1(str(layout.root).encode()).hexdigest()[:8]
         settings_key = hashlib.sha1(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:12]
         self.cache_dir = Path(cache_dir).expanduser()
-        self.directory = self.cache_dir / f"{layout.safe_name}-{dataset_key}" / settings_key
+        self.directory = dataset_directory(layout, cache_dir) / settings_key
 
     def meta_path(self, name: str) -> Path:
         return self.directory / f"{name}.meta.json"  # no case name can make this settings.json
@@ -285,6 +279,7 @@ class PreprocessingCache:
                       for kind in (*ARRAYS, *(RATER_ARRAYS if case.raters else ()))},
             "channel_mean": flat.mean(1, dtype=np.float64).tolist(),
             "channel_std": flat.std(1, dtype=np.float64).tolist(),
+            **nonzero_statistics(flat),
             **extra,  # several raters: their number and mean volume per foreground class (ml)
         }
         write_atomically(self.meta_path(case.name), json.dumps(meta))
@@ -305,6 +300,8 @@ class PreprocessingCache:
             locations=locations,
             channel_mean=np.asarray(meta["channel_mean"]),
             channel_std=np.asarray(meta["channel_std"]),
+            nonzero_mean=np.asarray(meta["nonzero_mean"]),
+            nonzero_std=np.asarray(meta["nonzero_std"]),
             foreground_samples=samples,
             original_grid=OriginalGrid(np.asarray(meta["original_affine"], dtype=np.float64), tuple(meta["original_shape"])),
             original_label=self.array_path(case.name, "original_label.npy"),

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torchio as tio
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from datamodules.cases import Case, Intensity
+from datamodules.cases import NORMALISATION_SCHEMES, Case, Intensity, channel_intensity
 from datamodules.patch_stream import PatchBatches
 from datamodules.transforms import augmentation as compose_augmentation
 from input_errors import InputError
@@ -38,7 +38,7 @@ from input_errors import InputError
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 SAMPLERS = ("label", "uniform")
-NORMALISATIONS = ("zscore", "ct", "none")
+NORMALISATIONS = ("zscore", "ct", "none")  # one scheme for every channel; a list gives one per channel (NORMALISATION_SCHEMES)
 LABEL_MODES = ("hard", "soft")
 
 
@@ -78,15 +78,15 @@ def distributed_context() -> tuple[int, int]:
 
 
 def ct_intensity(cases: Sequence[Case]) -> Intensity:
-    """nnU-Net's CT scheme: clip to the 0.5–99.5 percentiles of the training foreground
-    intensities, then z-score with their mean and standard deviation (per channel)."""
+    """nnU-Net's CT scheme (``CTNormalization``): clip to the 0.5–99.5 percentiles of the
+    training foreground intensities, then z-score with their mean and standard deviation
+    (per channel; the statistics of the unclipped foreground, as nnU-Net's fingerprint)."""
     samples = [c.foreground_samples for c in cases if c.foreground_samples is not None and c.foreground_samples.size]
     if not samples:
         raise InputError("data.normalization=ct needs foreground voxels in the training labels; none found")
     pooled = np.concatenate(samples, axis=1).astype(np.float64)
     lower, upper = np.percentile(pooled, [0.5, 99.5], axis=1)
-    clipped = np.clip(pooled, lower[:, None], upper[:, None])
-    return Intensity(clipped.mean(1), np.maximum(clipped.std(1), 1e-8), lower, upper)
+    return Intensity(pooled.mean(1), np.maximum(pooled.std(1), 1e-8), lower, upper)
 
 
 class SubjectList(Dataset):
@@ -121,7 +121,9 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
             augmentation, as a fraction of the patch, cropped afterwards (so rotations and
             zooms see image, not padding).
         normalization: ``"zscore"`` (per subject and channel, nnU-Net's MRI scheme), ``"ct"``
-            (clip + z-score with training-foreground statistics) or ``"none"``.
+            (clip + z-score with training-foreground statistics) or ``"none"`` for every channel;
+            or a list with one of :data:`~datamodules.cases.NORMALISATION_SCHEMES` per channel
+            (``zscore_nonzero``: inside the non-zero mask); ``data=folder`` plans it (``"auto"``).
         val_patch_overlap: sliding-window overlap as a fraction of the patch (0 ≤ f < 1).
         val_batch_size: patches per forward pass during sliding-window inference.
         val_weighting: sliding-window blending: ``"hann"``, ``"gaussian"`` or ``"constant"``.
@@ -141,7 +143,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         foreground_probability: float = 0.33,
         augmentation: Mapping[str, tio.Transform | None] | None = None,
         augmentation_context: float = 0.0,
-        normalization: str = "zscore",
+        normalization: str | Sequence[str] = "zscore",
         val_patch_overlap: float = 0.5,
         val_batch_size: int = 2,
         val_weighting: str = "hann",
@@ -162,8 +164,10 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
             raise InputError(f"data.foreground_probability must be in [0, 1], got {foreground_probability}")
         if batch_size < 1 or samples_per_volume < 1:
             raise InputError("data.batch_size and data.samples_per_volume must be >= 1")
-        if normalization not in NORMALISATIONS:
-            raise InputError(f"data.normalization must be one of {NORMALISATIONS}, got {normalization!r}")
+        if not (normalization in (*NORMALISATIONS, "auto") if isinstance(normalization, str) else
+                all(n in NORMALISATION_SCHEMES for n in normalization)):
+            raise InputError(f"data.normalization must be one of {NORMALISATIONS} or a list of {NORMALISATION_SCHEMES} "
+                             f"(one per channel), got {normalization!r}")
         if augmentation_context < 0:
             raise InputError(f"data.augmentation_context must be >= 0, got {augmentation_context}")
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -174,7 +178,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         self.foreground_probability = float(foreground_probability) if sampler == "label" else 0.0
         self.augmentation = compose_augmentation(augmentation)
         self.augmentation_context = float(augmentation_context)
-        self.normalization = normalization
+        self.normalization = normalization if isinstance(normalization, str) else [str(n) for n in normalization]
         self.val_patch_overlap = float(val_patch_overlap)
         self.val_batch_size = int(val_batch_size)
         self.val_weighting = val_weighting
@@ -230,7 +234,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
                 f"channels {model_channels or settings.get('in_channels')} and classes {settings.get('class_names')}: "
                 "it cannot segment this data")
         self.normalization = settings.get("normalization") or self.normalization
-        if self.normalization == "ct":
+        if "ct" in self.channel_schemes:
             self.intensity = Intensity(**{k: np.asarray(v, dtype=np.float64) for k, v in settings["intensity"].items()})
 
     @property
@@ -257,20 +261,28 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
             )
         if isinstance(self.train_rater, int) and self.train_rater > max(self.num_raters, 1):
             raise InputError(f"data.train_rater={self.train_rater}, but the subjects have {self.num_raters or 'one label, no'} raters")
-        if self.normalization == "ct" and self.intensity is None:  # a model's own statistics stay (adopt_preprocessing)
+        if "ct" in self.channel_schemes and self.intensity is None:  # a model's own statistics stay (adopt_preprocessing)
             self.intensity = ct_intensity(train)
         for case in [*train, *val]:
             case.intensity = self.case_intensity(case)
         self.train_cases, self.val_cases = train, val
 
+    @property
+    def channel_schemes(self) -> list[str]:
+        """The normalisation scheme of each channel (:data:`~datamodules.cases.NORMALISATION_SCHEMES`)."""
+        if isinstance(self.normalization, list):
+            if len(self.normalization) != self.in_channels:
+                raise InputError(f"data.normalization lists {len(self.normalization)} schemes for {self.in_channels} channels")
+            return list(self.normalization)
+        if self.normalization == "auto":
+            raise InputError(f"data.normalization=auto (planned from the channels' names) needs data=folder, not {type(self).__name__}")
+        return [self.normalization] * self.in_channels
+
     def case_intensity(self, case: Case) -> Intensity:
         """The intensity mapping of ``case`` under this module's normalisation."""
-        if self.normalization == "zscore":
-            return Intensity.zscore(case.channel_mean, case.channel_std)
-        if self.normalization == "ct":
-            assert self.intensity is not None, "call setup() first"
-            return self.intensity
-        return Intensity.identity(len(case.channel_mean))
+        schemes = self.channel_schemes
+        assert "ct" not in schemes or self.intensity is not None, "call setup() first"
+        return channel_intensity(schemes, case.channel_mean, case.channel_std, case.nonzero_mean, case.nonzero_std, self.intensity)
 
     def sliding_window_settings(self) -> dict:
         """Keyword arguments of ``lightning_modules.SlidingWindow`` for validation inference."""
@@ -286,8 +298,9 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         return {
             "target_spacing": None,  # mm; None = use images at their own spacing
             "crop_nonzero": False,
-            "normalization": self.normalization,
-            "intensity": None if self.intensity is None else {k: v.tolist() for k, v in vars(self.intensity).items()},
+            "normalization": self.channel_schemes,
+            "intensity": None if self.intensity is None else
+            {k: np.asarray(getattr(self.intensity, k)).tolist() for k in ("shift", "scale", "lower", "upper")},
             "in_channels": self.in_channels,
             "channel_names": self.channel_names,
             "class_names": self.class_names,

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 import datamodules
 import losses
+from datamodules.cases import NORMALISATION_SCHEMES
 from datamodules.image_files import MEMORY_SHARE, physical_memory_bytes
 from datamodules.segmentation import NORMALISATIONS, SegmentationDataModule
 from input_errors import InputError
@@ -33,7 +34,7 @@ AUGMENTATIONS = (
     tio.RandomBiasField, tio.RandomBlur, tio.RandomMotion, tio.RandomGhosting, tio.RandomSpike, tio.RandomSwap,
 )
 MODULE_ARGUMENTS = ("in_channels", "num_classes", "features", "deep_supervision", "sliding_window", "class_names",
-                    "preview_subjects", "soft_volume_margin_mm", "hypernet")
+                    "preview_subjects", "soft_volume_margin_mm", "hypernet", "strides", "kernel_sizes")
 WINDOW_ARGUMENTS = ("patch_size", "overlap", "batch_size", "weighting")
 
 
@@ -119,6 +120,12 @@ def _hypernet_ok(hypernet: object) -> bool:
             and 1 <= len(alphas) <= 64 and _numbers(alphas, len(alphas)))
 
 
+def _per_stage(value: object, stages: int, allowed: set[int]) -> bool:
+    """None, or ``stages`` lists of three values from ``allowed`` (a U-Net's strides or kernels)."""
+    return value is None or (isinstance(value, (list, tuple)) and len(value) == stages and all(
+        isinstance(v, (list, tuple)) and len(v) == 3 and all(_integer(x, 1, 3) and x in allowed for x in v) for v in value))
+
+
 def window_problem(window: object, features: list[int]) -> str | None:
     """What is wrong with sliding-window settings, including memory they would take, or None."""
     if not isinstance(window, Mapping) or set(window) - set(WINDOW_ARGUMENTS):
@@ -157,6 +164,8 @@ def module_arguments(hparams: object, source: str) -> dict:
         "preview_subjects": _integer(hparams.get("preview_subjects", 2), 0, 1024),
         "soft_volume_margin_mm": _numbers([hparams.get("soft_volume_margin_mm", 10.0)], 1) and hparams.get("soft_volume_margin_mm", 10.0) >= 0,
         "hypernet": _hypernet_ok(hparams.get("hypernet")),
+        "strides": _per_stage(hparams.get("strides"), len(features) - 1 if isinstance(features, (list, tuple)) else -1, {1, 2}),
+        "kernel_sizes": _per_stage(hparams.get("kernel_sizes"), len(features) if isinstance(features, (list, tuple)) else -1, {1, 3}),
         "class_names": hparams.get("class_names") is None or (
             isinstance(hparams["class_names"], (list, tuple)) and all(isinstance(n, str) for n in hparams["class_names"])),
     }
@@ -184,9 +193,13 @@ def inference_settings_problem(settings: object, in_channels: int) -> str | None
             return f"{key} must be a list of names, got {str(names)[:80]}"
     if settings.get("channel_names") is not None and len(settings["channel_names"]) != in_channels:
         return f"channel_names names {len(settings['channel_names'])} channels, the model reads {in_channels}"
-    if settings.get("normalization") not in (None, *NORMALISATIONS):
-        return f"normalization must be one of {NORMALISATIONS}, got {str(settings.get('normalization'))[:40]!r}"
-    if settings.get("normalization") == "ct":
+    normalization = settings.get("normalization")
+    per_channel = isinstance(normalization, list) and len(normalization) == in_channels and all(
+        n in NORMALISATION_SCHEMES for n in normalization)
+    if normalization not in (None, *NORMALISATIONS) and not per_channel:
+        return (f"normalization must be one of {NORMALISATIONS} or a list of {NORMALISATION_SCHEMES} per channel, "
+                f"got {str(normalization)[:60]!r}")
+    if normalization == "ct" or (per_channel and "ct" in normalization):
         intensity = settings.get("intensity")
         keys = ("shift", "scale", "lower", "upper")
         if not isinstance(intensity, dict) or not all(_numbers(intensity.get(k), in_channels) for k in keys):

@@ -96,6 +96,8 @@ class SegmentationModule(pl.LightningModule):
         preview_subjects: keep slices of this many validation subjects for pictures.
         soft_volume_margin_mm: the near-structure soft volume sums ``p`` within this many mm of
             the predicted structure (see :mod:`metrics.subject_metrics`).
+        strides, kernel_sizes: the U-Net's per-stage strides and kernel sizes per axis
+            (:class:`~lightning_modules.unet.UNet3D`); None = 2 and 3 along every axis.
         hypernet: Hong et al.'s Tversky hypernetwork (2021), or None: ``alpha_range`` ``[low,
             high]`` from which one ``α`` is drawn per training batch, the network conditioned on
             it (:class:`~lightning_modules.unet.UNet3D`, FiLM) and the loss (a
@@ -127,11 +129,14 @@ class SegmentationModule(pl.LightningModule):
         preview_subjects: int = 2,
         soft_volume_margin_mm: float = 10.0,
         hypernet: Mapping[str, Sequence[float]] | None = None,
+        strides: Sequence[Sequence[int]] | None = None,
+        kernel_sizes: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
         self.hypernet = hypernet_settings(hypernet, loss)
-        self.net = UNet3D(in_channels, num_classes, features, deep_supervision, conditioned=self.hypernet is not None)
+        self.net = UNet3D(in_channels, num_classes, features, deep_supervision, conditioned=self.hypernet is not None,
+                          strides=strides, kernel_sizes=kernel_sizes)
         self.loss = loss
         self.inference_alpha: float | None = None  # a hypernetwork's α at inference; None = the marginal over inference_alphas
         self.ensemble = nn.ModuleList()
@@ -142,10 +147,10 @@ class SegmentationModule(pl.LightningModule):
         window = dict(sliding_window or {"patch_size": (32, 32, 32)})
         window["patch_size"] = tuple(int(p) for p in window["patch_size"])
         self.sliding_window = SlidingWindow(**window)
-        if any(p % self.net.size_divisor for p in self.sliding_window.patch_size):
+        if any(p % d for p, d in zip(self.sliding_window.patch_size, self.net.size_divisors)):
             raise InputError(
-                f"patch size {self.sliding_window.patch_size} must be divisible by {self.net.size_divisor} "
-                f"for a U-Net with {len(self.net.features)} stages (model.features)"
+                f"patch size {list(self.sliding_window.patch_size)} must be divisible by {list(self.net.size_divisors)} "
+                f"for a U-Net with {len(self.net.features)} stages (model.features) and strides {self.net.strides}"
             )
         self.class_names = list(class_names or [f"class{c}" for c in range(1, num_classes)])
         if len(self.class_names) != num_classes - 1:

@@ -119,10 +119,12 @@ def thick_slice_spacing(index: int) -> tuple[float, float, float]:
     return in_plane, in_plane * float(rng.uniform(0.95, 1.05)), float(rng.uniform(2.5, 5.0))
 
 
-def thick_slice_case(index: int, field_mm=(40.0, 40.0, 45.0), modality: str = "MRI") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def thick_slice_case(index: int, field_mm=(40.0, 40.0, 45.0), modality: str = "MRI", empty_border: int = 2
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(image (W, H, D), label (W, H, D) uint8, affine)`` of an ellipsoid (semi-axes 9–13 mm in
     plane, 8–14 mm across slices) in a field of ``field_mm``, sampled at
-    :func:`thick_slice_spacing`; ``modality`` "CT" gives Hounsfield-like intensities."""
+    :func:`thick_slice_spacing`; ``modality`` "CT" gives Hounsfield-like intensities; the first
+    ``empty_border`` voxels along each in-plane axis are 0 (for the non-zero crop)."""
     rng = np.random.default_rng(index)
     spacing = np.asarray(thick_slice_spacing(index))
     shape = tuple(int(round(f / s)) for f, s in zip(field_mm, spacing))
@@ -135,18 +137,19 @@ def thick_slice_case(index: int, field_mm=(40.0, 40.0, 45.0), modality: str = "M
         image = -100.0 + 160 * label + rng.normal(0, 20, shape)
     else:
         image = 200.0 + 120 * label + rng.normal(0, 25, shape)
-    image[:2] = 0  # an empty border for the non-zero crop
+    image[:empty_border] = 0  # an empty border for the non-zero crop
+    image[:, :empty_border] = 0
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = rng.uniform(-50, 50, 3)
     return image.astype(np.float32), label, affine
 
 
-def write_thick_slices(root: Path, num_cases: int = 6, modality: str = "MRI", start: int = 0) -> Path:
+def write_thick_slices(root: Path, num_cases: int = 6, modality: str = "MRI", start: int = 0, empty_border: int = 2) -> Path:
     """An nnU-Net v2 raw dataset of :func:`thick_slice_case` cases ``start … start + num_cases − 1``."""
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
     for i in range(start, start + num_cases):
-        image, label, affine = thick_slice_case(i, modality=modality)
+        image, label, affine = thick_slice_case(i, modality=modality, empty_border=empty_border)
         nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / f"case_{i:03d}_0000.nii.gz")
         nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / f"case_{i:03d}.nii.gz")
     description = {"channel_names": {"0": modality}, "labels": {"background": 0, "lesion": 1},

@@ -27,7 +27,7 @@ def test_another_dataset_is_read_as_the_model_was_trained_to_read_it_and_every_c
     assert scored == pytest.approx(annotated_volumes_ml(other), rel=1e-6)  # all four, each as annotated
     stored = torch.load(ckpt, weights_only=True)["inference_settings"]
     used = json.loads((tmp_path / "out" / "metrics.json").read_text())["preprocessing"]
-    assert used == {"target_spacing": stored["target_spacing"], "crop_nonzero": True, "normalization": "ct"}
+    assert used == {"target_spacing": stored["target_spacing"], "crop_nonzero": True, "normalization": ["ct"]}
     own_median = np.median([np.abs(np.diag(nib.load(p).affine)[:3]) for p in (other / "labelsTr").glob("*")], 0)
     assert not np.allclose(own_median, stored["target_spacing"], rtol=1e-3)  # the other folder's own plan was not used
     split = json.loads((tmp_path / "out" / "splits.json").read_text())

@@ -21,7 +21,7 @@ TINY_FOLDER = ["data=folder", "data.patch_size=[16,16,8]", *TINY_RUN, "callbacks
 
 
 def datamodule(root, cache, **kwargs) -> FolderDataModule:
-    return FolderDataModule(root=str(root), cache_dir=str(cache), num_workers=0, patch_size=(16, 16, 8), **kwargs)
+    return FolderDataModule(root=str(root), cache_dir=str(cache), **{"num_workers": 0, "patch_size": (16, 16, 8), **kwargs})
 
 
 @pytest.mark.parametrize("layout", sorted(WRITERS))

@@ -19,8 +19,18 @@ def test_unet_shapes_and_deep_supervision():
 
 
 def test_unet_rejects_indivisible_input():
-    with pytest.raises(ValueError, match="divisible by 4"):
+    with pytest.raises(ValueError, match=r"divisible by \[4, 4, 4\]"):
         UNet3D(1, 2, [4, 8, 16])(torch.randn(1, 1, 10, 8, 8))
+
+
+def test_per_axis_strides_and_kernels_shape_the_unet_as_a_thick_slice_plan():
+    net = UNet3D(1, 2, [4, 8, 16], strides=[[2, 2, 1], [2, 2, 2]], kernel_sizes=[[3, 3, 1], [3, 3, 3], [3, 3, 3]])
+    assert net.size_divisors == (4, 4, 2)
+    assert net(torch.randn(1, 1, 8, 12, 6)).shape == (1, 2, 8, 12, 6)  # 6 slices: divisible by 2, not by 4
+    assert net.encoder[0][0][0].kernel_size == (3, 3, 1) and net.encoder[1][0][0].stride == (2, 2, 1)
+    assert net.upsamplers[-1].stride == (2, 2, 1)  # the last upsampler undoes the first stride
+    with pytest.raises(ValueError, match="model.strides"):
+        UNet3D(1, 2, [4, 8, 16], strides=[[2, 2, 3], [2, 2, 2]])
 
 
 def channel_logits(x: torch.Tensor) -> torch.Tensor:
