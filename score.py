@@ -3,10 +3,12 @@
     python score.py predictions=nnunet_out/ labels=Dataset001/labelsTs/
     python score.py predictions=masks/ labels=labels/ expected=probability_maps/
 
-Every ``<case>.nii.gz`` label in ``labels`` is matched with the prediction of the same case:
-nnU-Net's probability file ``<case>.npz`` (``nnUNetv2_predict --save_probabilities``: the
-array ``probabilities``, classes first, in SimpleITK's axis order) when there is one, else a
-label map ``<case>.nii.gz`` / ``.nii`` (hard masks, taken as probabilities 0 and 1). The
+Every ``<case>.nii.gz`` label in ``labels`` is matched with the prediction of the same case,
+the first found of: nnU-Net's probability file ``<case>.npz`` (``nnUNetv2_predict
+--save_probabilities``: the array ``probabilities``, classes first, in SimpleITK's axis order);
+biasseg's ``<case>_probabilities.nii.gz`` (``predict.py save_probabilities=true``: one channel
+per class, on the label's grid); a label map ``<case>.nii.gz`` / ``.nii`` (hard masks, taken
+as probabilities 0 and 1). Soft volumes and calibration are meaningful only from the first two. The
 scores are training's validation measures, from the same code: per subject Dice, reference,
 argmax, soft and near-structure soft volume (ml, from the label's spacing), calibration and
 the post-hoc remedies; written as ``metrics.json``, ``subjects.csv``, ``calibration.csv`` and
@@ -81,6 +83,25 @@ def probabilities_from_npz(path: Path, label_shape: tuple[int, int, int]) -> np.
     return np.ascontiguousarray(probabilities.transpose(0, 3, 2, 1))  # SimpleITK (z, y, x) → the label's (x, y, z)
 
 
+PROBABILITY_ENDING = "_probabilities.nii.gz"  # predict.py's soft maps
+
+
+def probabilities_from_nifti(path: Path, label_shape: tuple[int, int, int], label_affine: np.ndarray) -> np.ndarray:
+    """``(C, W, H, D)`` class probabilities from a 4D NIfTI file (channels last: predict.py's
+    ``<case>_probabilities.nii.gz``) on the label's grid."""
+    data, affine = read_image(path)
+    if data.shape[1:] != tuple(label_shape) or not np.allclose(affine, label_affine, atol=AFFINE_TOLERANCE):
+        raise UnreadableImage(f"its grid {data.shape[1:]} or affine differs from the label's {tuple(label_shape)}")
+    if data.shape[0] < 2:
+        raise UnreadableImage("a probability map needs one channel per class (background first), found one")
+    probabilities = np.asarray(data, dtype=np.float32)
+    if not np.isfinite(probabilities).all() or probabilities.min() < -1e-4 or probabilities.max() > 1 + 1e-4:
+        raise UnreadableImage("probabilities hold values outside [0, 1] (or NaN)")
+    if np.abs(probabilities.sum(0) - 1).max() > 1e-3:
+        raise UnreadableImage("the class probabilities do not sum to 1 in every voxel")
+    return np.ascontiguousarray(probabilities)
+
+
 def one_hot(segmentation: np.ndarray, num_classes: int) -> np.ndarray:
     return (segmentation[None] == np.arange(num_classes).reshape(-1, 1, 1, 1)).astype(np.float32)
 
@@ -105,6 +126,8 @@ def score_case(prediction: Path, label_path: Path, num_classes: int | None) -> t
     label, affine = named(label_path, lambda: label_map(label_path))
     if prediction.name.endswith(".npz"):
         return named(prediction, lambda: probabilities_from_npz(prediction, label.shape)), label, affine
+    if prediction.name.endswith(PROBABILITY_ENDING):
+        return named(prediction, lambda: probabilities_from_nifti(prediction, label.shape, affine)), label, affine
     segmentation, predicted_affine = named(prediction, lambda: label_map(prediction))
     if segmentation.shape != label.shape or not np.allclose(predicted_affine, affine, atol=AFFINE_TOLERANCE):
         raise UnreadableImage(f"{prediction}: its grid {segmentation.shape} or affine differs from the label's {label.shape}")
@@ -123,10 +146,10 @@ def find_predictions(predictions: Path, labels: Path) -> tuple[dict[str, tuple[P
     pairs, problems = {}, []
     for label in label_files:
         name = case_name(label)
-        candidates = [predictions / f"{name}{ending}" for ending in (".npz", *NIFTI_ENDINGS)]
+        candidates = [predictions / f"{name}{ending}" for ending in (".npz", PROBABILITY_ENDING, *NIFTI_ENDINGS)]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            problems.append(f"{predictions}: no prediction for case {name} ({name}.npz or {name}.nii.gz)")
+            problems.append(f"{predictions}: no prediction for case {name} ({name}.npz, {name}{PROBABILITY_ENDING} or {name}.nii.gz)")
         else:
             pairs[name] = (found, label)
     return pairs, problems

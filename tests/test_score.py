@@ -103,3 +103,37 @@ def test_score_cli(folders, tmp_path):
     assert "scored 3 case(s)" in result.stdout
     with open(tmp_path / "run" / "subjects.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 3
+
+
+def test_biasseg_probability_maps_are_scored_as_soft_maps(folders, tmp_path):
+    labels, _, masks, truth = folders
+    soft = tmp_path / "biasseg"
+    soft.mkdir()
+    for name, (_, probabilities, _) in truth.items():  # predict.py's layout: one channel per class, last
+        nib.save(nib.Nifti1Image(np.moveaxis(probabilities, 0, -1), SPACING), soft / f"{name}_probabilities.nii.gz")
+        (soft / f"{name}.nii.gz").write_bytes((masks / f"{name}.nii.gz").read_bytes())  # beside its mask, preferred to it
+    score(config(tmp_path, soft, labels))
+    for name, (_, probabilities, _) in truth.items():
+        assert float(rows(tmp_path)[name]["volume_pred_soft_ml"]) == pytest.approx(probabilities[1].sum() * VOXEL_ML, rel=1e-5)
+    broken = probabilities.copy()
+    broken[1, 0, 0, 0] = 0.7  # background 1 − 0.2… plus 0.7: no longer a probability vector
+    nib.save(nib.Nifti1Image(np.moveaxis(broken, 0, -1), SPACING), soft / "case_002_probabilities.nii.gz")
+    with pytest.raises(DatasetError, match="case_002_probabilities.nii.gz: the class probabilities do not sum to 1"):
+        score(config(tmp_path / "again", soft, labels))
+
+
+def test_predict_then_score_gives_predicts_soft_volumes_on_the_annotated_grid(thick_slice_run, tmp_path):
+    from predict import predict
+
+    root, run = thick_slice_run
+    cfg = OmegaConf.create({"ckpt_path": str(run / "checkpoints" / "last.ckpt"), "input": str(root / "imagesTr"),
+                            "output": str(tmp_path / "pred"), "save_probabilities": True, "device": "cpu", "overlap": None,
+                            "batch_size": None, "overwrite": False, "alpha": None})
+    predict(cfg)
+    score(config(tmp_path, tmp_path / "pred", root / "labelsTr"))
+    with open(tmp_path / "pred" / "volumes.csv") as handle:
+        predicted = {r["case"]: float(r["soft_volume_ml"]) for r in csv.DictReader(handle)}
+    scored = rows(tmp_path)
+    assert sorted(scored) == sorted(predicted)
+    for name, volume in predicted.items():
+        assert float(scored[name]["volume_pred_soft_ml"]) == pytest.approx(volume, rel=1e-4)
