@@ -9,6 +9,8 @@ normalisation; stored in the checkpoint), segmented with sliding-window inferenc
 class probabilities are resampled back onto the input's grid, so ``<case>.nii.gz`` has
 exactly the input's shape and affine (header copied). ``volumes.csv`` lists each class's
 volume in ml: ``volume_ml`` from the mask (argmax), ``soft_volume_ml`` = Σ p × voxel volume.
+A region model (nnU-Net region labels) writes nnU-Net's export (``regions_class_order``), its
+volumes per region (``p > 0.5``, Σ p) and, with ``save_probabilities``, one channel per region.
 Inputs: ``.nii``/``.nii.gz`` files; several channels either as nnU-Net's
 ``CASE_0000.nii.gz, CASE_0001…`` or as one 4D file. Every input is checked before anything
 is written (readable, the size its header declares, one geometry, channels, finite values),
@@ -142,7 +144,7 @@ def predict_case(trained: TrainedModel, image: tio.ScalarImage) -> np.ndarray:
     normalised = torch.from_numpy(intensity_for(data, settings)(data))
     probabilities = trained.module.predict_probabilities(normalised).float()
     grid = OriginalGrid(image.affine, tuple(image.shape[1:]))
-    return grid.probabilities(probabilities, subject["image"].affine).cpu().numpy()
+    return grid.probabilities(probabilities, subject["image"].affine, background=trained.module.regions is None).cpu().numpy()
 
 
 def write_like(path: Path, data: np.ndarray, reference: nib.Nifti1Image, dtype) -> None:
@@ -219,17 +221,20 @@ def predict(cfg: DictConfig) -> Path:
     for name, files in tqdm(cases.items(), desc="Predicting", unit="case"):
         probabilities = predict_case(trained, load_case(files))
         reference = nib.load(files[0])
-        segmentation = probabilities.argmax(0)
-        write_like(output / f"{name}.nii.gz", segmentation, reference, np.uint8 if len(probabilities) < 256 else np.int16)
+        segmentation = trained.module.exported_labels(torch.from_numpy(probabilities)).numpy()
+        masks = trained.module.segmentation(torch.from_numpy(probabilities)).numpy()  # with regions: (R, …) region masks
+        write_like(output / f"{name}.nii.gz", segmentation, reference, np.uint8 if segmentation.max(initial=0) < 256 else np.int16)
         if cfg.save_probabilities:
             write_like(output / f"{name}_probabilities.nii.gz", np.moveaxis(probabilities, 0, -1), reference, np.float32)
         voxel_ml = abs(np.linalg.det(reference.affine[:3, :3])) / 1000.0
+        regions = trained.module.regions is not None
         for c, class_name in enumerate(class_names, start=1):
+            mask, soft = (masks[c - 1], probabilities[c - 1]) if regions else (segmentation == c, probabilities[c])
             rows.append({
                 "case": name,
                 "class": class_name,
-                "volume_ml": float((segmentation == c).sum() * voxel_ml),
-                "soft_volume_ml": float(probabilities[c].sum(dtype=np.float64) * voxel_ml),
+                "volume_ml": float(mask.sum() * voxel_ml),
+                "soft_volume_ml": float(soft.sum(dtype=np.float64) * voxel_ml),
             })
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=["case", "class", "volume_ml", "soft_volume_ml"])

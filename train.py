@@ -66,6 +66,7 @@ def build_model(cfg: DictConfig, datamodule: SegmentationDataModule) -> Segmenta
     return instantiate(
         cfg.model,
         **{key: value for key, value in planned.items() if cfg.model.get(key) is None},  # the plan fills what is not set
+        **({"regions": datamodule.regions, "regions_class_order": datamodule.regions_class_order} if datamodule.regions else {}),
         loss=checked_loss(cfg, datamodule.num_classes),
         in_channels=datamodule.in_channels,
         num_classes=datamodule.num_classes,

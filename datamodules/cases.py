@@ -26,11 +26,13 @@ MAX_LOCATIONS_PER_CLASS = 10_000  # like nnU-Net: a random subset of each class'
 ArrayOrPath = np.ndarray | Path
 
 
-def class_locations(label: np.ndarray, num_classes: int, rng: np.random.Generator) -> dict[int, np.ndarray]:
-    """Up to ``MAX_LOCATIONS_PER_CLASS`` voxel indices ``(N, 3)`` of each foreground class present."""
+def class_locations(label: np.ndarray, num_classes: int, rng: np.random.Generator,
+                    regions: Sequence[Sequence[int]] | None = None) -> dict[int, np.ndarray]:
+    """Up to ``MAX_LOCATIONS_PER_CLASS`` voxel indices ``(N, 3)`` of each foreground class present
+    (with ``regions``: of each region ``c − 1``, the voxels holding any of its label values)."""
     locations = {}
     for c in range(1, num_classes):
-        where = np.argwhere(label == c)
+        where = np.argwhere(label == c if regions is None else np.isin(label, regions[c - 1]))
         if len(where) > MAX_LOCATIONS_PER_CLASS:
             where = where[rng.choice(len(where), MAX_LOCATIONS_PER_CLASS, replace=False)]
         if len(where):

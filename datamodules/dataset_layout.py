@@ -80,12 +80,22 @@ class DatasetLayout:
     layout: str
     name: str
     channel_names: tuple[str, ...]
-    class_names: tuple[str, ...]  # including background, index = label value
+    class_names: tuple[str, ...]  # including background; index = label value, or with regions 1 + region index
     cases: tuple[CaseFiles, ...]
+    regions: tuple[tuple[int, ...], ...] | None = None  # nnU-Net region labels: the label values each region covers
+    regions_class_order: tuple[int, ...] | None = None  # the label value each region writes, in order, when exported
 
     @property
     def num_classes(self) -> int:
+        """Classes including background (with regions: 1 + the number of regions)."""
         return len(self.class_names)
+
+    @property
+    def label_values(self) -> tuple[int, ...]:
+        """The integer values a label file may hold."""
+        if self.regions is None:
+            return tuple(range(self.num_classes))
+        return tuple(sorted({0, *(v for region in self.regions for v in region), *self.regions_class_order}))
 
     @property
     def num_raters(self) -> int:
@@ -135,12 +145,41 @@ def _short(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _regions_nnunet(labels: dict, order: object, json_path: Path) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...], tuple[int, ...]]:
+    """nnU-Net's region labels, ``{"background": 0, "whole tumour": [1, 2, 3], "core": [2, 3],
+    "enhancing": 3}`` with ``"regions_class_order": [1, 2, 3]`` → (names with background first,
+    each region's label values, the order). Each region is its own sigmoid output (nnU-Net's
+    region-based training); exporting writes ``regions_class_order[i]`` where region ``i`` is
+    predicted, later regions over earlier ones."""
+    names, regions = ["background"], []
+    for name, value in labels.items():
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in values):
+            raise DatasetError([f"{json_path}: region {name!r} must be label values from 0 to 255 (an int or a list), got {_short(value)}"])
+        if values == [0]:
+            if name != names[0] and len(names) > 1:
+                raise DatasetError([f"{json_path}: the background (value 0) must be listed first, as {name!r} is not"])
+            names[0] = str(name)
+            continue
+        if 0 in values:
+            raise DatasetError([f"{json_path}: region {name!r} includes the background value 0"])
+        names.append(str(name))
+        regions.append(tuple(sorted(set(values))))
+    if not regions:
+        raise DatasetError([f"{json_path}: region labels need at least one region besides the background"])
+    if len(set(regions)) != len(regions):
+        raise DatasetError([f"{json_path}: two regions cover the same label values: {_short(labels)}"])
+    if not (isinstance(order, list) and len(order) == len(regions) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                           and 0 < v <= 255 for v in order)):
+        raise DatasetError([f"{json_path}: region labels need 'regions_class_order', one positive label value per region "
+                            f"({len(regions)}), got {_short(order)}"])
+    return tuple(names), tuple(regions), tuple(order)
+
+
 def _class_names_nnunet(labels: object, json_path: Path) -> tuple[str, ...]:
     """nnU-Net's ``{"background": 0, "PZ": 1}`` → ``("background", "PZ")``."""
     if not isinstance(labels, dict) or not labels:
         raise DatasetError([f"{json_path}: 'labels' must be a non-empty mapping, got {_short(labels)}"])
-    if any(isinstance(v, (list, tuple)) for v in labels.values()):
-        raise DatasetError([f"{json_path}: region-based labels (lists of values) are not supported: {_short(labels)}"])
     if any(not isinstance(v, int) or isinstance(v, bool) for v in labels.values()):
         raise DatasetError([f"{json_path}: 'labels' values must be integers, got {_short(labels)}"])
     if len(set(labels.values())) != len(labels):
@@ -277,7 +316,12 @@ def _nnunet_layout(root: Path, json_path: Path, description: dict, confine: _Con
     if ending not in NIFTI_ENDINGS:
         raise DatasetError([f"{json_path}: 'file_ending' must be one of {list(NIFTI_ENDINGS)} (NIfTI is read), got {_short(ending)}"])
     channels = _indexed(description["channel_names"], "channel_names", json_path)
-    class_names = _class_names_nnunet(description.get("labels"), json_path)
+    labels = description.get("labels")
+    regions = order = None
+    if isinstance(labels, dict) and labels and any(isinstance(v, list) for v in labels.values()):
+        class_names, regions, order = _regions_nnunet(labels, description.get("regions_class_order"), json_path)
+    else:
+        class_names = _class_names_nnunet(labels, json_path)
     labels_dir = root / "labelsTr"
     rater_dirs = {int(m.group(1)): p for p in sorted(root.glob("labelsTr_rater*")) if p.is_dir()
                   and (m := re.fullmatch(r"labelsTr_rater(\d+)", p.name))}
@@ -302,6 +346,8 @@ def _nnunet_layout(root: Path, json_path: Path, description: dict, confine: _Con
         channel_names=channels,
         class_names=class_names,
         cases=tuple(cases),
+        regions=regions,
+        regions_class_order=order,
     )
 
 

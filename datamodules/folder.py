@@ -141,6 +141,8 @@ class FolderDataModule(SegmentationDataModule):
         if self.label_mode == "soft" and not self.layout.num_raters:
             raise InputError("data.label_mode=soft needs the labels' class probabilities: data=folder has them only "
                              "where several raters annotated each case (their mean); this dataset has one label per case")
+        if self.layout.regions is not None and self.layout.num_raters:
+            raise DatasetError([f"{self.layout.root / 'dataset.json'}: region labels with several raters are not supported"])
         if self.layout.num_classes > 256:
             raise DatasetError([f"{self.layout.root / 'dataset.json'}: more than 256 classes are not supported"])
         self.cache_dir = cache_dir
@@ -178,6 +180,14 @@ class FolderDataModule(SegmentationDataModule):
     @property
     def channel_names(self) -> list[str]:
         return list(self.layout.channel_names)
+
+    @property
+    def regions(self) -> list[list[int]] | None:
+        return None if self.layout.regions is None else [list(r) for r in self.layout.regions]
+
+    @property
+    def regions_class_order(self) -> list[int] | None:
+        return None if self.layout.regions_class_order is None else list(self.layout.regions_class_order)
 
     @property
     def description(self) -> str:

@@ -38,7 +38,7 @@ def access_problem(path: Path) -> str | None:
 
 
 def check_case(
-    case: CaseFiles, in_channels: int, num_classes: int, channels_in_one_file: bool, target_spacing=None
+    case: CaseFiles, in_channels: int, label_values: Sequence[int], channels_in_one_file: bool, target_spacing=None
 ) -> list[str]:
     """All problems of one case (an empty list when it is usable); with ``target_spacing``
     (mm) also whether its resampled arrays fit in memory."""
@@ -59,7 +59,7 @@ def check_case(
         images.append((path, data.shape[1:], affine))
     reference = None  # the first label's (path, shape, affine): images and the other raters must match it
     for path, label, label_affine in _readable(case.labels, problems):
-        problems += label_problems(path, label, num_classes)
+        problems += label_problems(path, label, label_values)
         if reference is None:
             reference = (path, label.shape[1:], label_affine)
         else:
@@ -81,16 +81,23 @@ def _readable(paths, problems: list[str]):
         yield path, data, affine
 
 
-def label_problems(path: Path, label: np.ndarray, num_classes: int) -> list[str]:
-    """What is wrong with a label map ``(1, W, H, D)`` read from ``path``."""
+def label_problems(path: Path, label: np.ndarray, label_values: Sequence[int]) -> list[str]:
+    """What is wrong with a label map ``(1, W, H, D)`` read from ``path``, whose values must be
+    among ``label_values`` (those ``dataset.json`` declares)."""
     if label.shape[0] != 1:
         return [f"{path}: label maps must have one channel, found {label.shape[0]}"]
     if not np.all(np.isfinite(label)) or not np.array_equal(label, np.round(label)):
         return [f"{path}: label values must be integers"]
-    undeclared = sorted(set(np.unique(label).astype(int).tolist()) - set(range(num_classes)))
+    undeclared = sorted(set(np.unique(label).astype(int).tolist()) - set(label_values))
     if undeclared:
-        return [f"{path}: label value(s) {undeclared} not declared in dataset.json (0 … {num_classes - 1})"]
+        return [f"{path}: label value(s) {undeclared} not declared in dataset.json ({_values(label_values)})"]
     return []
+
+
+def _values(values: Sequence[int]) -> str:
+    """``0 … 3`` for a range, else the list."""
+    values = sorted(values)
+    return f"{values[0]} … {values[-1]}" if values == list(range(values[0], values[-1] + 1)) else str(values)
 
 
 def geometry_problems(path: Path, shape, affine: np.ndarray, reference: tuple, what: str) -> list[str]:
@@ -109,7 +116,7 @@ def check_cases(layout: DatasetLayout, cases: Sequence[CaseFiles], num_workers: 
     :class:`DatasetError` listing every problem."""
     if not cases:
         return
-    args = [(c, layout.in_channels, layout.num_classes, layout.channels_in_one_file, target_spacing) for c in cases]
+    args = [(c, layout.in_channels, layout.label_values, layout.channels_in_one_file, target_spacing) for c in cases]
     progress = dict(total=len(cases), desc=f"Checking {layout.name}", unit="case", leave=False)
     if num_workers > 0 and len(cases) > 1:
         with ProcessPoolExecutor(min(num_workers, len(cases))) as pool:

@@ -49,12 +49,13 @@ class OriginalGrid:
         """Whether ``(affine, shape)`` is this grid (no resampling needed)."""
         return tuple(shape) == tuple(self.shape) and np.allclose(affine, self.affine, atol=AFFINE_TOLERANCE)
 
-    def probabilities(self, probabilities: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
+    def probabilities(self, probabilities: torch.Tensor, affine: np.ndarray, background: bool = True) -> torch.Tensor:
         """Class probabilities ``(C, W', H', D')`` on the grid ``affine`` → ``(C, W, H, D)`` on
-        this one, on the same device (class 0 is the background filled in outside)."""
+        this one, on the same device; outside the source box class 0 (the background) is 1, or
+        with ``background=False`` (region probabilities, no background channel) every channel 0."""
         if self.same_as(affine, probabilities.shape[1:]):
             return probabilities
-        return self._sample(probabilities, affine, "bilinear", outside=0)
+        return self._sample(probabilities, affine, "bilinear", outside=0 if background else None)
 
     def segmentations(self, segmentations: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
         """Label maps ``(M, W', H', D')`` (integers) on the grid ``affine`` → ``(M, W, H, D)`` here,

@@ -259,7 +259,7 @@ class PreprocessingCache:
             original_label = original_maps[0]
             label = np.ascontiguousarray(np.rint(subject["label"].data.numpy()[0]), dtype=np.uint8)
         rng = np.random.default_rng(0)
-        locations = class_locations(label, self.layout.num_classes, rng)
+        locations = class_locations(label, self.layout.num_classes, rng, self.layout.regions)
         flat = image.reshape(len(image), -1)
         arrays = {f"class_{c}": v for c, v in locations.items()}
         arrays["foreground_samples"] = foreground_samples(image, label, rng)

@@ -213,6 +213,17 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         return [f"class{c}" for c in range(1, self.num_classes)]
 
     @property
+    def regions(self) -> list[list[int]] | None:
+        """nnU-Net region labels: the label values each foreground class (a region, its own
+        sigmoid output) covers; None = mutually exclusive classes (softmax)."""
+        return None
+
+    @property
+    def regions_class_order(self) -> list[int] | None:
+        """With regions: the label value each region writes when a segmentation is exported."""
+        return None
+
+    @property
     def channel_names(self) -> list[str]:
         """Names of the image channels, in the order the model reads them."""
         return [f"channel{c}" for c in range(self.in_channels)]

@@ -34,7 +34,8 @@ AUGMENTATIONS = (
     tio.RandomBiasField, tio.RandomBlur, tio.RandomMotion, tio.RandomGhosting, tio.RandomSpike, tio.RandomSwap,
 )
 MODULE_ARGUMENTS = ("in_channels", "num_classes", "features", "deep_supervision", "sliding_window", "class_names",
-                    "preview_subjects", "soft_volume_margin_mm", "hypernet", "strides", "kernel_sizes")
+                    "preview_subjects", "soft_volume_margin_mm", "hypernet", "strides", "kernel_sizes", "regions",
+                    "regions_class_order")
 WINDOW_ARGUMENTS = ("patch_size", "overlap", "batch_size", "weighting")
 
 
@@ -164,6 +165,11 @@ def module_arguments(hparams: object, source: str) -> dict:
         "preview_subjects": _integer(hparams.get("preview_subjects", 2), 0, 1024),
         "soft_volume_margin_mm": _numbers([hparams.get("soft_volume_margin_mm", 10.0)], 1) and hparams.get("soft_volume_margin_mm", 10.0) >= 0,
         "hypernet": _hypernet_ok(hparams.get("hypernet")),
+        "regions": hparams.get("regions") is None or (isinstance(hparams["regions"], (list, tuple)) and 1 <= len(hparams["regions"]) <= 255
+                                                       and all(isinstance(r, (list, tuple)) and 1 <= len(r) <= 255
+                                                               and all(_integer(v, 1, 255) for v in r) for r in hparams["regions"])),
+        "regions_class_order": hparams.get("regions_class_order") is None or (
+            isinstance(hparams["regions_class_order"], (list, tuple)) and all(_integer(v, 1, 255) for v in hparams["regions_class_order"])),
         "strides": _per_stage(hparams.get("strides"), len(features) - 1 if isinstance(features, (list, tuple)) else -1, {1, 2}),
         "kernel_sizes": _per_stage(hparams.get("kernel_sizes"), len(features) if isinstance(features, (list, tuple)) else -1, {1, 3}),
         "class_names": hparams.get("class_names") is None or (

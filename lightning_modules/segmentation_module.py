@@ -18,7 +18,9 @@ from input_errors import InputError
 from lightning_modules.callback_state import confine_callback_state
 from lightning_modules.sliding_window import SlidingWindow
 from lightning_modules.unet import UNet3D
+from losses.regions import region_loss
 from metrics import SubjectSegmentationMetrics, per_subject, summarize
+from metrics.region_metrics import RegionMetrics, per_region_subject
 
 
 def preview_slices(subject: tio.Subject, probabilities: torch.Tensor) -> dict:
@@ -98,6 +100,10 @@ class SegmentationModule(pl.LightningModule):
             the predicted structure (see :mod:`metrics.subject_metrics`).
         strides, kernel_sizes: the U-Net's per-stage strides and kernel sizes per axis
             (:class:`~lightning_modules.unet.UNet3D`); None = 2 and 3 along every axis.
+        regions, regions_class_order: nnU-Net region labels (``data=folder`` whose ``dataset.json``
+            declares them): the label values each foreground class covers, one sigmoid output
+            each (:mod:`losses.regions`, :mod:`metrics.region_metrics`); the label value each
+            writes on export. None: exclusive classes, softmax.
         hypernet: Hong et al.'s Tversky hypernetwork (2021), or None: ``alpha_range`` ``[low,
             high]`` from which one ``α`` is drawn per training batch, the network conditioned on
             it (:class:`~lightning_modules.unet.UNet3D`, FiLM) and the loss (a
@@ -131,11 +137,19 @@ class SegmentationModule(pl.LightningModule):
         hypernet: Mapping[str, Sequence[float]] | None = None,
         strides: Sequence[Sequence[int]] | None = None,
         kernel_sizes: Sequence[Sequence[int]] | None = None,
+        regions: Sequence[Sequence[int]] | None = None,
+        regions_class_order: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
         self.hypernet = hypernet_settings(hypernet, loss)
-        self.net = UNet3D(in_channels, num_classes, features, deep_supervision, conditioned=self.hypernet is not None,
+        self.regions = None if regions is None else [[int(v) for v in r] for r in regions]
+        self.regions_class_order = None if regions_class_order is None else [int(v) for v in regions_class_order]
+        if self.regions is not None and (len(self.regions) != num_classes - 1 or len(self.regions_class_order or []) != len(self.regions)):
+            raise InputError(f"{len(self.regions)} regions and regions_class_order {self.regions_class_order} for "
+                             f"{num_classes - 1} foreground classes: one region and one order value per class")
+        outputs = num_classes if self.regions is None else len(self.regions)  # regions: one sigmoid each, no background
+        self.net = UNet3D(in_channels, outputs, features, deep_supervision, conditioned=self.hypernet is not None,
                           strides=strides, kernel_sizes=kernel_sizes)
         self.loss = loss
         self.inference_alpha: float | None = None  # a hypernetwork's α at inference; None = the marginal over inference_alphas
@@ -155,7 +169,7 @@ class SegmentationModule(pl.LightningModule):
         self.class_names = list(class_names or [f"class{c}" for c in range(1, num_classes)])
         if len(self.class_names) != num_classes - 1:
             raise InputError(f"{len(self.class_names)} class names for {num_classes - 1} foreground classes")
-        self.val_metrics = SubjectSegmentationMetrics(num_classes, soft_volume_margin_mm)
+        self.val_metrics = self.new_metrics()
         self.validation_rows: dict[str, torch.Tensor] | None = None
         self.validation_reliability: torch.Tensor | None = None  # (C − 1, bins, 3), see metrics.calibration
         self.validation_summary: dict[str, float] | None = None
@@ -165,6 +179,17 @@ class SegmentationModule(pl.LightningModule):
         self._previews: list[dict] = []
         self.run_config: dict | None = None  # the resolved run config, stored in checkpoints
 
+    def new_metrics(self, raters: int = 0) -> SubjectSegmentationMetrics | RegionMetrics:
+        """Validation's per-subject metrics: per class, or per region (:mod:`metrics.region_metrics`)."""
+        if self.regions is not None:
+            return RegionMetrics(self.regions, self.hparams.soft_volume_margin_mm)
+        return SubjectSegmentationMetrics(self.hparams.num_classes, self.hparams.soft_volume_margin_mm, num_raters=raters)
+
+    @property
+    def activation(self) -> str:
+        """How logits become probabilities: ``softmax`` over classes, or ``sigmoid`` per region."""
+        return "softmax" if self.regions is None else "sigmoid"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, C, W, H, D)`` for images ``(B, in_channels, W, H, D)``."""
         return self.net(x)
@@ -173,15 +198,25 @@ class SegmentationModule(pl.LightningModule):
         """Measure against every rater where the data has several (``datamodule.num_raters``)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         raters = int(getattr(datamodule, "num_raters", 0) or 0)
-        if raters != self.val_metrics.num_raters:
-            self.val_metrics = SubjectSegmentationMetrics(self.hparams.num_classes, self.hparams.soft_volume_margin_mm, num_raters=raters)
+        if raters != self.val_metrics.num_raters and self.regions is None:
+            self.val_metrics = self.new_metrics(raters)
 
     # --- training ---------------------------------------------------------------------
     def compute_loss(self, output: torch.Tensor | list[torch.Tensor], target: torch.Tensor, **loss_options) -> torch.Tensor:
         """The loss of the logits (or the deep-supervision list of them); ``loss_options`` are
         passed to the loss (the hypernetwork's ``alpha``/``beta``)."""
+        if self.regions is not None:  # each region a binary problem of its own (losses.regions)
+            return self.scaled_loss(output, target, lambda logits, scaled: region_loss(self.loss, logits, scaled, self.regions,
+                                                                                         **loss_options))
+        return self.scaled_loss(output, target, lambda logits, scaled: self.loss(logits, scaled, **loss_options))
+
+    @staticmethod
+    def scaled_loss(output: torch.Tensor | list[torch.Tensor], target: torch.Tensor,
+                    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``loss(logits, target)``, or over deep supervision's list of logits the weighted sum
+        with the target scaled to each output."""
         if isinstance(output, torch.Tensor):
-            return self.loss(output, target, **loss_options)
+            return loss(output, target)
         weights = [0.5**i for i in range(len(output))]
         total = 0.0
         for weight, logits in zip(weights, output):
@@ -192,7 +227,7 @@ class SegmentationModule(pl.LightningModule):
                 scaled = F.interpolate(target.float(), size=logits.shape[2:], mode="nearest").to(target.dtype)
             else:
                 scaled = target
-            total = total + weight / sum(weights) * self.loss(logits, scaled, **loss_options)
+            total = total + weight / sum(weights) * loss(logits, scaled)
         return total
 
     def training_alpha(self) -> float:
@@ -245,11 +280,11 @@ class SegmentationModule(pl.LightningModule):
         hypernetwork one per inference ``α`` (only :attr:`inference_alpha` when it is set)."""
         image = image.to(self.device, non_blocking=True).float()
         if self.hypernet is None:
-            yield self.sliding_window(image, self.net)
+            yield self.sliding_window(image, self.net, self.activation)
             return
         alphas = self.hypernet["inference_alphas"] if self.inference_alpha is None else [self.inference_alpha]
         for alpha in alphas:
-            yield self.sliding_window(image, lambda patches, alpha=alpha: self.net(patches, alpha))
+            yield self.sliding_window(image, lambda patches, alpha=alpha: self.net(patches, alpha), self.activation)
 
     def member_probabilities(self, image: torch.Tensor) -> Iterator[torch.Tensor]:
         """Every member's probabilities: this network's, then each ensemble member's."""
@@ -265,9 +300,26 @@ class SegmentationModule(pl.LightningModule):
             total = probabilities if total is None else total + probabilities
             count += 1
             if keep_samples:
-                samples.append(probabilities.argmax(0).to(torch.uint8))
+                samples.append(self.segmentation(probabilities))
         assert total is not None
         return total / count, (torch.stack(samples) if len(samples) > 1 else None)
+
+    def segmentation(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """The hard segmentation (uint8) of class probabilities: their argmax ``(W, H, D)``, or with
+        regions each region's mask ``p > 0.5`` ``(R, W, H, D)``."""
+        if self.regions is not None:
+            return (probabilities > 0.5).to(torch.uint8)
+        return probabilities.argmax(0).to(torch.uint8)
+
+    def exported_labels(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """The label map to write ``(W, H, D)``: the argmax, or with regions nnU-Net's export —
+        ``regions_class_order[i]`` wherever region ``i`` is predicted, later regions over earlier ones."""
+        if self.regions is None:
+            return probabilities.argmax(0)
+        labels = torch.zeros(probabilities.shape[1:], dtype=torch.long, device=probabilities.device)
+        for value, p in zip(self.regions_class_order, probabilities):
+            labels[p > 0.5] = value
+        return labels
 
     def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Whole-volume class probabilities ``(C, W, H, D)`` on the module's device (the mean
@@ -285,15 +337,17 @@ class SegmentationModule(pl.LightningModule):
         carries its ``original_grid`` (data=folder) is scored on that grid against its original
         label, each voxel its own size (:mod:`datamodules.original_grid`); others on theirs."""
         probabilities, samples = self.predict_with_samples(subject["image"][tio.DATA])
-        if int(subject["subject_index"]) < self.preview_subjects:
-            self._previews.append(preview_slices(subject, probabilities))
+        if int(subject["subject_index"]) < self.preview_subjects:  # with regions: the first (outermost) one
+            shown = probabilities if self.regions is None else torch.stack([1 - probabilities[0], probabilities[0]])
+            self._previews.append(preview_slices(subject, shown))
         label, spacing = subject["label"][tio.DATA], subject["label"].spacing
         raters = subject["raters"][tio.DATA] if "raters" in subject else None
         grid = subject.get("original_grid")
         if grid is not None:
             affine = subject["image"].affine
-            probabilities = grid.probabilities(probabilities, affine)
-            samples = None if samples is None else grid.segmentations(samples, affine)
+            probabilities = grid.probabilities(probabilities, affine, background=self.regions is None)
+            if samples is not None:  # (M, W, H, D), or (M, R, W, H, D) with regions
+                samples = grid.segmentations(samples.flatten(0, samples.ndim - 4), affine).reshape(*samples.shape[:-3], *grid.shape)
             label, spacing, raters = subject["original_label"], grid.spacing, subject.get("original_raters")
         self.val_metrics.update(
             probabilities,
@@ -306,7 +360,7 @@ class SegmentationModule(pl.LightningModule):
         )
 
     def on_validation_epoch_end(self) -> None:
-        rows, fitted = per_subject(self.val_metrics)
+        rows, fitted = per_subject(self.val_metrics) if self.regions is None else per_region_subject(self.val_metrics)
         self.val_metrics.reset()
         summary = summarize(rows, self.class_names, fitted)
         for key, value in summary.items():

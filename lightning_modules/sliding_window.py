@@ -70,12 +70,14 @@ def sliding_window_probabilities(
     overlap: float = 0.5,
     batch_size: int = 2,
     weighting: str = "hann",
+    activation: str = "softmax",
 ) -> torch.Tensor:
     """Class probabilities ``(C, W, H, D)`` for a whole image ``(channels, W, H, D)``.
 
     ``predict`` maps a batch of patches ``(B, channels, *patch_size)`` to logits
     ``(B, C, *patch_size)``. Images smaller than a patch are zero-padded, the output cropped
-    back. Everything stays on ``image``'s device.
+    back. Everything stays on ``image``'s device. ``activation``: ``softmax`` over the classes,
+    or ``sigmoid`` per channel (region outputs).
     """
     patch_size = tuple(int(p) for p in patch_size)
     shape = image.shape[1:]
@@ -93,7 +95,8 @@ def sliding_window_probabilities(
     for start in range(0, len(locations), batch_size):
         chunk = locations[start : start + batch_size]
         patches = torch.stack([image[:, i0:i1, j0:j1, k0:k1] for i0, j0, k0, i1, j1, k1 in chunk])
-        probabilities = torch.softmax(predict(patches).float(), dim=1)
+        logits = predict(patches).float()
+        probabilities = torch.softmax(logits, dim=1) if activation == "softmax" else torch.sigmoid(logits)
         if output is None:
             output = torch.zeros(probabilities.shape[1], *padded_shape, device=image.device)
         for p, (i0, j0, k0, i1, j1, k1) in zip(probabilities, chunk):
@@ -127,7 +130,7 @@ class SlidingWindow:
         if not 0.0 <= self.overlap < 1.0:
             raise InputError(f"sliding-window overlap must be in [0, 1), got {self.overlap}")
 
-    def __call__(self, image: torch.Tensor, predict: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor, predict: Callable[[torch.Tensor], torch.Tensor], activation: str = "softmax") -> torch.Tensor:
         return sliding_window_probabilities(
-            image, predict, self.patch_size, self.overlap, self.batch_size, self.weighting
+            image, predict, self.patch_size, self.overlap, self.batch_size, self.weighting, activation
         )

@@ -166,3 +166,46 @@ def annotated_volumes_ml(root: Path) -> dict[str, float]:
         voxel_ml = abs(np.linalg.det(image.affine[:3, :3])) / 1000
         volumes[path.name[: -len(".nii.gz")]] = float((np.asarray(image.dataobj) > 0).sum() * voxel_ml)
     return volumes
+
+
+REGIONS = {"whole_tumour": [1, 2, 3], "tumour_core": [2, 3], "enhancing": 3}  # BraTS-like nested regions
+
+
+def write_nested_regions(root: Path, num_cases: int = 5) -> Path:
+    """An nnU-Net v2 dataset with region labels (:data:`REGIONS`, ``regions_class_order`` [1, 2, 3]):
+    label 1 oedema (the outer shell, 6–10 mm), 3 an enhancing ring (3–6 mm), 2 necrosis (< 3 mm),
+    on thick-slice grids of their own; two channels (T1-like, FLAIR-like)."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for i in range(num_cases):
+        rng = np.random.default_rng(i)
+        spacing = np.asarray(thick_slice_spacing(i)) * [1.0, 1.0, 0.6]
+        field = np.asarray([36.0, 36.0, 30.0])
+        shape = tuple(int(round(f / s)) for f, s in zip(field, spacing))
+        centres = [(np.arange(n) + 0.5) * s for n, s in zip(shape, spacing)]
+        grid = np.stack(np.meshgrid(*centres, indexing="ij"), -1)
+        distance = np.linalg.norm(grid - (field / 2 + rng.uniform(-2, 2, 3)), axis=-1) * rng.uniform(0.9, 1.1)
+        label = np.select([distance < 3, distance < 6, distance < 10], [2, 3, 1], 0).astype(np.uint8)
+        t1 = 100 + 80 * (label == 3) - 30 * (label == 2) + rng.normal(0, 8, shape)
+        flair = 100 + 60 * (label > 0) + rng.normal(0, 8, shape)
+        affine = np.diag([*spacing, 1.0])
+        for c, image in enumerate((t1, flair)):
+            image[:1] = 0
+            nib.save(nib.Nifti1Image(image.astype(np.float32), affine), root / "imagesTr" / f"case_{i:03d}_{c:04d}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / f"case_{i:03d}.nii.gz")
+    description = {"channel_names": {"0": "T1", "1": "FLAIR"}, "labels": {"background": 0, **REGIONS},
+                   "regions_class_order": [1, 2, 3], "numTraining": num_cases, "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(description))
+    return root
+
+
+def annotated_region_volumes_ml(root: Path) -> dict[tuple[str, str], float]:
+    """``{(case, region): volume in ml}`` as annotated (voxels in the region × voxel volume)."""
+    volumes = {}
+    for path in sorted((root / "labelsTr").glob("*.nii.gz")):
+        image = nib.load(path)
+        label = np.asarray(image.dataobj)
+        voxel_ml = abs(np.linalg.det(image.affine[:3, :3])) / 1000
+        for region, values in REGIONS.items():
+            volumes[(path.name[: -len(".nii.gz")], region)] = float(np.isin(label, values).sum() * voxel_ml)
+    return volumes
