@@ -18,6 +18,9 @@ is refused. ``cases`` chooses what is scored: ``auto`` = the training split's va
 on the training dataset, every case on another one; ``all``; ``val`` (the split drawn by
 ``data.*``'s split keys). No model is scored on a case it trained on: a case in the training
 cases of any checkpoint (an ensemble's members included) is refused, naming both.
+``cross_validation=true`` with the fold models (``'ckpt_path=…/fold*/checkpoints/last.ckpt'``)
+scores each case with the one fold model that validated on it and pools the rows
+(nnU-Net's cross-validation summary), instead of averaging them as an ensemble.
 ``epoch`` and ``global_step`` in ``metrics.json`` are the checkpoint's (lists, one per member,
 for an ensemble: several checkpoints, whose probability maps are averaged; the data config
 is the first one's).
@@ -115,6 +118,32 @@ def refuse_training_cases(datamodule: object, checkpoints: list[tuple[Path, dict
                     "another dataset, or each fold on its own validation cases (cross_validation=true)")
 
 
+def fold_cases(checkpoints: list[tuple[Path, dict]]) -> dict[str, int]:
+    """``{case: index of the checkpoint that validated on it}`` for a cross-validation: every
+    checkpoint a fold model of one dataset (its stored ``data_split``), no case in two folds'
+    validation cases, none a training case of the model that scores it."""
+    folds: dict[str, int] = {}
+    dataset = None
+    for index, (path, checkpoint) in enumerate(checkpoints):
+        record = checkpoint.get("data_split")
+        problem = "it stores no data_split (trained before biasseg recorded it, or not on a folder)" if record is None \
+            else split_record_problem(record)
+        if problem:
+            raise InputError(f"ckpt_path={path}: cross_validation=true needs each fold's split; {problem}")
+        if dataset is not None and not same_folder(record["dataset"], dataset):
+            raise InputError(f"ckpt_path={path}: trained on {record['dataset']}, the first fold on {dataset}; "
+                             "a cross-validation's folds share one dataset")
+        dataset = record["dataset"]
+        for case in record["val"]:
+            if case in folds:
+                raise InputError(f"ckpt_path={path}: case {case} is also a validation case of "
+                                 f"ckpt_path={checkpoints[folds[case]][0]}; cross-validation folds do not overlap")
+            if case in record["train"]:
+                raise InputError(f"ckpt_path={path}: case {case} is both a training and a validation case")
+            folds[case] = index
+    return folds
+
+
 def plain_int(value: object) -> int | None:
     """An int stored in a checkpoint (a tensor or number), else None."""
     try:
@@ -145,19 +174,29 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise InputError("evaluate.py needs ckpt_path=PATH (or several: a glob pattern or [A,B,…], averaged as an ensemble)")
     checkpoints = read_checkpoints(cfg.ckpt_path)
     source = f"ckpt_path={checkpoints[0][0]}"
+    folds = fold_cases(checkpoints) if cfg.get("cross_validation") else None
     config = data_config(cfg, checkpoints[0][1]["run_config"].get("data"), source)  # the first member's data
+    if folds is not None:
+        if "validate" not in config and "splits_file" not in config:
+            raise InputError("cross_validation=true needs the fold models' folder dataset (data=folder)")
+        config.validate = sorted(folds)
     datamodule = instantiate(config) if cfg.get("data") is not None else instantiate_section(config, "data", source)
     window = {"overlap": datamodule.val_patch_overlap, "batch_size": datamodule.val_batch_size, "weighting": datamodule.val_weighting}
     trained = load_ensemble(checkpoints, sliding_window=window, alpha=cfg.get("alpha"))  # the model's own patch
     if trained.inference_settings:  # written by every train.py run; the model's preprocessing, never this data's own
         datamodule.adopt_preprocessing(trained.inference_settings, source)
-    refuse_training_cases(datamodule, checkpoints)
+    if folds is None:
+        refuse_training_cases(datamodule, checkpoints)
+    else:  # each case by the one fold model that did not train on it, pooled (nnU-Net's cross-validation summary)
+        trained.module.case_members = folds
     origin = {key: [plain_int(checkpoint.get(key)) for _, checkpoint in checkpoints] for key in ("epoch", "global_step")}
     origin["ckpt_path"] = [str(path) for path, _ in checkpoints]
     if len(checkpoints) == 1:  # one checkpoint: plain values, as training's metrics.json
         origin = {key: value[0] for key, value in origin.items()}
     if cfg.get("alpha") is not None:
         origin["alpha"] = float(cfg.alpha)
+    if folds is not None:
+        origin["cross_validation"] = True
     origin["preprocessing"] = {key: trained.inference_settings.get(key) for key in ("target_spacing", "crop_nonzero", "normalization")}
     writer = ResultsWriter(cfg.paths.output_dir, fields=origin)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False,

@@ -95,8 +95,8 @@ class FolderDataModule(SegmentationDataModule):
         allow_outside_root: accept files that ``dataset.json`` places outside ``root`` (``..``,
             absolute paths, symbolic links out of it); refused by default.
         validate: ``"split"``: validate on the split's validation cases (training); ``"all"``:
-            on every case, with no training cases (a trained model scored on a dataset:
-            ``evaluate.py``).
+            on every case, or a list: on those cases, with no training cases (a trained model
+            scored on a dataset: ``evaluate.py``).
         **loader: :class:`SegmentationDataModule` arguments.
     """
 
@@ -132,9 +132,9 @@ class FolderDataModule(SegmentationDataModule):
             raise InputError(f"data.fold must be in [0, {num_folds}) (data.num_folds), got {fold}")
         if not 0.0 < val_fraction < 1.0:
             raise InputError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-        if validate not in ("split", "all"):
-            raise InputError(f"data.validate must be split or all, got {validate!r}")
-        self.evaluation_only = validate == "all"
+        if not (validate in ("split", "all") or (isinstance(validate, (list, tuple)) and validate)):
+            raise InputError(f"data.validate must be split, all or a list of case names, got {validate!r}")
+        self.evaluation_only = validate != "split"
         if int(num_folds) < 2:
             raise InputError(f"data.num_folds must be >= 2, got {num_folds}")
         self.layout: DatasetLayout = read_layout(root, allow_outside_root=bool(allow_outside_root))
@@ -155,7 +155,12 @@ class FolderDataModule(SegmentationDataModule):
         self.splits_file, self.splits_from = splits_file, splits_from
         self._cache: PreprocessingCache | None = None
         if self.evaluation_only:
-            self.all_splits = [{"train": [], "val": [c.name for c in self.layout.cases]}]
+            names = [c.name for c in self.layout.cases]
+            chosen = names if validate == "all" else [str(n) for n in validate]
+            unknown = sorted(set(chosen) - set(names))
+            if unknown:
+                raise DatasetError([f"{self.layout.root / 'dataset.json'}: cases {unknown[:5]} to validate on are not in the dataset"])
+            self.all_splits = [{"train": [], "val": [n for n in names if n in set(chosen)]}]
             self.split = self.all_splits[0]
         else:
             self.all_splits = self.splits()  # checked now, before any preprocessing

@@ -154,6 +154,7 @@ class SegmentationModule(pl.LightningModule):
         self.loss = loss
         self.inference_alpha: float | None = None  # a hypernetwork's α at inference; None = the marginal over inference_alphas
         self.ensemble = nn.ModuleList()
+        self.case_members: dict[str, int] | None = None  # cross-validation: {case: the member (0 = this network) scoring it}
         self.epoch_loss = torch.zeros(2)  # this epoch's (Σ loss × batch size, Σ batch size) on this rank
         self.epoch_loss_epoch: int | None = None  # the epoch epoch_loss belongs to
         self.optimizer_factory = optimizer
@@ -286,17 +287,22 @@ class SegmentationModule(pl.LightningModule):
         for alpha in alphas:
             yield self.sliding_window(image, lambda patches, alpha=alpha: self.net(patches, alpha), self.activation)
 
-    def member_probabilities(self, image: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Every member's probabilities: this network's, then each ensemble member's."""
-        for module in (self, *self.ensemble):
+    def member_probabilities(self, image: torch.Tensor, case: str | None = None) -> Iterator[torch.Tensor]:
+        """Every member's probabilities: this network's, then each ensemble member's; in a
+        cross-validation (:attr:`case_members`) only those of the member that scores ``case``."""
+        members = (self, *self.ensemble)
+        if self.case_members is not None:
+            members = (members[self.case_members[case]],)
+        for module in members:
             yield from module.own_probabilities(image)
 
     @torch.no_grad()
-    def predict_with_samples(self, image: torch.Tensor, keep_samples: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def predict_with_samples(self, image: torch.Tensor, keep_samples: bool = True,
+                             case: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The mean of the members' probabilities ``(C, W, H, D)`` and, where there are several
         members and ``keep_samples``, each one's argmax segmentation ``(M, W, H, D)`` (uint8) as samples."""
         total, count, samples = None, 0, []
-        for probabilities in self.member_probabilities(image):
+        for probabilities in self.member_probabilities(image, case):
             total = probabilities if total is None else total + probabilities
             count += 1
             if keep_samples:
@@ -336,7 +342,7 @@ class SegmentationModule(pl.LightningModule):
         """Segment the whole subject and measure it where it was annotated: a subject that
         carries its ``original_grid`` (data=folder) is scored on that grid against its original
         label, each voxel its own size (:mod:`datamodules.original_grid`); others on theirs."""
-        probabilities, samples = self.predict_with_samples(subject["image"][tio.DATA])
+        probabilities, samples = self.predict_with_samples(subject["image"][tio.DATA], case=subject["name"])
         if int(subject["subject_index"]) < self.preview_subjects:  # with regions: the first (outermost) one
             shown = probabilities if self.regions is None else torch.stack([1 - probabilities[0], probabilities[0]])
             self._previews.append(preview_slices(subject, shown))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import nibabel as nib
@@ -63,3 +64,17 @@ def test_an_ensemble_of_fold_models_is_not_scored_on_a_fold_it_trained_on(tmp_pa
     fold0_val = json.loads((tmp_path / "fold0" / "splits.json").read_text())[0]["val"]
     with pytest.raises(InputError, match=rf"case {fold0_val[0]} .*training case of ckpt_path=.*fold1"):
         evaluate(evaluation_config(f"[{runs[0]},{runs[1]}]", tmp_path / "out"))
+    # nnU-Net's cross-validation summary instead: each case by the fold that validated on it, pooled
+    evaluate(evaluation_config(f"[{runs[0]},{runs[1]}]", tmp_path / "cv", "cross_validation=true"))
+    pooled = rows_by_case(tmp_path / "cv" / "subjects.csv")
+    each = {**rows_by_case(tmp_path / "fold0" / "subjects.csv"), **rows_by_case(tmp_path / "fold1" / "subjects.csv")}
+    assert sorted(pooled) == sorted(each) and len(pooled) == 4
+    for case, row in pooled.items():  # the same numbers as each fold's own validation
+        assert float(row["dice"]) == pytest.approx(float(each[case]["dice"]), nan_ok=True)
+        assert float(row["volume_pred_soft_ml"]) == pytest.approx(float(each[case]["volume_pred_soft_ml"]), rel=1e-6)
+    assert json.loads((tmp_path / "cv" / "metrics.json").read_text())["cross_validation"] is True
+
+
+def rows_by_case(path) -> dict[str, dict]:
+    with open(path) as handle:
+        return {row["subject"]: row for row in csv.DictReader(handle)}
