@@ -198,7 +198,8 @@ def predict(cfg: DictConfig) -> Path:
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"device={cfg.device}, but this machine has no usable CUDA device; use device=cpu or auto")
     source, output = Path(cfg.input).expanduser().resolve(), Path(cfg.output).expanduser().resolve()
-    window = {k: cfg[k] for k in ("overlap", "batch_size") if cfg.get(k) is not None}
+    window = {k: (list(cfg[k]) if k == "mirror_axes" else cfg[k]) for k in ("overlap", "batch_size", "mirror_axes")
+              if cfg.get(k) is not None}
     trained = load_ensemble(read_checkpoints(cfg.ckpt_path), sliding_window=window or None, alpha=cfg.get("alpha"))
     in_channels = int(trained.module.hparams.in_channels)
     class_names = trained.module.class_names

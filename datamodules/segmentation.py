@@ -127,6 +127,8 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         val_patch_overlap: sliding-window overlap as a fraction of the patch (0 ≤ f < 1).
         val_batch_size: patches per forward pass during sliding-window inference.
         val_weighting: sliding-window blending: ``"hann"``, ``"gaussian"`` or ``"constant"``.
+        val_mirror_axes: test-time mirroring: the probabilities of every flip over these axes
+            (0, 1, 2 = W, H, D) are averaged (nnU-Net: all three, 8 passes); empty = none.
         pin_memory: pin training batches for faster host-to-GPU copies.
         label_mode: ``"hard"`` trains on the (drawn) label map; ``"soft"`` on the label's class
             probabilities where the source knows them (synthetic, MNI152), as SoftSeg (Gros et
@@ -147,6 +149,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         val_patch_overlap: float = 0.5,
         val_batch_size: int = 2,
         val_weighting: str = "hann",
+        val_mirror_axes: Sequence[int] = (),
         pin_memory: bool = True,
         label_mode: str = "hard",
         train_rater: str | int = "random",
@@ -182,6 +185,9 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         self.val_patch_overlap = float(val_patch_overlap)
         self.val_batch_size = int(val_batch_size)
         self.val_weighting = val_weighting
+        self.val_mirror_axes = [int(a) for a in val_mirror_axes]
+        if not set(self.val_mirror_axes) <= {0, 1, 2} or len(set(self.val_mirror_axes)) != len(self.val_mirror_axes):
+            raise InputError(f"data.val_mirror_axes must be distinct axes among 0, 1, 2, got {list(val_mirror_axes)}")
         self.pin_memory = pin_memory
         self.label_mode = label_mode
         self.train_rater = train_rater
@@ -302,6 +308,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
             "overlap": self.val_patch_overlap,
             "batch_size": self.val_batch_size,
             "weighting": self.val_weighting,
+            "mirror_axes": list(self.val_mirror_axes),
         }
 
     def inference_settings(self) -> dict:

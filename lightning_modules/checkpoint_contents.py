@@ -36,7 +36,7 @@ AUGMENTATIONS = (
 MODULE_ARGUMENTS = ("in_channels", "num_classes", "features", "deep_supervision", "sliding_window", "class_names",
                     "preview_subjects", "soft_volume_margin_mm", "hypernet", "strides", "kernel_sizes", "regions",
                     "regions_class_order")
-WINDOW_ARGUMENTS = ("patch_size", "overlap", "batch_size", "weighting")
+WINDOW_ARGUMENTS = ("patch_size", "overlap", "batch_size", "weighting", "mirror_axes")
 
 
 def _loss_class(cls: type) -> bool:
@@ -137,6 +137,9 @@ def window_problem(window: object, features: list[int]) -> str | None:
     batch = window.get("batch_size", 1)
     if not _integer(batch, 1, 4096):
         return f"sliding_window.batch_size must be a positive int, got {str(batch)[:40]}"
+    mirror = window.get("mirror_axes", [])
+    if not (isinstance(mirror, (list, tuple)) and len(set(mirror)) == len(mirror) and all(_integer(a, 0, 2) for a in mirror)):
+        return f"sliding_window.mirror_axes must be distinct axes among 0, 1, 2, got {str(mirror)[:40]}"
     overlap = window.get("overlap", 0.5)
     if not (isinstance(overlap, (int, float)) and 0 <= overlap < 1):
         return f"sliding_window.overlap must be in [0, 1), got {str(overlap)[:40]}"

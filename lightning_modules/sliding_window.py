@@ -62,6 +62,13 @@ def grid_locations(shape: Sequence[int], patch_size: Sequence[int], overlap: Seq
     return np.array(sorted(np.hstack([origins, origins + np.asarray(patch_size)]).tolist()))
 
 
+def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every subset of the spatial ``axes`` (0, 1, 2 = W, H, D) as tensor dims of a ``(B, C, W,
+    H, D)`` batch, the empty one (no flip) first."""
+    dims = [int(a) + 2 for a in axes]
+    return [tuple(d for i, d in enumerate(dims) if mask >> i & 1) for mask in range(2 ** len(dims))]
+
+
 @torch.no_grad()
 def sliding_window_probabilities(
     image: torch.Tensor,
@@ -71,13 +78,16 @@ def sliding_window_probabilities(
     batch_size: int = 2,
     weighting: str = "hann",
     activation: str = "softmax",
+    mirror_axes: Sequence[int] = (),
 ) -> torch.Tensor:
     """Class probabilities ``(C, W, H, D)`` for a whole image ``(channels, W, H, D)``.
 
     ``predict`` maps a batch of patches ``(B, channels, *patch_size)`` to logits
     ``(B, C, *patch_size)``. Images smaller than a patch are zero-padded, the output cropped
     back. Everything stays on ``image``'s device. ``activation``: ``softmax`` over the classes,
-    or ``sigmoid`` per channel (region outputs).
+    or ``sigmoid`` per channel (region outputs). ``mirror_axes`` (of ``W, H, D``): each patch's
+    probabilities are the mean over every flip of those axes (test-time mirroring, nnU-Net's
+    ``use_mirroring``; 2^k forward passes).
     """
     patch_size = tuple(int(p) for p in patch_size)
     shape = image.shape[1:]
@@ -95,8 +105,13 @@ def sliding_window_probabilities(
     for start in range(0, len(locations), batch_size):
         chunk = locations[start : start + batch_size]
         patches = torch.stack([image[:, i0:i1, j0:j1, k0:k1] for i0, j0, k0, i1, j1, k1 in chunk])
-        logits = predict(patches).float()
-        probabilities = torch.softmax(logits, dim=1) if activation == "softmax" else torch.sigmoid(logits)
+        probabilities = None
+        for flip in mirror_combinations(mirror_axes):  # the identity first
+            logits = predict(patches.flip(flip) if flip else patches).float()
+            mirrored = torch.softmax(logits, dim=1) if activation == "softmax" else torch.sigmoid(logits)
+            mirrored = mirrored.flip(flip) if flip else mirrored
+            probabilities = mirrored if probabilities is None else probabilities + mirrored
+        probabilities = probabilities / (2 ** len(mirror_axes))
         if output is None:
             output = torch.zeros(probabilities.shape[1], *padded_shape, device=image.device)
         for p, (i0, j0, k0, i1, j1, k1) in zip(probabilities, chunk):
@@ -123,8 +138,10 @@ class SlidingWindow:
     overlap: float = 0.5
     batch_size: int = 2
     weighting: str = "hann"
+    mirror_axes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "mirror_axes", tuple(int(a) for a in self.mirror_axes))
         if self.weighting not in WEIGHTINGS:
             raise InputError(f"sliding-window weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if not 0.0 <= self.overlap < 1.0:
@@ -132,5 +149,5 @@ class SlidingWindow:
 
     def __call__(self, image: torch.Tensor, predict: Callable[[torch.Tensor], torch.Tensor], activation: str = "softmax") -> torch.Tensor:
         return sliding_window_probabilities(
-            image, predict, self.patch_size, self.overlap, self.batch_size, self.weighting, activation
+            image, predict, self.patch_size, self.overlap, self.batch_size, self.weighting, activation, self.mirror_axes
         )

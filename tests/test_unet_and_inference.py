@@ -96,3 +96,20 @@ def test_our_grid_is_torchios_grid(shape, patch, overlap):
     subject = tio.Subject(image=tio.ScalarImage(tensor=torch.zeros(1, *shape)))
     theirs = sorted(tuple(int(v) for v in patch_[tio.LOCATION]) for patch_ in tio.GridSampler(subject, patch, overlap))
     assert [tuple(row) for row in grid_locations(shape, patch, overlap).tolist()] == theirs
+
+
+def test_mirroring_averages_the_flipped_predictions():
+    from lightning_modules.sliding_window import mirror_combinations, sliding_window_probabilities
+
+    assert mirror_combinations([0, 2]) == [(), (2,), (4,), (2, 4)]
+    image = torch.randn(1, 8, 6, 4)
+    assert torch.allclose(sliding_window_probabilities(image, channel_logits, (8, 6, 4), mirror_axes=[0, 1, 2]),
+                          sliding_window_probabilities(image, channel_logits, (8, 6, 4)), atol=1e-6)  # a voxelwise net: unchanged
+    ramp = torch.linspace(-2, 2, 8).view(1, 1, 8, 1, 1)
+
+    def position_dependent(patches: torch.Tensor) -> torch.Tensor:  # not flip-equivariant: mirroring symmetrises it
+        return torch.cat([torch.zeros_like(patches), ramp.expand_as(patches)], dim=1)
+
+    mirrored = sliding_window_probabilities(image, position_dependent, (8, 6, 4), weighting="constant", mirror_axes=[0])
+    plain = torch.sigmoid(ramp[0, 0]).expand(8, 6, 4)
+    assert torch.allclose(mirrored[1], (plain + plain.flip(0)) / 2, atol=1e-6)
