@@ -101,7 +101,7 @@ def test_geometry_round_trip_recovers_the_label(trained_run, tmp_path):
     # channel 0 is 100 + 40 × label + noise (std 5): rounding (x − 100) / 40 reads the label back
     trained = SimpleNamespace(
         inference_settings={"target_spacing": [0.7, 0.9, 1.3], "crop_nonzero": True, "normalization": "none"},
-        module=SimpleNamespace(predict_probabilities=lambda x: torch.nn.functional.one_hot(
+        module=SimpleNamespace(regions=None, predict_probabilities=lambda x: torch.nn.functional.one_hot(
             torch.clamp(torch.round((x[0] - 100) / 40), 0, 2).long(), 3).permute(3, 0, 1, 2).float()),
     )
     probabilities = predict_case(trained, tio.ScalarImage(inputs / "turned_0000.nii.gz"))
