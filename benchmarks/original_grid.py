@@ -32,7 +32,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     device = common.select_device(args.device, args.quick)
     shape = args.shape or ((96, 96, 24) if args.quick else (192, 192, 48))
-    spacing = np.asarray(args.spacing)
+    spacing = np.asarray(args.spacing, dtype=float)
     resampled = tuple(int(round(n * s)) for n, s in zip(shape, spacing))  # 1 mm target
     original = OriginalGrid(np.diag([*spacing, 1.0]), shape)
     target_affine = np.diag([1.0, 1.0, 1.0, 1.0])
@@ -60,7 +60,7 @@ def main() -> None:
     mapping = [common.timed(lambda: original.probabilities(torch.rand(2, *resampled, device=device), target_affine), device)
                for _ in range(args.rounds)]
     print(common.describe_environment(device, args.precision))
-    print(f"original {shape} at {list(spacing)} mm → resampled {resampled} at 1 mm; {args.rounds} alternating rounds")
+    print(f"original {shape} at {spacing.tolist()} mm → resampled {resampled} at 1 mm; {args.rounds} alternating rounds")
     common.print_table(["way", "median s/subject", "min..max"], [
         ["on the original grid (ours)", common.median(ours), common.spread(ours)],
         ["on the resampled grid (before)", common.median(peer), common.spread(peer)],
