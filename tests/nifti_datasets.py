@@ -144,6 +144,14 @@ def thick_slice_case(index: int, field_mm=(40.0, 40.0, 45.0), modality: str = "M
     return image.astype(np.float32), label, affine
 
 
+def thick_slice_expected_ml(index: int) -> float:
+    """The true (continuous) volume of :func:`thick_slice_case`'s ellipsoid in ml, ``4/3·π·abc``."""
+    rng = np.random.default_rng(index)
+    rng.uniform(-3, 3, 3)  # the centre, drawn first
+    axes = [rng.uniform(9, 13), rng.uniform(9, 13), rng.uniform(8, 14)]
+    return float(4 / 3 * np.pi * np.prod(axes) / 1000)
+
+
 def write_thick_slices(root: Path, num_cases: int = 6, modality: str = "MRI", start: int = 0, empty_border: int = 2) -> Path:
     """An nnU-Net v2 raw dataset of :func:`thick_slice_case` cases ``start … start + num_cases − 1``."""
     (root / "imagesTr").mkdir(parents=True)
