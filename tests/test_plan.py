@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from nifti_datasets import write_thick_slices
-from test_folder_data import TINY_FOLDER, datamodule
+from test_folder_data import datamodule
 
 from datamodules.plan import normalization_schemes, pooling, target_spacing
 
