@@ -82,7 +82,7 @@ def main() -> None:
                f"data.splits_from={work / 'splits.json'}", "data.fold=0", f"data.patch_size=[{','.join(map(str, patch))}]",
                f"data.batch_size={batch}", f"data.samples_per_volume={per_volume}", "loss=ce_softdice",
                f"model.features=[{','.join(map(str, arch['features_per_stage']))}]", "model.deep_supervision=true",
-               "trainer.max_epochs=1", f"trainer.max_steps={args.iterations}", "trainer.accelerator=cpu", f"seed={args.seed}",
+               "trainer.max_epochs=1", f"+trainer.max_steps={args.iterations}", "trainer.accelerator=cpu", f"seed={args.seed}",
                "trainer.enable_progress_bar=false", "callbacks.validation_figures=null", f"hydra.run.dir={run}"]
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, text=True)
