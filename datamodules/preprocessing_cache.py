@@ -1,7 +1,8 @@
 """Preprocess a dataset once and keep the result, uncompressed, for every later run.
 
 Per case (nnU-Net's order): reorient to RAS+ (``ToCanonical``), resample to the target
-spacing (images linear, labels nearest), crop to the bounding box of non-zero image voxels.
+spacing (images linear, labels nearest; thick slices in plane and across separately, as
+nnU-Net, :mod:`datamodules.resampling`), crop to the bounding box of non-zero image voxels.
 Intensity normalisation is *not* baked in: it is cheap per patch, and keeping raw
 intensities lets every normalisation setting share one cache.
 
@@ -50,11 +51,12 @@ from datamodules.cases import Case, class_locations, foreground_samples, majorit
 from datamodules.dataset_layout import CaseFiles, DatasetLayout
 from datamodules.input_checks import check_cases
 from datamodules.original_grid import OriginalGrid
+from datamodules.resampling import resample_subject
 from input_errors import InputError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 5  # bump when the stored arrays or their .meta.json change meaning
+CACHE_VERSION = 6  # bump when the stored arrays or their .meta.json change meaning
 ARRAYS = ("image.npy", "label.npy", "sampling.npz", "original_label.npy")
 RATER_ARRAYS = ("raters.npy", "probabilities.npy", "original_raters.npy")  # cases with several raters
 
@@ -85,11 +87,12 @@ def load_subject(case: CaseFiles) -> tio.Subject:
 
 
 def preprocess_subject(subject: tio.Subject, target_spacing: Sequence[float] | None, crop_nonzero: bool) -> tio.Subject:
-    """Canonical orientation, target spacing (mm, RAS+ axes; None keeps the image's), non-zero
-    crop: training and prediction alike."""
+    """Canonical orientation, target spacing (mm, RAS+ axes; None keeps the image's; thick
+    slices resampled as nnU-Net does, :mod:`datamodules.resampling`), non-zero crop: training
+    and prediction alike."""
     subject = tio.ToCanonical()(subject)
     if target_spacing is not None and not np.allclose(subject["image"].spacing, target_spacing, rtol=1e-3):
-        subject = tio.Resample(tuple(float(s) for s in target_spacing))(subject)
+        subject = resample_subject(subject, target_spacing)
     if crop_nonzero:
         bounds = nonzero_crop(subject["image"].data.numpy())
         if bounds is not None:
