@@ -62,7 +62,7 @@ def checked_loss(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
 def build_model(cfg: DictConfig, datamodule: SegmentationDataModule) -> SegmentationModule:
     """The configured model and loss, shaped by what the data provides (channels, classes, patch)."""
     stages = len(cfg.model.get("features") or [])
-    planned = datamodule.network_plan(stages) if hasattr(datamodule, "network_plan") and stages else {}
+    planned = datamodule.network_plan(stages) if stages else {}
     return instantiate(
         cfg.model,
         **{key: value for key, value in planned.items() if cfg.model.get(key) is None},  # the plan fills what is not set

@@ -25,6 +25,7 @@ from datamodules.dataset_layout import CaseFiles, DatasetLayout
 from datamodules.image_files import UnreadableImage, read_image
 from datamodules.plan import Fingerprint
 from datamodules.preprocessing_cache import fingerprint as file_fingerprint
+from datamodules.preprocessing_cache import nonzero_crop
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,13 @@ def case_fingerprint(case: CaseFiles) -> dict | None:
     affine = channels[0][1]
     ras_axis = nib.orientations.io_orientation(affine)[:, 0].astype(int)  # voxel axis v lies along RAS axis ras_axis[v]
     spacing = np.round(np.linalg.norm(affine[:3, :3], axis=0), 6)  # a float32 header's 1.2 is 1.2000000477
-    mask = np.any(data != 0, axis=0)
-    if mask.any():
-        size = np.asarray([np.ptp(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != v)))) + 1 for v in range(3)])
-    else:
-        size = np.asarray(mask.shape)
+    shape = np.asarray(data.shape[1:])
+    bounds = nonzero_crop(data)  # the preprocessing's own crop (None: nothing to crop)
+    size = shape if bounds is None else shape - np.asarray(bounds).reshape(3, 2).sum(1)
     ras_spacing, ras_size = np.empty(3), np.empty(3)
     ras_spacing[ras_axis], ras_size[ras_axis] = spacing, size
     return {"spacing": ras_spacing.tolist(), "size_after_crop": ras_size.tolist(),
-            "relative_size": float(np.prod(size) / np.prod(mask.shape))}
+            "relative_size": float(np.prod(size) / np.prod(shape))}
 
 
 def dataset_fingerprint(layout: DatasetLayout, directory: Path, num_workers: int = 0) -> tuple[Fingerprint, Callable[[], None]]:

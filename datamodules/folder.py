@@ -160,7 +160,8 @@ class FolderDataModule(SegmentationDataModule):
             unknown = sorted(set(chosen) - set(names))
             if unknown:
                 raise DatasetError([f"{self.layout.root / 'dataset.json'}: cases {unknown[:5]} to validate on are not in the dataset"])
-            self.all_splits = [{"train": [], "val": [n for n in names if n in set(chosen)]}]
+            chosen = set(chosen)
+            self.all_splits = [{"train": [], "val": [n for n in names if n in chosen]}]
             self.split = self.all_splits[0]
         else:
             self.all_splits = self.splits()  # checked now, before any preprocessing

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from datamodules.image_files import AFFINE_TOLERANCE  # grids this close are the same grid
+
 SLAB_VOXELS = 1 << 22  # original voxels resampled per pass: bounds the sampling grid's memory (~50 MB)
-AFFINE_TOLERANCE = 1e-4  # mm: grids this close are the same grid
 
 
 @dataclass(frozen=True)

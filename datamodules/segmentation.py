@@ -229,6 +229,11 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         """With regions: the label value each region writes when a segmentation is exported."""
         return None
 
+    def network_plan(self, stages: int) -> dict:
+        """U-Net settings this data plans for ``stages`` stages (``strides``, ``kernel_sizes``);
+        none here: the model's defaults."""
+        return {}
+
     @property
     def channel_names(self) -> list[str]:
         """Names of the image channels, in the order the model reads them."""
