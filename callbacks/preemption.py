@@ -22,6 +22,10 @@ class CheckpointOnSigterm(pl.Callback):
         self.path = Path(path)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+        # After SIGTERM another error may come first: SLURM signals the job's other processes too,
+        # and a logger whose service died with them (wandb) raises on its next call. The state
+        # is the same; save it all the same.
+        if trainer.state.fn == "fit" and (isinstance(exception, SIGTERMException) or trainer.received_sigterm):
             trainer.save_checkpoint(self.path, weights_only=False)  # the full state, to resume from
-            rank_zero_info(f"SIGTERM: saved {self.path} at epoch {trainer.current_epoch}, step {trainer.global_step}")
+            cause = "" if isinstance(exception, SIGTERMException) else f" (stopped by {type(exception).__name__} after it)"
+            rank_zero_info(f"SIGTERM: saved {self.path} at epoch {trainer.current_epoch}, step {trainer.global_step}{cause}")

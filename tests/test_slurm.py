@@ -175,12 +175,13 @@ def test_scontrol_requeue_continues_the_sbatch_job_in_its_run_directory_with_one
     last.ckpt at that step and exits; the job starts again with the same id, in the same run
     directory, resumes there, and its offline wandb run keeps one id with every step once."""
     overrides = [o for o in TINY if not o.startswith(("trainer.max_epochs", "data.samples_per_volume"))] + [
-        "trainer.max_epochs=12", "data.samples_per_volume=16", *QUIET, "logger=csv_wandb",
-        f"paths.log_dir={tmp_path / 'logs'}"]
+        "trainer.max_epochs=30", "data.samples_per_volume=16", *QUIET, "logger=csv_wandb",
+        f"paths.log_dir={tmp_path / 'logs'}"]  # 30 epochs: still running when the requeue comes, also on a busy machine
     job = sbatch(overrides, ["--ntasks-per-node=1"], tmp_path / "slurm-%j.out", BIASSEG_TRAINER="cpu", WANDB_MODE="offline")
     run_dir = tmp_path / "logs" / "train" / "runs" / job
-    wait_for(lambda: validated_epoch(run_dir) >= 2, 600, "three validated epochs")
+    wait_for(lambda: validated_epoch(run_dir) >= 2, 600, "three validated epochs", poll=0.25)
     time.sleep(3)  # wandb writes its records every 2 s (configs/logger/wandb.yaml); SIGTERM kills its service too
+    assert job_state(job) == "RUNNING", f"job {job} ended before its requeue: {job_state(job)}"
     requeued = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     assert requeued.returncode == 0, requeued.stderr
     state = wait_for(lambda: finished(job), 900, f"job {job} to end after its requeue", poll=2)
@@ -190,7 +191,7 @@ def test_scontrol_requeue_continues_the_sbatch_job_in_its_run_directory_with_one
     restarts = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     assert "Restarts=1" in restarts
     assert sorted(p.name for p in (tmp_path / "logs" / "train" / "runs").iterdir()) == [job]  # no second run folder
-    assert logged_epochs(run_dir) == list(range(12))
+    assert logged_epochs(run_dir) == list(range(30))
     resumed = json.loads((run_dir / "metrics.json").read_text())
     assert_same_final_validation(resumed, reference_run([o for o in overrides if not o.startswith(("logger=", "paths."))] + [
         "trainer=cpu", "logger=csv"], tmp_path / "reference"))
