@@ -76,13 +76,12 @@ def main() -> None:
         (images / f"{case}_0000.nii.gz").symlink_to(raw / "imagesTr" / f"{case}_0000.nii.gz")
     patch = list(reversed(plan["patch_size"]))  # nnU-Net's (z, y, x) → biasseg's (x, y, z)
     batch = int(plan["batch_size"])
-    per_volume = int(np.ceil(args.iterations * batch / len(fold["train"])))
     run = work / "biasseg_run"
     command = [sys.executable, str(common.ROOT / "train.py"), "data=folder", f"data.root={raw}", f"data.cache_dir={work / 'cache'}",
                f"data.splits_from={work / 'splits.json'}", "data.fold=0", f"data.patch_size=[{','.join(map(str, patch))}]",
-               f"data.batch_size={batch}", f"data.samples_per_volume={per_volume}", "loss=ce_softdice",
+               f"data.batch_size={batch}", f"data.steps_per_epoch={args.iterations}", "loss=ce_softdice",
                f"model.features=[{','.join(map(str, arch['features_per_stage']))}]", "model.deep_supervision=true",
-               "trainer.max_epochs=1", f"+trainer.max_steps={args.iterations}", "trainer.accelerator=cpu", f"seed={args.seed}",
+               "trainer.max_epochs=1", "trainer.accelerator=cpu", f"seed={args.seed}",
                "trainer.enable_progress_bar=false", "callbacks.validation_figures=null", f"hydra.run.dir={run}"]
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, text=True)

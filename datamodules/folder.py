@@ -225,7 +225,8 @@ class FolderDataModule(SegmentationDataModule):
             patch = list(self.patch_size) if self.patch_size is not None else plan.patch_size
             strides, kernels, _ = pooling(spacing, patch)
             normalization = plan.normalization if self.normalization == "auto" else self.channel_schemes
-            self._plan = Plan(spacing, patch, strides, kernels, normalization, plan.median_size)
+            self._plan = Plan(spacing, patch, strides, kernels, normalization, plan.median_size, self.batch_size,
+                              self.steps_per_epoch)
             self.patch_size = tuple(patch)
             log.info(f"Plan for {self.layout.name} ({len(fingerprint.spacings)} cases; data.* and model.strides keys override it):\n"
                      f"{self._plan.table()}")

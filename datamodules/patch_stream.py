@@ -7,7 +7,11 @@ the preprocessing cache (or an in-memory array), is normalised, then augmented w
 configured TorchIO transforms; ``benchmarks/pipeline.py`` measures the difference against a
 plain Queue. The semantics follow the Queue's: every epoch each of this process's subjects
 contributes ``samples_per_volume`` patches, shuffled across subjects, and subjects (not
-patches) are sharded across processes by a ``DistributedSampler``.
+patches) are sharded across processes by a ``DistributedSampler``. With ``steps_per_epoch``
+(nnU-Net's fixed 250 iterations) an epoch is that many batches whatever the number of
+subjects: its ``steps × batch_size`` patches go round this process's subjects in random
+order, each subject drawn as often as any other (±1), so a dataset of 10 subjects and one of
+1 000 train for the same number of steps.
 
 Patch centres (nnU-Net's oversampling): with probability ``foreground_probability`` on a
 voxel of a foreground class chosen uniformly among those present (patches that fit inside
@@ -44,6 +48,8 @@ class PatchBatches(IterableDataset):
         cases: the training cases (all of them; ``subject_sampler`` picks this rank's).
         patch_size: ``(W, H, D)`` voxels.
         batch_size, samples_per_volume: patches per batch; per subject per epoch.
+        steps_per_epoch: batches per epoch whatever the number of subjects (``samples_per_volume``
+            is then unused); None = ``samples_per_volume × subjects / batch_size``.
         foreground_probability: share of patches centred on foreground (0 = uniform).
         augmentation: TorchIO transforms applied to each patch, in order.
         context: voxels read on each side of a patch for the resampling transforms (affine,
@@ -72,8 +78,10 @@ class PatchBatches(IterableDataset):
         subject_sampler: DistributedSampler | None = None,
         soft_labels: bool = False,
         train_rater: str | int = "random",
+        steps_per_epoch: int | None = None,
     ) -> None:
         self.cases = list(cases)
+        self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
         self.train_rater = train_rater
         self.soft_labels = bool(soft_labels)
         if self.soft_labels and any(c.probabilities is None for c in self.cases):
@@ -111,14 +119,28 @@ class PatchBatches(IterableDataset):
         return list(range(len(self.cases)))
 
     def __len__(self) -> int:
+        if self.steps_per_epoch is not None:
+            return self.steps_per_epoch
         return math.ceil(len(self.subjects(self.epoch)) * self.samples_per_volume / self.batch_size)
+
+    def epoch_subjects(self, epoch: int) -> np.ndarray:
+        """The subject of every patch of ``epoch`` on this process, in the order they are drawn."""
+        subjects = self.subjects(epoch)
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        if self.steps_per_epoch is None:
+            jobs = np.repeat(subjects, self.samples_per_volume)
+            rng.shuffle(jobs)
+            return jobs
+        # whole rounds over the subjects, each round in its own order, cut to the epoch's patches
+        patches = self.steps_per_epoch * self.batch_size
+        rounds = math.ceil(patches / len(subjects))
+        return np.concatenate([rng.permutation(subjects) for _ in range(rounds)])[:patches]
 
     def __iter__(self):
         epoch, start = (int(v) for v in self._position)
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        jobs = np.repeat(self.subjects(epoch), self.samples_per_volume)
-        np.random.default_rng([self.seed, epoch, self.rank]).shuffle(jobs)
+        jobs = self.epoch_subjects(epoch)
         # worker w yields batches start + w, start + w + W, …: the DataLoader's round robin over
         # the workers then hands them out in index order
         for index in range(start + worker_id, math.ceil(len(jobs) / self.batch_size), num_workers):

@@ -75,6 +75,8 @@ class Plan:
     kernel_sizes: list[list[int]]
     normalization: list[str]
     median_size: list[float]
+    batch_size: int = 2  # the training length, as set (data.batch_size, data.steps_per_epoch), not planned
+    steps_per_epoch: int | None = None  # None: samples_per_volume × subjects / batch_size
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -88,6 +90,7 @@ class Plan:
             ("U-Net strides per stage", " ".join("".join(str(s) for s in stride) for stride in self.strides)),
             ("U-Net kernels per stage", " ".join("".join(str(k) for k in kernel) for kernel in self.kernel_sizes)),
             ("normalisation per channel", ", ".join(self.normalization)),
+            ("batch, steps per epoch", f"{self.batch_size}, {self.steps_per_epoch or 'samples_per_volume × subjects / batch'}"),
         ]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)

@@ -111,6 +111,9 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         patch_size: training (and sliding-window) patch size in voxels ``(W, H, D)``.
         batch_size: patches per training step.
         samples_per_volume: patches drawn from each subject per epoch.
+        steps_per_epoch: training steps per epoch whatever the number of subjects (nnU-Net:
+            250), so that a small and a large dataset train as long; None = ``samples_per_volume
+            × subjects / batch_size`` (TorchIO's ``Queue``), which shrinks with the dataset.
         num_workers: processes reading and augmenting patches, or ``"auto"``.
         sampler: ``"label"`` (nnU-Net's foreground oversampling) or ``"uniform"``.
         foreground_probability: with the label sampler, the probability that a patch is
@@ -140,6 +143,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         patch_size: Sequence[int] = (32, 32, 32),
         batch_size: int = 2,
         samples_per_volume: int = 8,
+        steps_per_epoch: int | None = None,
         num_workers: int | str = "auto",
         sampler: str = "label",
         foreground_probability: float = 0.33,
@@ -167,6 +171,9 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
             raise InputError(f"data.foreground_probability must be in [0, 1], got {foreground_probability}")
         if batch_size < 1 or samples_per_volume < 1:
             raise InputError("data.batch_size and data.samples_per_volume must be >= 1")
+        if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or isinstance(steps_per_epoch, bool)
+                                            or steps_per_epoch < 1):
+            raise InputError(f"data.steps_per_epoch must be a whole number >= 1 or null, got {steps_per_epoch!r}")
         if not (normalization in (*NORMALISATIONS, "auto") if isinstance(normalization, str) else
                 all(n in NORMALISATION_SCHEMES for n in normalization)):
             raise InputError(f"data.normalization must be one of {NORMALISATIONS} or a list of {NORMALISATION_SCHEMES} "
@@ -176,6 +183,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         self.patch_size = tuple(int(p) for p in patch_size)
         self.batch_size = int(batch_size)
         self.samples_per_volume = int(samples_per_volume)
+        self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
         self.num_workers = resolve_num_workers(num_workers)
         self.sampler_name = sampler
         self.foreground_probability = float(foreground_probability) if sampler == "label" else 0.0
@@ -356,6 +364,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
             subject_sampler=subject_sampler,
             soft_labels=self.label_mode == "soft",
             train_rater=self.train_rater,
+            steps_per_epoch=self.steps_per_epoch,
         )
         epoch, start = (self.trainer.current_epoch if self.trainer is not None else 0), 0
         if self._resume_point is not None:  # a restored run: continue where its checkpoint stopped

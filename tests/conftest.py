@@ -16,6 +16,7 @@ CONFIG_DIR = ROOT / "configs"
 # U-Net, one quiet CPU epoch.
 TINY_RUN = [
     "data.samples_per_volume=2",
+    "data.steps_per_epoch=null",  # data=folder's fixed 100 steps per epoch would be slow here
     "data.num_workers=0",
     "model.features=[4,8]",
     "trainer.max_epochs=1",

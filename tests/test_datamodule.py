@@ -1,11 +1,15 @@
 """The TorchIO pipeline: queue patches, sampler foreground fraction, whole-volume validation."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 import torchio as tio
 
 from datamodules import SyntheticDataModule
 from datamodules.segmentation import ShardSampler, resolve_num_workers
+from input_errors import InputError
 
 SMALL = dict(num_train=4, num_val=2, shape=(32, 32, 16), radius_mm=(4.0, 6.0), num_structures=1,
              num_workers=0, augmentation=None)
@@ -166,3 +170,42 @@ def test_soft_labels_need_known_probabilities():
         dm.train_dataloader()
     with pytest.raises(ValueError, match="label_mode"):
         SyntheticDataModule(**SMALL, label_mode="fuzzy")
+
+
+@pytest.mark.parametrize("subjects", [3, 12, 24])
+def test_a_fixed_epoch_length_draws_every_subject_equally_often(subjects):
+    dm = SyntheticDataModule(**{**SMALL, "num_train": subjects}, patch_size=(16, 16, 8), batch_size=2, steps_per_epoch=10)
+    dm.setup()
+    loader = dm.train_dataloader()
+    assert len(loader) == 10
+    batches = list(loader)
+    assert len(batches) == 10 and all(len(b["image"][tio.DATA]) == 2 for b in batches)
+    drawn = np.bincount(dm._patches.epoch_subjects(0), minlength=subjects)
+    assert drawn.sum() == 20 and drawn.max() - drawn.min() <= 1  # balanced: 20 patches over the subjects
+    assert not np.array_equal(dm._patches.epoch_subjects(0), dm._patches.epoch_subjects(1))  # reshuffled each epoch
+
+
+def test_without_a_fixed_length_the_epoch_is_samples_per_volume_per_subject():
+    dm = SyntheticDataModule(**{**SMALL, "num_train": 12}, patch_size=(16, 16, 8), batch_size=2, samples_per_volume=3)
+    dm.setup()
+    assert len(dm.train_dataloader()) == 12 * 3 // 2
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True, "many"])
+def test_steps_per_epoch_must_be_a_positive_whole_number(value):
+    with pytest.raises(InputError, match="data.steps_per_epoch must be a whole number >= 1 or null"):
+        SyntheticDataModule(**SMALL, steps_per_epoch=value)
+
+
+@pytest.mark.parametrize("subjects", [12, 24])
+def test_a_12_subject_dataset_trains_as_long_as_a_24_subject_one(subjects, tmp_path):
+    """A real Lightning run: with data.steps_per_epoch the step count does not depend on the
+    number of training subjects (without it, the 12-subject run would train half as long)."""
+    from conftest import TINY, compose_config
+    from train import train
+
+    cfg = compose_config([*TINY, f"data.num_train={subjects}", "data.steps_per_epoch=7", "trainer.max_epochs=2",
+                          "callbacks.validation_figures=null", "logger=csv"], tmp_path)
+    train(cfg)
+    steps = json.loads((tmp_path / "metrics.json").read_text())["global_step"]
+    assert steps == 14
