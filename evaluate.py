@@ -21,6 +21,12 @@ cases of any checkpoint (an ensemble's members included) is refused, naming both
 ``cross_validation=true`` with the fold models (``'ckpt_path=…/fold*/checkpoints/last.ckpt'``)
 scores each case with the one fold model that validated on it and pools the rows
 (nnU-Net's cross-validation summary), instead of averaging them as an ensemble.
+The volume to quote (:mod:`metrics.volume_quote`): ``calibration=auto`` applies the
+recalibration and interval stored beside the checkpoint (``volume_calibration.json``, fitted
+on the training run's validation subjects, refused for other weights), so ``interval_coverage``
+and ``quote_…`` biases are measured on cases the calibration never saw; without one (or with
+several checkpoints) they are cross-fitted on the evaluated cases. ``calibration=none|
+temperature|platt|isotonic`` picks the method.
 ``epoch`` and ``global_step`` in ``metrics.json`` are the checkpoint's (lists, one per member,
 for an ensemble: several checkpoints, whose probability maps are averaged; the data config
 is the first one's).
@@ -28,6 +34,7 @@ is the first one's).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -40,6 +47,7 @@ from callbacks import ResultsWriter
 from cli import check_command_line
 from datamodules.preprocessing_cache import default_cache_dir
 from input_errors import InputError, exit_on_input_error
+from lightning_modules.calibration_file import resolve_calibration
 from lightning_modules.checkpoint_contents import check_targets, instantiate_section, split_record_problem
 from lightning_modules.checkpoints import load_ensemble, read_checkpoints
 from loggers.run_log import progress_bar, route_library_output
@@ -47,6 +55,7 @@ from loggers.run_log import progress_bar, route_library_output
 # A checkpoint's data config decides what is read; these keys, how it is read, stay the user's.
 CHECKPOINT_DATA_OVERRIDES = {"allow_outside_root": False, "num_workers": "auto"}
 CASES = ("auto", "all", "val")
+log = logging.getLogger(__name__)
 
 
 def data_config(cfg: DictConfig, run_data: object, source: str) -> DictConfig:
@@ -157,6 +166,9 @@ SUMMARY = (  # what the closing line shows: (metrics.json key, label, format)
     ("val/relative_volume_bias", "argmax ΔV/ref", "{:+.1%}"),
     ("val/soft_relative_volume_bias", "soft ΔV/ref", "{:+.1%}"),
     ("val/relative_soft_expected_volume_bias", "soft vs expected", "{:+.1%}"),
+    ("val/quote_relative_volume_bias", "quoted ΔV/ref", "{:+.1%}"),
+    ("val/interval_coverage", "interval coverage", "{:.0%}"),
+    ("val/interval_relative_width", "width", "{:.0%}"),
     ("val/ece", "pooled ECE", "{:.4f}"),
     ("val/ged", "GED", "{:.3f}"),
 )
@@ -199,6 +211,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if folds is not None:
         origin["cross_validation"] = True
     origin["preprocessing"] = {key: trained.inference_settings.get(key) for key in ("target_spacing", "crop_nonzero", "normalization")}
+    calibration, method, note = resolve_calibration(str(cfg.get("calibration", "auto")), cfg.get("calibration_file"),
+                                                    [path for path, _ in checkpoints], trained.module.net, trained.module.class_names)
+    trained.module.stored_calibration = calibration
+    if calibration is None:  # the quote is cross-fitted on the evaluated cases themselves (metrics.volume_quote)
+        trained.module.volume_quote = {**trained.module.volume_quote, **({"method": "none"} if cfg.get("calibration") == "none" else {})}
+        note += f"; quote and interval cross-fitted on the evaluated cases ({trained.module.volume_quote['method']})"
+    log.info(f"volume calibration: {note}")
+    origin["volume_calibration"] = {"method": method if calibration is not None else trained.module.volume_quote["method"],
+                                    "stored": calibration is not None, "note": note}
     writer = ResultsWriter(cfg.paths.output_dir, fields=origin)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False,
                                       enable_progress_bar=progress_bar(cfg.trainer.get("enable_progress_bar", "auto")))

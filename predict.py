@@ -7,8 +7,15 @@
 Each case is preprocessed like the training data (RAS+, target spacing, non-zero crop,
 normalisation; stored in the checkpoint), segmented with sliding-window inference, and its
 class probabilities are resampled back onto the input's grid, so ``<case>.nii.gz`` has
-exactly the input's shape and affine (header copied). ``volumes.csv`` lists each class's
-volume in ml: ``volume_ml`` from the mask (argmax), ``soft_volume_ml`` = Σ p × voxel volume.
+exactly the input's shape and affine (header copied). ``volumes.csv`` lists per case and class
+(ml): ``volume_ml``, the volume to quote — the soft volume ``Σ p × voxel volume`` after the
+recalibration stored with the checkpoint (``volume_calibration.json``, fitted on the training
+run's validation subjects; ``calibration=…``), ``volume_low_ml``/``volume_high_ml`` its
+interval (``1 − α``, 90 % by default: split conformal, valid where the calibration subjects and
+these scans are exchangeable), ``soft_volume_ml`` (Σ p uncalibrated), ``mask_volume_ml``
+(argmax) and ``volume_sd_ml`` (the map's own Poisson-binomial SD, which under-covers; see
+:mod:`metrics.volume_quote`). Without a stored calibration (or for an ensemble) ``volume_ml``
+is the uncalibrated soft volume and the interval is empty.
 A region model (nnU-Net region labels) writes nnU-Net's export (``regions_class_order``), its
 volumes per region (``p > 0.5``, Σ p) and, with ``save_probabilities``, one channel per region.
 Inputs: ``.nii``/``.nii.gz`` files; several channels either as nnU-Net's
@@ -43,7 +50,10 @@ from datamodules.image_files import AFFINE_TOLERANCE, NIFTI_ENDINGS, UnreadableI
 from datamodules.original_grid import OriginalGrid
 from datamodules.preprocessing_cache import nonzero_statistics, preprocess_subject
 from input_errors import DatasetError, InputError, exit_on_input_error
-from lightning_modules.checkpoints import TrainedModel, load_ensemble, read_checkpoints
+from lightning_modules.calibration_file import resolve_calibration
+from lightning_modules.checkpoints import TrainedModel, checkpoint_paths, load_ensemble, read_checkpoints
+from metrics.posthoc import bin_centres
+from metrics.volume_quote import VolumeCalibration, map_histograms, poisson_binomial_sd, soft_volumes
 
 
 def find_cases(source: Path, in_channels: int) -> dict[str, list[Path]]:
@@ -147,6 +157,24 @@ def predict_case(trained: TrainedModel, image: tio.ScalarImage) -> np.ndarray:
     return grid.probabilities(probabilities, subject["image"].affine, background=trained.module.regions is None).cpu().numpy()
 
 
+VOLUME_COLUMNS = ("case", "class", "volume_ml", "volume_low_ml", "volume_high_ml", "soft_volume_ml", "mask_volume_ml",
+                  "volume_sd_ml")
+
+
+def quote_volumes(probabilities: torch.Tensor, regions: bool, voxel_ml: float, calibration: VolumeCalibration | None,
+                  method: str) -> tuple[torch.Tensor, ...]:
+    """Per class ``(K,)``: the quoted volume, its interval's ends and the Poisson-binomial SD (ml),
+    from the map on the input's grid; without a calibration the volume is Σ p (bin centres)."""
+    histograms = map_histograms(probabilities, regions)
+    voxel = torch.tensor([voxel_ml], dtype=torch.float64)
+    sd = poisson_binomial_sd(histograms, voxel)[0]
+    if calibration is None:
+        volume = soft_volumes(histograms, voxel, torch.sigmoid(bin_centres()).expand(histograms.shape[1], -1))[0]
+        return volume, volume, volume, sd
+    volume, low, high = calibration.quote(histograms, voxel, method)
+    return volume[0], low[0], high[0], sd
+
+
 def write_like(path: Path, data: np.ndarray, reference: nib.Nifti1Image, dtype) -> None:
     """Save ``data`` as ``.nii.gz`` with the reference's affine and header (only the data
     type changes), atomically."""
@@ -218,6 +246,10 @@ def predict(cfg: DictConfig) -> Path:
         raise InputError(f"output={output}: cannot be created ({error.strerror or error})") from None
     if not os.access(output, os.W_OK | os.X_OK):
         raise InputError(f"output={output}: not writable by you")
+    calibration, method, note = resolve_calibration(str(cfg.get("calibration", "auto")), cfg.get("calibration_file"),
+                                                    checkpoint_paths(cfg.ckpt_path),
+                                                    trained.module.net, class_names)
+    print(f"volume calibration: {note}")
     rows = []
     for name, files in tqdm(cases.items(), desc="Predicting", unit="case"):
         probabilities = predict_case(trained, load_case(files))
@@ -229,16 +261,23 @@ def predict(cfg: DictConfig) -> Path:
             write_like(output / f"{name}_probabilities.nii.gz", np.moveaxis(probabilities, 0, -1), reference, np.float32)
         voxel_ml = abs(np.linalg.det(reference.affine[:3, :3])) / 1000.0
         regions = trained.module.regions is not None
+        quoted = quote_volumes(torch.from_numpy(probabilities), regions, voxel_ml, calibration, method)
         for c, class_name in enumerate(class_names, start=1):
             mask, soft = (masks[c - 1], probabilities[c - 1]) if regions else (segmentation == c, probabilities[c])
+            soft_ml = float(soft.sum(dtype=np.float64) * voxel_ml)
+            volume, low, high, sd = (float(v[c - 1]) for v in quoted)
             rows.append({
                 "case": name,
                 "class": class_name,
-                "volume_ml": float(mask.sum() * voxel_ml),
-                "soft_volume_ml": float(soft.sum(dtype=np.float64) * voxel_ml),
+                "volume_ml": volume if calibration is not None else soft_ml,
+                "volume_low_ml": low if calibration is not None else "",
+                "volume_high_ml": high if calibration is not None else "",
+                "soft_volume_ml": soft_ml,
+                "mask_volume_ml": float(mask.sum() * voxel_ml),
+                "volume_sd_ml": sd,
             })
     text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=["case", "class", "volume_ml", "soft_volume_ml"])
+    writer = csv.DictWriter(text, fieldnames=list(VOLUME_COLUMNS))
     writer.writeheader()
     writer.writerows(rows)
     write_atomically(output / "volumes.csv", text.getvalue())

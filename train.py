@@ -72,6 +72,7 @@ def build_model(cfg: DictConfig, datamodule: SegmentationDataModule) -> Segmenta
         num_classes=datamodule.num_classes,
         class_names=datamodule.class_names,
         sliding_window=datamodule.sliding_window_settings(),
+        volume_quote=OmegaConf.to_container(cfg.volume_quote) if cfg.get("volume_quote") is not None else None,
     )
 
 
@@ -81,7 +82,7 @@ RESUME_INDEPENDENT = (
     "ckpt_path", "auto_resume", "logger", "callbacks", "paths", "hparams_search", "optimized_metric", "volume_bias_penalty",
     "volume_bias_key", "trainer.max_epochs", "trainer.max_steps", "trainer.devices", "trainer.num_nodes",
     "trainer.accelerator", "trainer.strategy", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-    "trainer.check_val_every_n_epoch", "trainer.log_every_n_steps", "trainer.num_sanity_val_steps",
+    "trainer.check_val_every_n_epoch", "trainer.log_every_n_steps", "trainer.num_sanity_val_steps", "volume_quote",
     "data.num_workers", "data.pin_memory", "data.val_batch_size",
 )
 

@@ -106,7 +106,8 @@ def write_atomically(path: Path, content: str | Callable[[BinaryIO], None]) -> N
 class ResultsWriter(pl.Callback):
     """After every validation epoch (rank zero, not the sanity check) write into ``output_dir``:
 
-    * ``metrics.json``: ``epoch``, ``global_step``, ``num_subjects`` and every ``val/…`` key;
+    * ``metrics.json``: ``epoch``, ``global_step``, ``num_subjects``, ``calibration_verdict``
+      (:func:`metrics.volume_quote.verdict`) and every ``val/…`` key;
     * ``subjects.csv``: one row per validation subject (see :func:`subject_table`);
     * ``calibration.csv``: the reliability bins pooled over the validation subjects (see
       :func:`calibration_table`).
@@ -130,6 +131,7 @@ class ResultsWriter(pl.Callback):
             "global_step": trainer.global_step,
             "num_subjects": len(rows["subject_index"]),
             **self.fields,
+            "calibration_verdict": pl_module.calibration_verdict,
             **{f"val/{k}": v for k, v in pl_module.validation_summary.items()},
         }
         write_atomically(self.output_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True) + "\n")
@@ -148,6 +150,9 @@ class ResultsWriter(pl.Callback):
         if not self.print_table or not trainer.is_global_zero or summary is None:
             return
         log.info("\n" + headline_table(summary, trainer.current_epoch, len(pl_module.class_names)))
+        verdict = pl_module.calibration_verdict
+        if verdict:  # one line; a warning when the soft volume should not be quoted as it is
+            (log.warning if "NOT " in verdict else log.info)(verdict)
         outputs = [p for p in ("metrics.json", "subjects.csv", "calibration.csv", "splits.json", "checkpoints/last.ckpt",
                                "figures", "csv/metrics.csv", "wandb") if (self.output_dir / p).exists()]
         log.info(f"outputs in {self.output_dir}: {', '.join(outputs)}")
@@ -162,7 +167,12 @@ HEADLINE = {
     "volume vs expected": (("relative_expected_volume_bias", "argmax", "+.1%"), ("relative_soft_expected_volume_bias", "soft (Σp)", "+.1%"),
                            ("relative_near_soft_expected_volume_bias", "soft near the structure", "+.1%")),
     "calibration": (("ece", "ECE, class-wise (pooled)", ".4f"), ("ece_top_label", "ECE, top-label", ".4f"),
-                    ("temperature", "fitted temperature (1 = calibrated)", ".2f")),
+                    ("temperature", "fitted temperature (1 = calibrated)", ".2f"),
+                    ("platt_bias", "Platt bias b (0 = calibrated)", "+.3f")),
+    "volume to quote": (("quote_relative_volume_bias", "recalibrated, held out: ΔV vs reference", "+.1%"),
+                        ("relative_quote_expected_volume_bias", "recalibrated, held out: vs expected", "+.1%"),
+                        ("interval_coverage", "interval covers the reference", ".0%"),
+                        ("interval_relative_width", "interval width / volume", ".0%")),
 }
 
 

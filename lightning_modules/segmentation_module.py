@@ -21,6 +21,7 @@ from lightning_modules.unet import UNet3D
 from losses.regions import region_loss
 from metrics import SubjectSegmentationMetrics, per_subject, summarize
 from metrics.region_metrics import RegionMetrics, per_region_subject
+from metrics.volume_quote import METHODS, VolumeCalibration, apply_stored, cross_fit, verdict
 
 
 def preview_slices(subject: tio.Subject, probabilities: torch.Tensor) -> dict:
@@ -75,6 +76,22 @@ def hypernet_settings(hypernet: Mapping | None, loss: nn.Module) -> dict | None:
     return {"alpha_range": [low, high], "inference_alphas": alphas}
 
 
+def quote_settings(settings: Mapping | None) -> dict:
+    """The checked ``volume_quote`` settings (see :class:`SegmentationModule`)."""
+    settings = dict(settings or {})
+    unknown = set(settings) - {"method", "alpha", "folds"}
+    if unknown:
+        raise InputError(f"volume_quote: unknown keys {sorted(unknown)}; it takes method, alpha and folds")
+    method, alpha, folds = settings.get("method", "platt"), settings.get("alpha", 0.1), settings.get("folds", 5)
+    if method not in METHODS:
+        raise InputError(f"volume_quote.method must be one of {METHODS}, got {method!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise InputError(f"volume_quote.alpha must be in (0, 1) (0.1: a 90 % interval), got {alpha!r}")
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise InputError(f"volume_quote.folds must be a whole number >= 2, got {folds!r}")
+    return {"method": method, "alpha": float(alpha), "folds": folds}
+
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
@@ -111,6 +128,10 @@ class SegmentationModule(pl.LightningModule):
             by ``1 − α``; ``inference_alphas``, the ``α`` whose probability maps are averaged at
             inference (the marginal map; each one is a sample for the generalised energy
             distance), unless :attr:`inference_alpha` picks one.
+        volume_quote: how validation recalibrates and bounds each subject's soft volume
+            (:mod:`metrics.volume_quote`): ``method`` (one of ``none``, ``temperature``,
+            ``platt``, ``isotonic``), ``alpha`` (the interval's miscoverage), ``folds``
+            (cross-fitting folds over the validation subjects).
 
     Members of a deep ensemble (:meth:`add_ensemble_members`: evaluate.py and predict.py with
     several checkpoints) are averaged with this network at inference; each member's
@@ -139,9 +160,11 @@ class SegmentationModule(pl.LightningModule):
         kernel_sizes: Sequence[Sequence[int]] | None = None,
         regions: Sequence[Sequence[int]] | None = None,
         regions_class_order: Sequence[int] | None = None,
+        volume_quote: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "volume_quote"])
+        self.volume_quote = quote_settings(volume_quote)
         self.hypernet = hypernet_settings(hypernet, loss)
         self.regions = None if regions is None else [[int(v) for v in r] for r in regions]
         self.regions_class_order = None if regions_class_order is None else [int(v) for v in regions_class_order]
@@ -179,6 +202,10 @@ class SegmentationModule(pl.LightningModule):
         self.validation_previews: list[dict] = []
         self._previews: list[dict] = []
         self.run_config: dict | None = None  # the resolved run config, stored in checkpoints
+        self.stored_calibration: VolumeCalibration | None = None  # evaluate.py: a trained model's calibration, applied as is
+        self.volume_calibration: VolumeCalibration | None = None  # fitted at the last validation (cross-fitted)
+        self.soft_bias_history: list[float] = []  # the relative soft-volume bias of every validation (the verdict's trend)
+        self.calibration_verdict: str | None = None
 
     def new_metrics(self, raters: int = 0) -> SubjectSegmentationMetrics | RegionMetrics:
         """Validation's per-subject metrics: per class, or per region (:mod:`metrics.region_metrics`)."""
@@ -368,7 +395,24 @@ class SegmentationModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         rows, fitted = per_subject(self.val_metrics) if self.regions is None else per_region_subject(self.val_metrics)
         self.val_metrics.reset()
+        histograms, voxel_ml = fitted.pop("log_odds"), fitted.pop("voxel_ml")
+        settings = self.volume_quote
+        if self.stored_calibration is not None:  # a trained model's calibration, measured on new subjects
+            rows.update(apply_stored(self.stored_calibration, histograms, voxel_ml, settings["method"]))
+            fitted["interval_alpha"] = torch.tensor(self.stored_calibration.alpha)
+        else:
+            self.volume_calibration, quote_rows = cross_fit(histograms, voxel_ml, rows["volume_ref_ml"], settings["alpha"],
+                                                            settings["folds"], settings["method"])
+            rows.update(quote_rows)
+            fitted["interval_alpha"] = torch.tensor(settings["alpha"])
         summary = summarize(rows, self.class_names, fitted)
+        if not self.trainer.sanity_checking:
+            self.soft_bias_history.append(summary.get("soft_relative_volume_bias", float("nan")))
+        self.calibration_verdict, calibrated, settled = verdict(
+            fitted["temperature"].tolist(), fitted["platt_slope"].tolist(), fitted["platt_bias"].tolist(),
+            self.soft_bias_history, settings["method"])
+        summary["calibrated"] = float(calibrated)
+        summary["volume_settled"] = float("nan") if settled is None else float(settled)
         for key, value in summary.items():
             self.log(f"val/{key}", value, prog_bar=key == "dice", sync_dist=True)
         self.validation_rows = {key: value.detach().cpu() for key, value in rows.items()}
@@ -413,6 +457,9 @@ class SegmentationModule(pl.LightningModule):
         # the middle of an epoch (SIGTERM, requeue), instead of replaying the epoch's batches.
         # "processed" counts the batches trained on (a checkpoint written at a batch's end has
         # not yet counted it as "completed").
+        history = checkpoint.get("soft_bias_history")
+        if isinstance(history, list) and len(history) < 100_000 and all(isinstance(v, float) for v in history):
+            self.soft_bias_history = list(history)
         saved = checkpoint.get("epoch_loss")
         if isinstance(saved, dict) and isinstance(saved.get("epoch"), int) and isinstance(saved.get("sums"), list) \
                 and len(saved["sums"]) == 2 and all(isinstance(v, float) and np.isfinite(v) for v in saved["sums"]):
@@ -431,6 +478,7 @@ class SegmentationModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint["run_config"] = self.run_config
+        checkpoint["soft_bias_history"] = [float(v) for v in self.soft_bias_history]  # the verdict's trend, across resumes
         if self.epoch_loss_epoch is not None:  # the running epoch's loss sums, for a resume in its middle
             checkpoint["epoch_loss"] = {"epoch": self.epoch_loss_epoch, "sums": [float(v) for v in self.epoch_loss.tolist()]}
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -60,8 +60,9 @@ def per_region_subject(metric: RegionMetrics) -> tuple[dict[str, torch.Tensor], 
     results = [per_subject(m) for m in metric.per_region]
     rows = {key: (value if key == "subject_index" else torch.cat([r[0][key] for r in results], dim=1))
             for key, value in results[0][0].items()}
-    fitted = {}
+    fitted = {"log_odds": torch.cat([r[1]["log_odds"] for r in results], dim=1), "voxel_ml": results[0][1]["voxel_ml"]}
     for key, value in results[0][1].items():
-        values = [r[1][key] for r in results]
-        fitted[key] = torch.stack(values).mean() if value.ndim == 0 else torch.cat(values, dim=0)
+        if key not in fitted:
+            values = [r[1][key] for r in results]
+            fitted[key] = torch.stack(values).mean() if value.ndim == 0 else torch.cat(values, dim=0)
     return rows, fitted

@@ -184,7 +184,9 @@ def per_subject(metric: SubjectSegmentationMetrics) -> tuple[dict[str, torch.Ten
     ``rows``: ``subject_index`` ``(N,)`` and every :data:`PER_SUBJECT_KEYS` entry ``(N, C − 1)``.
     ``fitted`` (per class, ``(C − 1,)``): ``ece`` (class-wise) over all validation voxels, the
     remedies' fitted values (:func:`metrics.posthoc.posthoc_remedies`), and ``reliability``
-    ``(C − 1, bins, 3)`` pooled over subjects; ``ece_top_label`` ``()`` over all voxels. Shapes
+    ``(C − 1, bins, 3)`` pooled over subjects; ``ece_top_label`` ``()`` over all voxels; the
+    per-subject ``log_odds`` histograms ``(N, C − 1, 2, LOG_ODDS_BINS)`` and ``voxel_ml`` ``(N,)``
+    (for :mod:`metrics.volume_quote`). Shapes
     are restored after torchmetrics' squeezing of one-element results (one subject, one class).
     """
     raw = metric.compute()
@@ -200,7 +202,8 @@ def per_subject(metric: SubjectSegmentationMetrics) -> tuple[dict[str, torch.Ten
                                rows["volume_pred_ml"], rows["volume_pred_soft_ml"]))
     pooled = reliability.sum(0)
     top_label = expected_calibration_error(raw["top_label"].reshape(n, RELIABILITY_BINS, 3).sum(0))
-    return rows, {"ece": expected_calibration_error(pooled), "ece_top_label": top_label, "reliability": pooled, **fitted}
+    return rows, {"ece": expected_calibration_error(pooled), "ece_top_label": top_label, "reliability": pooled, **fitted,
+                  "log_odds": raw["log_odds"].reshape(n, k, 2, LOG_ODDS_BINS), "voxel_ml": raw["voxel_ml"].reshape(n)}
 
 
 def rater_rows(dice: torch.Tensor, volumes: torch.Tensor, hard: torch.Tensor, soft: torch.Tensor) -> dict[str, torch.Tensor]:

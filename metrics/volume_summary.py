@@ -4,8 +4,9 @@ With ``ΔV = predicted − reference`` per subject and class (ml), for every way
 volume off the prediction — ``""`` hard (argmax), ``soft_`` (``Σ p``), ``calibrated_soft_``
 (``Σ p`` after temperature scaling), ``platt_soft_``, ``isotonic_soft_`` (after Platt scaling,
 isotonic regression), ``threshold_`` (Dice-optimal threshold), ``rankseg_`` (RankSEG
-decoding), see :mod:`metrics.posthoc`, and ``near_soft_`` (``Σ p`` near the predicted
-structure, see :mod:`metrics.subject_metrics`):
+decoding), see :mod:`metrics.posthoc`, ``near_soft_`` (``Σ p`` near the predicted
+structure, see :mod:`metrics.subject_metrics`) and ``quote_`` (the recalibrated soft volume
+fitted on other subjects, :mod:`metrics.volume_quote`):
 
 * ``<prefix>volume_bias_ml``: mean ΔV; ``<prefix>abs_volume_error_ml``: mean |ΔV|;
   ``<prefix>relative_volume_bias``: mean ΔV / reference;
@@ -18,7 +19,10 @@ generalised energy distance, where the model gives samples: an ensemble), with s
 (the share of subjects whose volume lies within the raters' range), ``ece`` (class-wise,
 over all validation voxels), ``ece_top_label`` (top-label, over all voxels and classes),
 ``ece_calibrated``/``ece_platt``/``ece_isotonic`` (after each recalibration), ``temperature``,
-``platt_slope``, ``platt_bias``, ``threshold``.
+``platt_slope``, ``platt_bias``, ``threshold``; the interval's ``interval_coverage``,
+``interval_expected_coverage``, ``interval_width_ml``, ``interval_relative_width`` and the
+Poisson-binomial interval's ``sd_coverage``/``sd_expected_coverage``
+(:func:`metrics.volume_quote.interval_summary`).
 
 Means skip NaN (an empty reference has no relative error, a subject with both masks empty
 no Dice). Each key is given per class (``key/<class name>``, only with more than one
@@ -30,6 +34,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from metrics.volume_quote import interval_summary
 
 
 def _nanmean(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -50,6 +56,7 @@ VOLUME_READINGS = {
     "isotonic_soft_": "volume_soft_isotonic_ml",
     "threshold_": "volume_threshold_ml",
     "rankseg_": "volume_rankseg_ml",
+    "quote_": "volume_quote_ml",
 }
 FITTED_KEYS = ("ece", "ece_calibrated", "ece_platt", "ece_isotonic", "temperature", "platt_slope", "platt_bias", "threshold")
 DATASET_KEYS = ("ece_top_label",)  # one value for all classes
@@ -76,6 +83,8 @@ def per_class_summary(rows: dict[str, torch.Tensor], fitted: dict[str, torch.Ten
         if has_expected:
             summary[f"{prefix}expected_volume_bias_ml"] = _nanmean(volume - expected)
             summary[f"relative_{prefix}expected_volume_bias"] = _nanmean(_relative(volume - expected, expected))
+    if "volume_low_ml" in rows and fitted is not None and "interval_alpha" in fitted:
+        summary.update(interval_summary(rows, float(fitted["interval_alpha"])))
     for key in FITTED_KEYS:
         if fitted is not None and key in fitted:
             summary[key] = fitted[key]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -43,17 +44,43 @@ def test_evaluate_writes_what_training_validation_wrote(trained_run, tmp_path):
                                              "trainer.enable_progress_bar=false"])
     cfg.paths.output_dir = str(tmp_path)
     summary = evaluate(cfg)
-    assert (tmp_path / "subjects.csv").read_text() == (run / "subjects.csv").read_text()
+    # every measure as in training, but the volume to quote: training cross-fits it over the
+    # validation subjects, evaluate.py applies the calibration stored with the checkpoint
+    evaluated, validated = read_rows(tmp_path / "subjects.csv"), read_rows(run / "subjects.csv")
+    assert [{k: v for k, v in row.items() if k.split("/")[0] not in QUOTE_COLUMNS} for row in evaluated] == \
+        [{k: v for k, v in row.items() if k.split("/")[0] not in QUOTE_COLUMNS} for row in validated]
+    # the stored Platt map was fitted on these very subjects: applied to them it gives training's in-sample Platt volumes
+    assert [float(r["volume_quote_ml"]) for r in evaluated] == pytest.approx([float(r["volume_soft_platt_ml"]) for r in validated])
+    stored = json.loads((run / "checkpoints" / "volume_calibration.json").read_text())
+    assert stored["method"] == "platt" and stored["calibration_subjects"] == [r["subject"] for r in validated]
+    for name, scale in zip(stored["class_names"], stored["interval_scale"]["platt"]):
+        for row in evaluated:  # the interval: the quoted volume × (1 ± the stored scale)
+            quote = float(row[f"volume_quote_ml/{name}"])
+            expected = (0.0, math.inf) if scale is None else (max(quote * (1 - scale), 0.0), quote * (1 + scale))  # None: unbounded
+            assert (float(row[f"volume_low_ml/{name}"]), float(row[f"volume_high_ml/{name}"])) == pytest.approx(expected)
     trained_metrics = json.loads((run / "metrics.json").read_text())
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert {k: v for k, v in metrics.items() if k.startswith("val/")} == pytest.approx(
-        {k: v for k, v in trained_metrics.items() if k.startswith("val/")}, nan_ok=True)
+    assert metrics["volume_calibration"]["stored"] is True
+    assert {k: v for k, v in metrics.items() if k.startswith("val/") and not quote_key(k)} == pytest.approx(
+        {k: v for k, v in trained_metrics.items() if k.startswith("val/") and not quote_key(k)}, nan_ok=True)
     assert metrics["global_step"] == trained_metrics["global_step"]
     assert json.loads((tmp_path / "splits.json").read_text()) == json.loads((run / "splits.json").read_text())
     assert summary["val/dice"] == pytest.approx(trained_metrics["val/dice"])
     line = summary_line(summary)  # what evaluate.py prints instead of Lightning's table of every value
     assert line.startswith(f"Dice {trained_metrics['val/dice']:.3f} · argmax ΔV/ref ")
     assert f"pooled ECE {trained_metrics['val/ece']:.4f}" in line and "GED" not in line  # one network: no samples
+
+
+QUOTE_COLUMNS = ("volume_quote_ml", "volume_low_ml", "volume_high_ml")
+
+
+def quote_key(key: str) -> bool:
+    return "quote" in key or key.startswith("val/interval_")
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def reoriented_copy(root: Path, target: Path) -> Path:
@@ -86,7 +113,17 @@ def test_predictions_have_the_inputs_shape_and_affine(trained_run, tmp_path):
     rows = list(csv.DictReader(volumes.open()))
     assert [(r["case"], r["class"]) for r in rows] == [("turned", "core"), ("turned", "rim")]
     voxel_ml = abs(np.linalg.det(source.affine[:3, :3])) / 1000
-    assert float(rows[1]["volume_ml"]) == pytest.approx((segmentation.get_fdata() == 2).sum() * voxel_ml)
+    assert float(rows[1]["mask_volume_ml"]) == pytest.approx((segmentation.get_fdata() == 2).sum() * voxel_ml)
+    assert float(rows[1]["soft_volume_ml"]) == pytest.approx(probabilities[..., 2].sum() * voxel_ml, rel=1e-5)
+    # the volume to quote: the stored Platt map applied to the map on the input's grid (bins 1/16 log-odds wide)
+    stored = json.loads((run / "checkpoints" / "volume_calibration.json").read_text())
+    for c, row in enumerate(rows, start=1):
+        p = np.clip(probabilities[..., c], 1e-12, 1 - 1e-12)
+        z = np.log(p) - np.log1p(-p)
+        recalibrated = 1 / (1 + np.exp(-(stored["platt_slope"][c - 1] * z + stored["platt_bias"][c - 1])))
+        assert float(row["volume_ml"]) == pytest.approx(recalibrated.sum() * voxel_ml, rel=0.01)
+        assert float(row["volume_low_ml"]) <= float(row["volume_ml"]) <= float(row["volume_high_ml"])
+        assert float(row["volume_sd_ml"]) == pytest.approx(np.sqrt((p * (1 - p)).sum()) * voxel_ml, rel=0.01)
     assert folder_digest(inputs) == before
 
 
