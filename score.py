@@ -15,6 +15,11 @@ the post-hoc remedies; written as ``metrics.json``, ``subjects.csv``, ``calibrat
 ``figures/`` into ``logs/score/runs/<timestamp>/``. Class names come from the ``dataset.json``
 beside ``labels`` (nnU-Net or Decathlon) where there is one.
 
+Where ``predictions`` holds predict.py's ``volumes.csv`` with intervals, they are scored too:
+``interval_coverage`` (the share of cases whose label volume lies in ``[volume_low_ml,
+volume_high_ml]``), ``interval_width_ml``, ``interval_relative_width`` and the quoted
+volume's bias (``quote_…``, from ``volume_ml``), per class in the file's order.
+
 Everything is read as untrusted input: labels and NIfTI predictions through the input
 checks (size, geometry, values), ``.npz`` files without unpickling and with the declared
 array shape checked against the label before anything is loaded; nnU-Net's ``.pkl`` files
@@ -23,7 +28,9 @@ are never opened.
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import zipfile
 from pathlib import Path
 
@@ -183,6 +190,10 @@ def score(cfg: DictConfig) -> dict[str, float]:
         raise DatasetError(problems)
     names = class_names(labels, num_classes)
     rows, fitted = per_subject(metric)
+    quoted = quoted_volumes(predictions / "volumes.csv", cases, num_classes - 1)
+    if quoted is not None:  # predict.py's volumes to quote and their intervals
+        rows.update(quoted, volume_sd_ml=torch.full_like(quoted["volume_quote_ml"], math.nan))
+        fitted["interval_alpha"] = torch.tensor(float(cfg.get("alpha", 0.1)))
     summary = summarize(rows, names, fitted)
     output.mkdir(parents=True, exist_ok=True)
     metrics = {"num_subjects": len(cases), "predictions": str(predictions), "labels": str(labels),
@@ -196,6 +207,40 @@ def score(cfg: DictConfig) -> dict[str, float]:
         plt.close(figure)
     print(f"scored {len(cases)} case(s) into {output}: metrics.json, subjects.csv, calibration.csv, figures/")
     return {f"val/{k}": v for k, v in summary.items()}
+
+
+QUOTED = {"volume_quote_ml": "volume_ml", "volume_low_ml": "volume_low_ml", "volume_high_ml": "volume_high_ml"}
+
+
+def quoted_volumes(path: Path, cases: list[str], classes: int) -> dict[str, torch.Tensor] | None:
+    """predict.py's quoted volumes and intervals ``(S, K)`` for ``cases`` from its ``volumes.csv``
+    (classes in the file's order), or None where there is no such file or it has no intervals;
+    a :class:`DatasetError` naming the file for a case or value it lacks."""
+    if not path.is_file():
+        return None
+    try:
+        with open(path, newline="") as handle:
+            table = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DatasetError([f"{path}: not a readable volumes table ({type(error).__name__})"]) from None
+    if not table or not set(QUOTED.values()) <= set(table[0]) or not all(r.get("volume_low_ml") for r in table):
+        return None  # a table without intervals (no stored calibration): nothing to score
+    per_case: dict[str, list[dict]] = {}
+    for row in table:
+        per_case.setdefault(str(row.get("case")), []).append(row)
+    problems = [f"{path}: case {name!r} has {len(per_case.get(name, []))} rows, {classes} expected (one per class)"
+                for name in cases if len(per_case.get(name, [])) != classes]
+    values = {key: torch.full((len(cases), classes), math.nan, dtype=torch.float64) for key in QUOTED}
+    for i, name in enumerate(cases):
+        for k, row in enumerate(per_case.get(name, [])[:classes]):
+            for key, column in QUOTED.items():
+                try:
+                    values[key][i, k] = float(row[column])
+                except (TypeError, ValueError):
+                    problems.append(f"{path}: case {name!r}, {column} {row.get(column)!r} is not a number")
+    if problems:
+        raise DatasetError(problems)
+    return values
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="score")

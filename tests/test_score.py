@@ -137,3 +137,11 @@ def test_predict_then_score_gives_predicts_soft_volumes_on_the_annotated_grid(th
     assert sorted(scored) == sorted(predicted)
     for name, volume in predicted.items():
         assert float(scored[name]["volume_pred_soft_ml"]) == pytest.approx(volume, rel=1e-4)
+    # predict.py's intervals (the run's stored calibration) are scored against the label volumes
+    with open(tmp_path / "pred" / "volumes.csv") as handle:
+        quoted = {r["case"]: r for r in csv.DictReader(handle)}
+    covered = [float(quoted[n]["volume_low_ml"]) <= float(scored[n]["volume_ref_ml"]) <= float(quoted[n]["volume_high_ml"])
+               for n in quoted]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["val/interval_coverage"] == pytest.approx(sum(covered) / len(covered))
+    assert float(scored[next(iter(quoted))]["volume_quote_ml"]) == pytest.approx(float(next(iter(quoted.values()))["volume_ml"]))

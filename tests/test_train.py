@@ -41,7 +41,9 @@ def test_run_writes_metrics_and_subjects(loss, tmp_path):
     assert list(rows[0]) == ["subject", "dice", "volume_ref_ml", "volume_pred_ml", "volume_pred_soft_ml",
                              "volume_pred_soft_near_ml", "volume_expected_ml", "ece", "volume_soft_calibrated_ml",
                              "volume_soft_platt_ml", "volume_soft_isotonic_ml", "dice_threshold",
-                             "volume_threshold_ml", "dice_rankseg", "volume_rankseg_ml"]
+                             "volume_threshold_ml", "dice_rankseg", "volume_rankseg_ml", "volume_quote_ml", "volume_low_ml",
+                             "volume_high_ml", "volume_sd_ml"]
+    assert metrics["calibration_verdict"].startswith("calibration: T ") and "val/interval_coverage" in metrics
     bias = sum(float(r["volume_pred_ml"]) - float(r["volume_ref_ml"]) for r in rows) / len(rows)
     assert metrics["val/volume_bias_ml"] == pytest.approx(bias, abs=1e-9)
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
