@@ -86,6 +86,20 @@ REMEDY_COLUMNS: list[Column] = [
      lambda r: mean_sd(r, "rankseg_relative_expected_volume_bias", as_percent=True)),
 ]
 
+QUOTE_COLUMNS: list[Column] = [
+    ("task", "task", lambda r: str(r["task"])),
+    ("loss", "loss", lambda r: str(r["loss"])),
+    ("soft vs expected", "relative_soft_expected_volume_bias_mean",
+     lambda r: mean_sd(r, "relative_soft_expected_volume_bias", as_percent=True)),
+    ("quoted (recalibrated, held out) vs expected", "quote_relative_expected_volume_bias_mean",
+     lambda r: mean_sd(r, "quote_relative_expected_volume_bias", as_percent=True)),
+    ("quoted vs reference", "quote_relative_volume_bias_mean", lambda r: mean_sd(r, "quote_relative_volume_bias", as_percent=True)),
+    ("interval covers reference", "interval_coverage_mean", lambda r: mean_sd(r, "interval_coverage", 2)),
+    ("covers expected", "interval_expected_coverage_mean", lambda r: mean_sd(r, "interval_expected_coverage", 2)),
+    ("width / volume", "interval_relative_width_mean", lambda r: mean_sd(r, "interval_relative_width", 2)),
+    ("Σp ± z·SD covers reference", "sd_coverage_mean", lambda r: mean_sd(r, "sd_coverage", 2)),
+]
+
 RATER_COLUMNS: list[Column] = [
     ("task", "task", lambda r: str(r["task"])),
     ("loss", "loss", lambda r: str(r["loss"])),
@@ -194,6 +208,13 @@ def report_markdown(rows: list[Row], groups: list[Group], excluded: list[Run], f
              markdown_table(main, MAIN_COLUMNS), ""]
     if any(_present(main, c[1]) for c in REMEDY_COLUMNS[2:]):
         text += ["### Post-hoc remedies", "", markdown_table(main, REMEDY_COLUMNS), ""]
+    quoted = [r for r in main if not math.isnan(r.get("interval_coverage_mean", math.nan))]
+    if quoted:
+        text += ["### The volume to quote", "", ("The recalibrated soft volume (the run's `volume_quote.method`, fitted "
+                 "on the other folds of the validation subjects) and its split-conformal interval (nominal 90 %), each "
+                 "validation subject's from the other folds' scores; beside it the model's own Poisson-binomial interval "
+                 "Σp ± z·√(Σp(1 − p)). Coverage is the share of validation subjects whose volume lies in the interval."), "",
+                 markdown_table(quoted, QUOTE_COLUMNS), ""]
     rated = [r for r in main if not math.isnan(r.get("within_rater_range_mean", math.nan))]
     if rated:
         text += ["### Several raters", "", ("Tasks whose subjects several raters annotated: the reference is their "

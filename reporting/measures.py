@@ -35,6 +35,7 @@ REMEDY_VOLUMES = {  # remedy -> (its volume column, its Dice column)
     "isotonic": ("volume_soft_isotonic_ml", None),
     "threshold": ("volume_threshold_ml", "dice_threshold"),
     "rankseg": ("volume_rankseg_ml", "dice_rankseg"),
+    "quote": ("volume_quote_ml", None),  # recalibrated, cross-fitted over the validation subjects (metrics.volume_quote)
 }
 
 Column = dict[str, float]  # subject -> value

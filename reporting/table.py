@@ -36,6 +36,7 @@ MEASURES = (
     "isotonic_relative_volume_bias", "isotonic_relative_expected_volume_bias",
     "threshold_dice", "threshold_relative_volume_bias", "threshold_relative_expected_volume_bias",
     "rankseg_dice", "rankseg_relative_volume_bias", "rankseg_relative_expected_volume_bias",
+    "quote_relative_volume_bias", "quote_relative_expected_volume_bias",
     "ged", "dice_raters_mean", "within_rater_range", "soft_within_rater_range",
 )
 # dataset-level values fitted at the final validation (metrics.json), mean and sd over runs
@@ -43,6 +44,9 @@ FITTED = {
     "pooled_ece": "val/ece", "ece_top_label": "val/ece_top_label", "ece_calibrated": "val/ece_calibrated",
     "ece_platt": "val/ece_platt", "ece_isotonic": "val/ece_isotonic", "temperature": "val/temperature",
     "platt_slope": "val/platt_slope", "platt_bias": "val/platt_bias", "threshold": "val/threshold",
+    "interval_coverage": "val/interval_coverage", "interval_expected_coverage": "val/interval_expected_coverage",
+    "interval_relative_width": "val/interval_relative_width", "sd_coverage": "val/sd_coverage",
+    "sd_expected_coverage": "val/sd_expected_coverage",
 }
 TESTED = ("dice", "volume_bias_ml", "soft_volume_bias_ml")  # against cross-entropy, over runs
 # measured bias -> the theory column it is compared with (both as excess over cross-entropy)

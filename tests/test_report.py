@@ -79,6 +79,8 @@ def test_report_cli_compares_the_losses_of_a_sweep(sweep, tmp_path):
     assert "**ce** (reference)" in text and "**softdice**: Dice" in text
     assert all(f"]({p.name})" in text for p in pictures)
     assert text.count("| complete |") == 4
+    assert "### The volume to quote" in text  # coverage and width per loss and task
+    assert 0.0 <= float(rows["ce"]["interval_coverage_mean"]) <= 1.0 and math.isfinite(float(rows["ce"]["quote_relative_volume_bias_mean"]))
 
 
 REMEDY_WORDS = ("ece", "temperature", "threshold", "rankseg", "calibrated", "platt", "isotonic")
