@@ -139,41 +139,41 @@ def read_calibration(path: str | Path, network: nn.Module, class_names: list[str
     return VolumeCalibration(maps, scale, alpha, kind if isinstance(kind, str) else "?", len(subjects), method), record
 
 
-CHOICES = ("auto", "none", *[m for m in METHODS if m != "none"])
+CHOICES = ("auto", *METHODS)
 
 
 def resolve_calibration(choice: str, file: str | None, checkpoints: list[Path], network: nn.Module, class_names: list[str]
                         ) -> tuple[VolumeCalibration | None, str, str]:
     """The stored calibration that ``evaluate.py``/``predict.py`` apply, the method, and a note.
 
-    ``choice``: ``auto`` (the method stored beside the checkpoint when its file is there and
-    fitted for these weights; otherwise none, with the reason in the note), ``none``, or a
-    method (then the calibration must exist and fit the model, or this is an error). ``file``:
-    the calibration file; None = ``volume_calibration.json`` in the checkpoint's folder.
-    Several checkpoints (an ensemble, fold models) average their maps into another model, which
-    no stored calibration was fitted for.
+    ``choice``: ``auto`` (the method stored with the calibration), or the recalibration to
+    apply, ``none`` included (the uncalibrated soft volume with the interval fitted for it).
+    ``file``: the calibration file; None = ``volume_calibration.json`` in the checkpoint's
+    folder. A calibration that is missing or fitted for other weights is an error where it was
+    asked for (a file, or a method other than ``auto``/``none``); otherwise the soft volume is
+    quoted uncalibrated, without interval, and the note says why. Several checkpoints (an
+    ensemble, fold models) average into another model, which no stored calibration was
+    fitted for.
     """
     if choice not in CHOICES:
         raise InputError(f"calibration must be one of {CHOICES}, got {choice!r}")
-    if choice == "none":
-        return None, "none", "calibration=none: the uncalibrated soft volume"
-    explicit = choice != "auto"
+    required = choice not in ("auto", "none") or bool(file)
     if len(checkpoints) > 1:
-        if explicit or file:
+        if required:
             raise InputError(f"calibration={choice}: a calibration belongs to one model; {len(checkpoints)} checkpoints "
                              "average into another. Use one checkpoint, or calibration=none")
         return None, "none", "several checkpoints: no stored calibration applies (each was fitted for one model)"
     path = Path(file).expanduser() if file else checkpoints[0].parent / FILE_NAME
-    if not path.exists() and not explicit and not file:
+    if not path.exists() and not required:
         return None, "none", f"no {FILE_NAME} beside the checkpoint: the uncalibrated soft volume, without interval"
     try:
         calibration, _ = read_calibration(path, network, class_names)
     except CalibrationOfAnotherModel:
-        if explicit or file:
+        if required:
             raise
         # e.g. best-….ckpt: the file beside it belongs to the run's last validated weights (last.ckpt)
         return None, "none", f"{path} was fitted for another checkpoint of this run: not applied (uncalibrated soft volume)"
-    if explicit:
+    if choice != "auto":
         calibration.method = choice
     return calibration, calibration.method, f"{calibration.method} recalibration and {100 * (1 - calibration.alpha):.0f} % " \
                                             f"interval from {path} ({calibration.subjects} calibration subjects)"

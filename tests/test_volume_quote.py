@@ -202,3 +202,12 @@ def test_an_ensemble_has_no_stored_calibration(stored):
         resolve_calibration("isotonic", None, [path, path], network, ["structure"])
     with pytest.raises(InputError, match="calibration must be one of"):
         resolve_calibration("best", None, [path], network, ["structure"])
+
+
+def test_calibration_none_keeps_the_interval_fitted_for_the_uncalibrated_volume(stored, tmp_path):
+    path, network, calibration = stored
+    read, method, _ = resolve_calibration("none", None, [path.parent / "last.ckpt"], network, ["structure"])
+    assert method == "none" and torch.equal(read.scale["none"], calibration.scale["none"])
+    assert resolve_calibration("none", None, [tmp_path / "elsewhere" / "last.ckpt"], network, ["structure"])[0] is None
+    with pytest.raises(InputError, match="no such calibration file"):  # asked for by name: it must exist
+        resolve_calibration("auto", str(tmp_path / "missing.json"), [path], network, ["structure"])
