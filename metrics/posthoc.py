@@ -82,8 +82,10 @@ def log_odds_histogram(z: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
 def fit_temperature(histograms: torch.Tensor) -> torch.Tensor:
     """Per-class ``T`` ``(K,)`` minimising the NLL of the pooled ``(S, K, 2, B)`` histograms."""
     pooled = histograms.sum(0)  # (K, 2, B)
+    occupied = pooled.sum((0, 1)) > 0  # only bins that hold voxels contribute
+    pooled = pooled[..., occupied]
     temperatures = TEMPERATURES.to(pooled.device)
-    z = bin_centres(pooled.device) / temperatures.view(-1, 1)  # (T, B)
+    z = bin_centres(pooled.device)[occupied] / temperatures.view(-1, 1)  # (T, occupied bins)
     # −log(1 − σ(z)) = softplus(z) for the class's non-voxels, −log σ(z) = softplus(−z) for its voxels
     nll = pooled[:, 0] @ torch.nn.functional.softplus(z).T + pooled[:, 1] @ torch.nn.functional.softplus(-z).T  # (K, T)
     return temperatures[nll.argmin(-1)]
@@ -107,7 +109,7 @@ def fit_platt(histograms: torch.Tensor, iterations: int = 50) -> tuple[torch.Ten
         u = (features @ p.unsqueeze(-1))[..., 0]
         return (positive * F.softplus(-u) + negative * F.softplus(u)).sum(-1)
 
-    for _ in range(iterations):
+    for _ in range(iterations):  # Newton converges in a few steps on this smooth convex problem
         probability = torch.sigmoid((features @ params.unsqueeze(-1))[..., 0])  # (K, B)
         gradient = (features * ((negative + positive) * probability - positive).unsqueeze(-1)).sum(1)
         weight = (negative + positive) * probability * (1 - probability)
@@ -122,6 +124,8 @@ def fit_platt(histograms: torch.Tensor, iterations: int = 50) -> tuple[torch.Ten
                 break
             scale = torch.where(worse, scale / 2, scale)
         params = params - scale.unsqueeze(-1) * step
+        if bool((scale.unsqueeze(-1) * step).abs().max() < 1e-12):
+            break
     return params[:, 0], params[:, 1]
 
 

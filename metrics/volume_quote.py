@@ -33,6 +33,8 @@ voxel volume (ml):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -174,6 +176,18 @@ class VolumeCalibration:
         return volume, low, high
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run tiny tensor work on one thread: on (K, B)-sized tensors the thread pool's
+    synchronisation costs more than it saves, and far more on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def cross_fit(histograms: torch.Tensor, voxel_ml: torch.Tensor, reference_ml: torch.Tensor, alpha: float,
               folds: int = 5, method: str = "platt") -> tuple[VolumeCalibration, dict[str, torch.Tensor]]:
     """Fit a :class:`VolumeCalibration` on ``S`` validation subjects and measure it held out.
@@ -185,7 +199,14 @@ def cross_fit(histograms: torch.Tensor, voxel_ml: torch.Tensor, reference_ml: to
     subject nothing is held out: the quote is the uncalibrated soft volume, the interval
     unbounded.
     """
-    histograms, voxel_ml, reference_ml = histograms.double(), voxel_ml.double(), reference_ml.double()
+    with one_thread():  # small tensors: on the CPU, one thread; the rows go back to the caller's device
+        calibration, rows = _cross_fit(histograms.double().cpu(), voxel_ml.double().cpu(), reference_ml.double().cpu(), alpha,
+                                       folds, method)
+    return calibration, {key: value.to(reference_ml.device) for key, value in rows.items()}
+
+
+def _cross_fit(histograms: torch.Tensor, voxel_ml: torch.Tensor, reference_ml: torch.Tensor, alpha: float, folds: int,
+               method: str) -> tuple[VolumeCalibration, dict[str, torch.Tensor]]:
     count = histograms.shape[0]
     folds = max(1, min(int(folds), count))
     fold_of = torch.arange(count, device=histograms.device) % folds
