@@ -398,7 +398,7 @@ class SegmentationModule(pl.LightningModule):
         histograms, voxel_ml = fitted.pop("log_odds"), fitted.pop("voxel_ml")
         settings = self.volume_quote
         if self.stored_calibration is not None:  # a trained model's calibration, measured on new subjects
-            rows.update(apply_stored(self.stored_calibration, histograms, voxel_ml, settings["method"]))
+            rows.update(apply_stored(self.stored_calibration, histograms, voxel_ml))  # with the method chosen for it
             fitted["interval_alpha"] = torch.tensor(self.stored_calibration.alpha)
         else:
             self.volume_calibration, quote_rows = cross_fit(histograms, voxel_ml, rows["volume_ref_ml"], settings["alpha"],

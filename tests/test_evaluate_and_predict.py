@@ -71,6 +71,20 @@ def test_evaluate_writes_what_training_validation_wrote(trained_run, tmp_path):
     assert f"pooled ECE {trained_metrics['val/ece']:.4f}" in line and "GED" not in line  # one network: no samples
 
 
+@pytest.mark.parametrize("method, column", [("isotonic", "volume_soft_isotonic_ml"), ("temperature", "volume_soft_calibrated_ml")])
+def test_evaluate_applies_the_chosen_stored_recalibration(trained_run, tmp_path, method, column):
+    _, run, _ = trained_run
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        cfg = compose("evaluate", overrides=[f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "trainer.accelerator=cpu",
+                                             "trainer.enable_progress_bar=false", f"calibration={method}"])
+    cfg.paths.output_dir = str(tmp_path)
+    evaluate(cfg)
+    # fitted on these subjects in training: applied to them, the stored map gives training's in-sample volumes
+    assert [float(r["volume_quote_ml"]) for r in read_rows(tmp_path / "subjects.csv")] == pytest.approx(
+        [float(r[column]) for r in read_rows(run / "subjects.csv")])
+    assert json.loads((tmp_path / "metrics.json").read_text())["volume_calibration"]["method"] == method
+
+
 QUOTE_COLUMNS = ("volume_quote_ml", "volume_low_ml", "volume_high_ml")
 
 
