@@ -52,8 +52,13 @@ from datamodules.preprocessing_cache import nonzero_statistics, preprocess_subje
 from input_errors import DatasetError, InputError, exit_on_input_error
 from lightning_modules.calibration_file import resolve_calibration
 from lightning_modules.checkpoints import TrainedModel, checkpoint_paths, load_ensemble, read_checkpoints
-from metrics.posthoc import bin_centres
-from metrics.volume_quote import VolumeCalibration, map_histograms, poisson_binomial_sd, soft_volumes
+from metrics.volume_quote import (
+    VolumeCalibration,
+    map_histograms,
+    poisson_binomial_sd,
+    soft_volumes,
+    uncalibrated_probability,
+)
 
 
 def find_cases(source: Path, in_channels: int) -> dict[str, list[Path]]:
@@ -169,7 +174,7 @@ def quote_volumes(probabilities: torch.Tensor, regions: bool, voxel_ml: float, c
     voxel = torch.tensor([voxel_ml], dtype=torch.float64)
     sd = poisson_binomial_sd(histograms, voxel)[0]
     if calibration is None:
-        volume = soft_volumes(histograms, voxel, torch.sigmoid(bin_centres()).expand(histograms.shape[1], -1))[0]
+        volume = soft_volumes(histograms, voxel, uncalibrated_probability(histograms.shape[1]))[0]
         return volume, volume, volume, sd
     volume, low, high = calibration.quote(histograms, voxel, method)
     return volume[0], low[0], high[0], sd

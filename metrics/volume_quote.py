@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from scipy import stats
@@ -58,6 +58,11 @@ SETTLED_WITHIN = 0.05  # the soft-volume bias moved at most this much over the l
 SETTLED_VALIDATIONS = 3
 
 
+def uncalibrated_probability(classes: int) -> torch.Tensor:
+    """The probability of every log-odds bin as it is, ``(classes, B)`` float64."""
+    return torch.sigmoid(bin_centres()).expand(classes, -1)
+
+
 @dataclass
 class CalibrationMaps:
     """Fitted recalibration maps for ``K`` classes: ``temperature``, ``platt_slope``,
@@ -78,7 +83,7 @@ class CalibrationMaps:
     def bin_probability(self, method: str) -> torch.Tensor:
         """The recalibrated probability of every class and log-odds bin, ``(K, B)`` float64."""
         if method == "none":
-            return torch.sigmoid(bin_centres(self.temperature.device)).expand(len(self.temperature), -1)
+            return uncalibrated_probability(len(self.temperature)).to(self.temperature.device)
         if method == "temperature":
             return calibrated_probabilities(self.temperature)
         if method == "platt":
@@ -165,7 +170,6 @@ class VolumeCalibration:
     interval_kind: str
     subjects: int
     method: str = "platt"
-    extra: dict = field(default_factory=dict)
 
     def quote(self, histograms: torch.Tensor, voxel_ml: torch.Tensor, method: str | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -217,9 +221,9 @@ def _cross_fit(histograms: torch.Tensor, voxel_ml: torch.Tensor, reference_ml: t
             maps = CalibrationMaps.fit(histograms[~inside])
             for m in METHODS:
                 held_out[m][inside] = soft_volumes(histograms[inside], voxel_ml[inside], maps.bin_probability(m))
-    else:
-        held_out = {m: soft_volumes(histograms, voxel_ml, CalibrationMaps.fit(histograms).bin_probability("none"))
-                    for m in METHODS}
+    else:  # nothing to hold out: the uncalibrated volume for every method
+        uncalibrated = soft_volumes(histograms, voxel_ml, uncalibrated_probability(histograms.shape[1]))
+        held_out = dict.fromkeys(METHODS, uncalibrated)
     scores = {m: relative_residuals(reference_ml, held_out[m]) for m in METHODS}
     scales, kinds = {}, set()
     for m in METHODS:
