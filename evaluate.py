@@ -215,8 +215,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                                                     [path for path, _ in checkpoints], trained.module.net, trained.module.class_names)
     trained.module.stored_calibration = calibration
     if calibration is None:  # the quote is cross-fitted on the evaluated cases themselves (metrics.volume_quote)
-        trained.module.volume_quote = {**trained.module.volume_quote, **({"method": "none"} if method == "none" and
-                                                                         cfg.get("calibration") == "none" else {})}
+        if cfg.get("calibration") == "none":
+            trained.module.volume_quote = {**trained.module.volume_quote, "method": "none"}
         note += f"; quote and interval cross-fitted on the evaluated cases ({trained.module.volume_quote['method']})"
     log.info(f"volume calibration: {note}")
     origin["volume_calibration"] = {"method": method if calibration is not None else trained.module.volume_quote["method"],

@@ -51,9 +51,10 @@ from datamodules.original_grid import OriginalGrid
 from datamodules.preprocessing_cache import nonzero_statistics, preprocess_subject
 from input_errors import DatasetError, InputError, exit_on_input_error
 from lightning_modules.calibration_file import resolve_calibration
-from lightning_modules.checkpoints import TrainedModel, checkpoint_paths, load_ensemble, read_checkpoints
+from lightning_modules.checkpoints import TrainedModel, load_ensemble, read_checkpoints
 from metrics.volume_quote import (
     VolumeCalibration,
+    apply_stored,
     map_histograms,
     poisson_binomial_sd,
     soft_volumes,
@@ -166,18 +167,18 @@ VOLUME_COLUMNS = ("case", "class", "volume_ml", "volume_low_ml", "volume_high_ml
                   "volume_sd_ml")
 
 
-def quote_volumes(probabilities: torch.Tensor, regions: bool, voxel_ml: float, calibration: VolumeCalibration | None,
-                  method: str) -> tuple[torch.Tensor, ...]:
+def quote_volumes(probabilities: torch.Tensor, regions: bool, voxel_ml: float,
+                  calibration: VolumeCalibration | None) -> tuple[torch.Tensor, ...]:
     """Per class ``(K,)``: the quoted volume, its interval's ends and the Poisson-binomial SD (ml),
-    from the map on the input's grid; without a calibration the volume is Σ p (bin centres)."""
+    from the map on the input's grid (the calibration's own method); without a calibration the
+    volume is Σ p (bin centres)."""
     histograms = map_histograms(probabilities, regions)
     voxel = torch.tensor([voxel_ml], dtype=torch.float64)
-    sd = poisson_binomial_sd(histograms, voxel)[0]
     if calibration is None:
         volume = soft_volumes(histograms, voxel, uncalibrated_probability(histograms.shape[1]))[0]
-        return volume, volume, volume, sd
-    volume, low, high = calibration.quote(histograms, voxel, method)
-    return volume[0], low[0], high[0], sd
+        return volume, volume, volume, poisson_binomial_sd(histograms, voxel)[0]
+    rows = apply_stored(calibration, histograms, voxel)
+    return tuple(rows[key][0] for key in ("volume_quote_ml", "volume_low_ml", "volume_high_ml", "volume_sd_ml"))
 
 
 def write_like(path: Path, data: np.ndarray, reference: nib.Nifti1Image, dtype) -> None:
@@ -233,7 +234,8 @@ def predict(cfg: DictConfig) -> Path:
     source, output = Path(cfg.input).expanduser().resolve(), Path(cfg.output).expanduser().resolve()
     window = {k: (list(cfg[k]) if k == "mirror_axes" else cfg[k]) for k in ("overlap", "batch_size", "mirror_axes")
               if cfg.get(k) is not None}
-    trained = load_ensemble(read_checkpoints(cfg.ckpt_path), sliding_window=window or None, alpha=cfg.get("alpha"))
+    checkpoints = read_checkpoints(cfg.ckpt_path)
+    trained = load_ensemble(checkpoints, sliding_window=window or None, alpha=cfg.get("alpha"))
     in_channels = int(trained.module.hparams.in_channels)
     class_names = trained.module.class_names
     cases = find_cases(source, in_channels)
@@ -243,6 +245,10 @@ def predict(cfg: DictConfig) -> Path:
         problems += check_case(files, trained)
     if problems:
         raise DatasetError(problems)
+    calibration, _, note = resolve_calibration(str(cfg.get("calibration", "auto")), cfg.get("calibration_file"),
+                                               [path for path, _ in checkpoints],
+                                               trained.module.net, class_names)  # refused before anything is written
+    print(f"volume calibration: {note}")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
     trained.module.to(device)
     try:
@@ -251,10 +257,6 @@ def predict(cfg: DictConfig) -> Path:
         raise InputError(f"output={output}: cannot be created ({error.strerror or error})") from None
     if not os.access(output, os.W_OK | os.X_OK):
         raise InputError(f"output={output}: not writable by you")
-    calibration, method, note = resolve_calibration(str(cfg.get("calibration", "auto")), cfg.get("calibration_file"),
-                                                    checkpoint_paths(cfg.ckpt_path),
-                                                    trained.module.net, class_names)
-    print(f"volume calibration: {note}")
     rows = []
     for name, files in tqdm(cases.items(), desc="Predicting", unit="case"):
         probabilities = predict_case(trained, load_case(files))
@@ -266,7 +268,7 @@ def predict(cfg: DictConfig) -> Path:
             write_like(output / f"{name}_probabilities.nii.gz", np.moveaxis(probabilities, 0, -1), reference, np.float32)
         voxel_ml = abs(np.linalg.det(reference.affine[:3, :3])) / 1000.0
         regions = trained.module.regions is not None
-        quoted = quote_volumes(torch.from_numpy(probabilities), regions, voxel_ml, calibration, method)
+        quoted = quote_volumes(torch.from_numpy(probabilities), regions, voxel_ml, calibration)
         for c, class_name in enumerate(class_names, start=1):
             mask, soft = (masks[c - 1], probabilities[c - 1]) if regions else (segmentation == c, probabilities[c])
             soft_ml = float(soft.sum(dtype=np.float64) * voxel_ml)

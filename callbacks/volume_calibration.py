@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytorch_lightning as pl
+from pytorch_lightning.loggers import WandbLogger
 
-from lightning_modules.calibration_file import FILE_NAME, calibration_record, write_calibration
+from callbacks.results_writer import write_atomically
+from lightning_modules.calibration_file import FILE_NAME, calibration_record
 
 
 class VolumeCalibrationWriter(pl.Callback):
@@ -28,7 +31,7 @@ class VolumeCalibrationWriter(pl.Callback):
         record = calibration_record(pl_module.volume_calibration, pl_module.net, pl_module.class_names, subjects,
                                     pl_module.calibration_verdict or "")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_calibration(self.path, record)
+        write_atomically(self.path, json.dumps(record, indent=1))
         for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":
+            if isinstance(logger, WandbLogger):
                 logger.experiment.summary["calibration_verdict"] = pl_module.calibration_verdict

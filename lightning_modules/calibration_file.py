@@ -68,12 +68,6 @@ def calibration_record(calibration: VolumeCalibration, network: nn.Module, class
     }
 
 
-def write_calibration(path: Path, record: dict) -> None:
-    from callbacks.results_writer import write_atomically
-
-    write_atomically(path, json.dumps(record, indent=1))
-
-
 def _numbers(path: Path, record: dict, key: str, length: int, finite: bool = True) -> list[float]:
     values = record.get(key)
     if not isinstance(values, list) or len(values) != length or not all(

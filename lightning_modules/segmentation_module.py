@@ -21,7 +21,7 @@ from lightning_modules.unet import UNet3D
 from losses.regions import region_loss
 from metrics import SubjectSegmentationMetrics, per_subject, summarize
 from metrics.region_metrics import RegionMetrics, per_region_subject
-from metrics.volume_quote import METHODS, VolumeCalibration, apply_stored, cross_fit, verdict
+from metrics.volume_quote import METHODS, CalibrationMaps, VolumeCalibration, apply_stored, cross_fit, verdict
 
 
 def preview_slices(subject: tio.Subject, probabilities: torch.Tensor) -> dict:
@@ -395,14 +395,15 @@ class SegmentationModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         rows, fitted = per_subject(self.val_metrics) if self.regions is None else per_region_subject(self.val_metrics)
         self.val_metrics.reset()
-        histograms, voxel_ml = fitted.pop("log_odds"), fitted.pop("voxel_ml")
+        histograms, voxel_ml, isotonic = fitted.pop("log_odds"), fitted.pop("voxel_ml"), fitted.pop("isotonic_map")
         settings = self.volume_quote
         if self.stored_calibration is not None:  # a trained model's calibration, measured on new subjects
             rows.update(apply_stored(self.stored_calibration, histograms, voxel_ml))  # with the method chosen for it
             fitted["interval_alpha"] = torch.tensor(self.stored_calibration.alpha)
         else:
+            in_sample = CalibrationMaps(fitted["temperature"], fitted["platt_slope"], fitted["platt_bias"], isotonic)
             self.volume_calibration, quote_rows = cross_fit(histograms, voxel_ml, rows["volume_ref_ml"], settings["alpha"],
-                                                            settings["folds"], settings["method"])
+                                                            settings["folds"], settings["method"], maps=in_sample)
             rows.update(quote_rows)
             fitted["interval_alpha"] = torch.tensor(settings["alpha"])
         summary = summarize(rows, self.class_names, fitted)

@@ -224,7 +224,8 @@ def posthoc_remedies(histograms: torch.Tensor, voxel_ml: torch.Tensor) -> tuple[
     ``volume_soft_platt_ml``, ``volume_soft_isotonic_ml``, ``dice_threshold``,
     ``volume_threshold_ml``, ``dice_rankseg``, ``volume_rankseg_ml``, and per-class ``(K,)``
     ``temperature``, ``platt_slope``, ``platt_bias``, ``threshold`` and the pooled ECE after
-    each recalibration: ``ece_calibrated`` (temperature), ``ece_platt``, ``ece_isotonic``.
+    each recalibration: ``ece_calibrated`` (temperature), ``ece_platt``, ``ece_isotonic``;
+    ``isotonic_map`` ``(K, B)``, the fitted isotonic probability of every bin.
     """
     voxel_ml = voxel_ml.view(-1, 1)
     counts = histograms.sum(2)  # (S, K, B)
@@ -248,6 +249,7 @@ def posthoc_remedies(histograms: torch.Tensor, voxel_ml: torch.Tensor) -> tuple[
         "temperature": temperature,
         "platt_slope": slope,
         "platt_bias": bias,
+        "isotonic_map": maps["isotonic"],
         "threshold": threshold,
         **{f"ece_{name}": calibration_error(histograms, p) for name, p in maps.items()},
     }

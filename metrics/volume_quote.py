@@ -193,7 +193,8 @@ def one_thread() -> Iterator[None]:
 
 
 def cross_fit(histograms: torch.Tensor, voxel_ml: torch.Tensor, reference_ml: torch.Tensor, alpha: float,
-              folds: int = 5, method: str = "platt") -> tuple[VolumeCalibration, dict[str, torch.Tensor]]:
+              folds: int = 5, method: str = "platt", maps: CalibrationMaps | None = None
+              ) -> tuple[VolumeCalibration, dict[str, torch.Tensor]]:
     """Fit a :class:`VolumeCalibration` on ``S`` validation subjects and measure it held out.
 
     Returns the calibration (maps on all subjects, interval scales from every subject's
@@ -201,16 +202,19 @@ def cross_fit(histograms: torch.Tensor, voxel_ml: torch.Tensor, reference_ml: to
     ``method`` with maps fitted on the other folds), ``volume_low_ml``/``volume_high_ml`` (its
     interval from the other folds' scores), ``volume_sd_ml`` (Poisson-binomial). With one
     subject nothing is held out: the quote is the uncalibrated soft volume, the interval
-    unbounded.
+    unbounded. ``maps``: the maps already fitted on all subjects (validation's in-sample
+    remedies, :func:`metrics.posthoc.posthoc_remedies`), or None to fit them here.
     """
     with one_thread():  # small tensors: on the CPU, one thread; the rows go back to the caller's device
-        calibration, rows = _cross_fit(histograms.double().cpu(), voxel_ml.double().cpu(), reference_ml.double().cpu(), alpha,
-                                       folds, method)
+        histograms = histograms.double().cpu()
+        maps = CalibrationMaps.fit(histograms) if maps is None else CalibrationMaps(
+            *(m.double().cpu() for m in (maps.temperature, maps.platt_slope, maps.platt_bias, maps.isotonic)))
+        calibration, rows = _cross_fit(histograms, voxel_ml.double().cpu(), reference_ml.double().cpu(), alpha, folds, method, maps)
     return calibration, {key: value.to(reference_ml.device) for key, value in rows.items()}
 
 
 def _cross_fit(histograms: torch.Tensor, voxel_ml: torch.Tensor, reference_ml: torch.Tensor, alpha: float, folds: int,
-               method: str) -> tuple[VolumeCalibration, dict[str, torch.Tensor]]:
+               method: str, maps_on_all: CalibrationMaps) -> tuple[VolumeCalibration, dict[str, torch.Tensor]]:
     count = histograms.shape[0]
     folds = max(1, min(int(folds), count))
     fold_of = torch.arange(count, device=histograms.device) % folds
@@ -236,7 +240,7 @@ def _cross_fit(histograms: torch.Tensor, voxel_ml: torch.Tensor, reference_ml: t
             inside = fold_of == fold
             own_scale[inside] = interval_scale(scores[method][~inside], alpha)[0].to(own_scale)
     low, high = interval(held_out[method], own_scale)
-    calibration = VolumeCalibration(CalibrationMaps.fit(histograms), scales, float(alpha), " + ".join(sorted(kinds)),
+    calibration = VolumeCalibration(maps_on_all, scales, float(alpha), " + ".join(sorted(kinds)),
                                     count, method)
     rows = {
         "volume_quote_ml": held_out[method],
