@@ -13,7 +13,11 @@ scores are training's validation measures, from the same code: per subject Dice,
 argmax, soft and near-structure soft volume (ml, from the label's spacing), calibration and
 the post-hoc remedies; written as ``metrics.json``, ``subjects.csv``, ``calibration.csv`` and
 ``figures/`` into ``logs/score/runs/<timestamp>/``. Class names come from the ``dataset.json``
-beside ``labels`` (nnU-Net or Decathlon) where there is one.
+beside ``labels`` (nnU-Net or Decathlon) where there is one; a broken one is refused, naming it.
+Where it declares nnU-Net region labels (``labels`` with lists, ``regions_class_order``), every
+case is scored per region, as training scores a region model: soft maps hold one independent
+probability per region (nnU-Net's sigmoid ``.npz``, predict.py's region channels), a label map's
+region is the voxels whose value it covers (nnU-Net's export).
 
 Where ``predictions`` holds predict.py's ``volumes.csv`` with intervals, they are scored too:
 ``interval_coverage`` (the share of cases whose label volume lies in ``[volume_low_ml,
@@ -32,6 +36,7 @@ import csv
 import json
 import math
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -43,25 +48,18 @@ from omegaconf import DictConfig
 from callbacks.results_writer import calibration_table, csv_text, subject_table, write_atomically
 from callbacks.validation_figures import reliability_figure, volumes_figure
 from cli import check_command_line
-from datamodules.dataset_layout import case_name
+from datamodules.dataset_layout import LabelScheme, case_name, read_label_scheme
 from datamodules.image_files import AFFINE_TOLERANCE, NIFTI_ENDINGS, UnreadableImage, read_image
 from input_errors import DatasetError, InputError, exit_on_input_error
 from metrics import SubjectSegmentationMetrics, per_subject, summarize
+from metrics.region_metrics import RegionMetrics, per_region_subject, region_masks
 
 
-def class_names(labels: Path, num_classes: int) -> list[str]:
-    """Foreground class names from the dataset.json beside ``labels``, else class1, class2, …"""
+def label_scheme(labels: Path) -> LabelScheme | None:
+    """The classes or regions the ``dataset.json`` beside ``labels`` declares (read strictly:
+    a broken one is refused, naming it), or None where there is none."""
     description = labels.parent / "dataset.json"
-    try:
-        names = json.loads(description.read_text()).get("labels", {})
-        if all(isinstance(v, int) for v in names.values()):  # nnU-Net: {"name": value}
-            by_value = {v: k for k, v in names.items()}
-        else:  # Decathlon: {"value": "name"}
-            by_value = {int(k): str(v) for k, v in names.items()}
-        found = [by_value[c] for c in range(1, num_classes)]
-        return found if len(found) == num_classes - 1 else [f"class{c}" for c in range(1, num_classes)]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return [f"class{c}" for c in range(1, num_classes)]
+    return read_label_scheme(description) if description.is_file() else None
 
 
 def npz_shape(path: Path) -> tuple[int, ...]:
@@ -93,18 +91,20 @@ def probabilities_from_npz(path: Path, label_shape: tuple[int, int, int]) -> np.
 PROBABILITY_ENDING = "_probabilities.nii.gz"  # predict.py's soft maps
 
 
-def probabilities_from_nifti(path: Path, label_shape: tuple[int, int, int], label_affine: np.ndarray) -> np.ndarray:
-    """``(C, W, H, D)`` class probabilities from a 4D NIfTI file (channels last: predict.py's
-    ``<case>_probabilities.nii.gz``) on the label's grid."""
+def probabilities_from_nifti(path: Path, label_shape: tuple[int, int, int], label_affine: np.ndarray,
+                             exclusive: bool = True) -> np.ndarray:
+    """``(C, W, H, D)`` probabilities from a 4D NIfTI file (channels last: predict.py's
+    ``<case>_probabilities.nii.gz``) on the label's grid: exclusive classes (background first,
+    summing to 1), or with ``exclusive=False`` one independent probability per region."""
     data, affine = read_image(path)
     if data.shape[1:] != tuple(label_shape) or not np.allclose(affine, label_affine, atol=AFFINE_TOLERANCE):
         raise UnreadableImage(f"its grid {data.shape[1:]} or affine differs from the label's {tuple(label_shape)}")
-    if data.shape[0] < 2:
+    if exclusive and data.shape[0] < 2:
         raise UnreadableImage("a probability map needs one channel per class (background first), found one")
     probabilities = np.asarray(data, dtype=np.float32)
     if not np.isfinite(probabilities).all() or probabilities.min() < -1e-4 or probabilities.max() > 1 + 1e-4:
         raise UnreadableImage("probabilities hold values outside [0, 1] (or NaN)")
-    if np.abs(probabilities.sum(0) - 1).max() > 1e-3:
+    if exclusive and np.abs(probabilities.sum(0) - 1).max() > 1e-3:
         raise UnreadableImage("the class probabilities do not sum to 1 in every voxel")
     return np.ascontiguousarray(probabilities)
 
@@ -121,9 +121,12 @@ def label_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data[0].astype(np.int64), affine
 
 
-def score_case(prediction: Path, label_path: Path, num_classes: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(probabilities (C, W, H, D), label (W, H, D), affine)`` of one case; an
-    :class:`UnreadableImage` whose message starts with the file it is about."""
+def score_case(prediction: Path, label_path: Path, num_classes: int | None,
+               regions: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(probabilities (C, W, H, D), label (W, H, D), affine)`` of one case (with ``regions``:
+    ``(R, W, H, D)``, each region's probability; a label map's regions are the voxels whose value
+    the region covers, as nnU-Net exports them); an :class:`UnreadableImage` whose message starts
+    with the file it is about."""
     def named(path: Path, read):
         try:
             return read()
@@ -134,10 +137,13 @@ def score_case(prediction: Path, label_path: Path, num_classes: int | None) -> t
     if prediction.name.endswith(".npz"):
         return named(prediction, lambda: probabilities_from_npz(prediction, label.shape)), label, affine
     if prediction.name.endswith(PROBABILITY_ENDING):
-        return named(prediction, lambda: probabilities_from_nifti(prediction, label.shape, affine)), label, affine
+        read = lambda: probabilities_from_nifti(prediction, label.shape, affine, exclusive=regions is None)  # noqa: E731
+        return named(prediction, read), label, affine
     segmentation, predicted_affine = named(prediction, lambda: label_map(prediction))
     if segmentation.shape != label.shape or not np.allclose(predicted_affine, affine, atol=AFFINE_TOLERANCE):
         raise UnreadableImage(f"{prediction}: its grid {segmentation.shape} or affine differs from the label's {label.shape}")
+    if regions is not None:
+        return region_masks(torch.from_numpy(segmentation), regions).float().numpy(), label, affine
     classes = num_classes or int(max(segmentation.max(), label.max())) + 1
     return one_hot(segmentation, max(classes, 2)), label, affine
 
@@ -170,27 +176,35 @@ def score(cfg: DictConfig) -> dict[str, float]:
     predictions, labels = Path(cfg.predictions).expanduser().resolve(), Path(cfg.labels).expanduser().resolve()
     pairs, problems = find_predictions(predictions, labels)
     output = Path(cfg.paths.output_dir)
-    metric, num_classes, cases = None, cfg.get("num_classes"), []
+    scheme = label_scheme(labels)
+    regions = scheme.regions if scheme is not None else None
+    num_classes = cfg.get("num_classes") or (len(scheme.class_names) if scheme is not None else None)
+    channels = None if num_classes is None else num_classes - (regions is not None)  # regions have no background channel
+    what = "regions" if regions is not None else "classes"
+    metric, cases = None, []
     for index, (name, (prediction, label_path)) in enumerate(pairs.items()):
         try:
-            probabilities, label, affine = score_case(prediction, label_path, num_classes)
+            probabilities, label, affine = score_case(prediction, label_path, num_classes, regions)
         except UnreadableImage as error:
             problems.append(str(error))
             continue
-        num_classes = num_classes or probabilities.shape[0]
-        if probabilities.shape[0] != num_classes:
-            problems.append(f"{prediction}: {probabilities.shape[0]} classes, the others have {num_classes} (set num_classes=…)")
+        channels = channels or probabilities.shape[0]
+        if probabilities.shape[0] != channels:
+            problems.append(f"{prediction}: {probabilities.shape[0]} {what}, {channels} expected "
+                            f"({'dataset.json declares them' if scheme is not None else 'as the others; set num_classes=…'})")
             continue
         if metric is None:
-            metric = SubjectSegmentationMetrics(num_classes, float(cfg.soft_volume_margin_mm))
+            margin = float(cfg.soft_volume_margin_mm)
+            metric = RegionMetrics(regions, margin) if regions is not None else SubjectSegmentationMetrics(channels, margin)
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
         metric.update(torch.from_numpy(probabilities), torch.from_numpy(label), spacing, index)
         cases.append(name)
     if problems:
         raise DatasetError(problems)
-    names = class_names(labels, num_classes)
-    rows, fitted = per_subject(metric)
-    quoted = quoted_volumes(predictions / "volumes.csv", cases, num_classes - 1)
+    foreground = channels if regions is not None else channels - 1
+    names = list(scheme.class_names[1:]) if scheme is not None else [f"class{c}" for c in range(1, foreground + 1)]
+    rows, fitted = per_region_subject(metric) if regions is not None else per_subject(metric)
+    quoted = quoted_volumes(predictions / "volumes.csv", cases, foreground)
     if quoted is not None:  # predict.py's volumes to quote and their intervals
         rows.update(quoted, volume_sd_ml=torch.full_like(quoted["volume_quote_ml"], math.nan))
         fitted["interval_alpha"] = torch.tensor(float(cfg.get("alpha", 0.1)))

@@ -228,12 +228,7 @@ def read_layout(root: str | Path, allow_outside_root: bool = False) -> DatasetLa
     json_path = root / "dataset.json"
     if not json_path.is_file():
         raise DatasetError([f"{json_path}: missing (data.root must hold a Decathlon or nnU-Net dataset.json)"])
-    try:
-        description = json.loads(json_path.read_text())
-    except (OSError, ValueError, RecursionError) as error:
-        raise DatasetError([f"{json_path}: cannot be read as JSON: {str(error)[:200] or type(error).__name__}"]) from None
-    if not isinstance(description, dict):
-        raise DatasetError([f"{json_path}: must hold a JSON object, got {type(description).__name__}"])
+    description = _read_description(json_path)
     confine = _Confinement(root, json_path, allow_outside_root)
     if "channel_names" in description and "file_ending" in description:
         layout = _nnunet_layout(root, json_path, description, confine)
@@ -248,6 +243,45 @@ def read_layout(root: str | Path, allow_outside_root: bool = False) -> DatasetLa
     if not layout.cases:
         raise DatasetError([f"{json_path}: lists no training cases"])
     return layout
+
+
+def _read_description(json_path: Path) -> dict:
+    """The JSON object of a ``dataset.json``; a :class:`DatasetError` naming it otherwise."""
+    try:
+        description = json.loads(json_path.read_text())
+    except (OSError, ValueError, RecursionError) as error:
+        raise DatasetError([f"{json_path}: cannot be read as JSON: {str(error)[:200] or type(error).__name__}"]) from None
+    if not isinstance(description, dict):
+        raise DatasetError([f"{json_path}: must hold a JSON object, got {type(description).__name__}"])
+    return description
+
+
+@dataclass(frozen=True)
+class LabelScheme:
+    """What a ``dataset.json``'s ``labels`` declare (see :class:`DatasetLayout`'s fields of the same names)."""
+
+    class_names: tuple[str, ...]
+    regions: tuple[tuple[int, ...], ...] | None = None
+    regions_class_order: tuple[int, ...] | None = None
+
+
+def _nnunet_labels(description: dict, json_path: Path) -> LabelScheme:
+    """nnU-Net's ``labels``: exclusive classes, or regions where any value is a list."""
+    labels = description.get("labels")
+    if isinstance(labels, dict) and labels and any(isinstance(v, list) for v in labels.values()):
+        return LabelScheme(*_regions_nnunet(labels, description.get("regions_class_order"), json_path))
+    return LabelScheme(_class_names_nnunet(labels, json_path))
+
+
+def read_label_scheme(json_path: Path) -> LabelScheme:
+    """The classes or regions a ``dataset.json`` of either layout declares, read as strictly as
+    :func:`read_layout` reads them (only ``labels`` and ``regions_class_order`` are needed: a
+    test set's description may list no cases)."""
+    description = _read_description(json_path)
+    labels = description.get("labels")
+    if isinstance(labels, dict) and labels and all(isinstance(v, str) for v in labels.values()):  # Decathlon
+        return LabelScheme(_indexed(labels, "labels", json_path))
+    return _nnunet_labels(description, json_path)
 
 
 def _unique_names(cases: list[CaseFiles], json_path: Path) -> None:
@@ -316,12 +350,7 @@ def _nnunet_layout(root: Path, json_path: Path, description: dict, confine: _Con
     if ending not in NIFTI_ENDINGS:
         raise DatasetError([f"{json_path}: 'file_ending' must be one of {list(NIFTI_ENDINGS)} (NIfTI is read), got {_short(ending)}"])
     channels = _indexed(description["channel_names"], "channel_names", json_path)
-    labels = description.get("labels")
-    regions = order = None
-    if isinstance(labels, dict) and labels and any(isinstance(v, list) for v in labels.values()):
-        class_names, regions, order = _regions_nnunet(labels, description.get("regions_class_order"), json_path)
-    else:
-        class_names = _class_names_nnunet(labels, json_path)
+    scheme = _nnunet_labels(description, json_path)
     labels_dir = root / "labelsTr"
     rater_dirs = {int(m.group(1)): p for p in sorted(root.glob("labelsTr_rater*")) if p.is_dir()
                   and (m := re.fullmatch(r"labelsTr_rater(\d+)", p.name))}
@@ -344,10 +373,10 @@ def _nnunet_layout(root: Path, json_path: Path, description: dict, confine: _Con
         layout="nnunet",
         name=root.name,
         channel_names=channels,
-        class_names=class_names,
+        class_names=scheme.class_names,
         cases=tuple(cases),
-        regions=regions,
-        regions_class_order=order,
+        regions=scheme.regions,
+        regions_class_order=scheme.regions_class_order,
     )
 
 

@@ -20,6 +20,7 @@ from datamodules.dataset_layout import read_layout
 from losses import CrossEntropyLoss, SoftDiceLoss
 from losses.regions import region_loss
 from predict import predict
+from score import score
 from train import train
 
 VALUES = [[1, 2, 3], [2, 3], [3]]
@@ -78,4 +79,32 @@ def test_a_nested_region_dataset_trains_and_reports_each_regions_volume_bias(tmp
     whole = probabilities[..., 0] > 0.5
     assert ((exported > 0) == (whole | (probabilities[..., 1] > 0.5) | (probabilities[..., 2] > 0.5))).all()
     with open(predictions / "volumes.csv") as handle:
-        assert {r["class"] for r in csv.DictReader(handle)} == set(REGIONS)
+        predicted = list(csv.DictReader(handle))
+    assert {r["class"] for r in predicted} == set(REGIONS)
+
+    # score.py reads the region maps (dataset.json beside labelsTr declares the regions) and the
+    # exported label maps, and gives predict.py's volumes per region
+    def scored(folder, name):
+        score(OmegaConf.create({"predictions": str(folder), "labels": str(root / "labelsTr"), "num_classes": None,
+                                "soft_volume_margin_mm": 10.0, "paths": {"output_dir": str(tmp_path / name)}}))
+        with open(tmp_path / name / "subjects.csv") as handle:
+            return {r["subject"]: r for r in csv.DictReader(handle)}
+
+    soft = scored(predictions, "scored_soft")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for row in predicted:
+        (masks / f"{row['case']}.nii.gz").write_bytes((predictions / f"{row['case']}.nii.gz").read_bytes())
+    hard = scored(masks, "scored_hard")
+    assert sorted(soft) == sorted(hard) == sorted({r["case"] for r in predicted})
+    for row in predicted:
+        region = row["class"]
+        assert float(soft[row["case"]][f"volume_pred_soft_ml/{region}"]) == pytest.approx(float(row["soft_volume_ml"]), rel=1e-4)
+        # an exported map's region is every voxel whose value it covers (a later region's voxel
+        # counts for the earlier ones, as nnU-Net reads its exports), not predict's p > 0.5 mask
+        exported = nib.load(predictions / f"{row['case']}.nii.gz")
+        voxel_ml = abs(np.linalg.det(exported.affine[:3, :3])) / 1000
+        values = REGIONS[region] if isinstance(REGIONS[region], list) else [REGIONS[region]]
+        in_region = np.isin(np.asarray(exported.dataobj), values).sum() * voxel_ml
+        assert float(hard[row["case"]][f"volume_pred_ml/{region}"]) == pytest.approx(in_region, rel=1e-6)
+        assert float(soft[row["case"]][f"volume_ref_ml/{region}"]) == pytest.approx(annotated[(row["case"], region)], rel=1e-6)

@@ -145,3 +145,14 @@ def test_predict_then_score_gives_predicts_soft_volumes_on_the_annotated_grid(th
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["val/interval_coverage"] == pytest.approx(sum(covered) / len(covered))
     assert float(scored[next(iter(quoted))]["volume_quote_ml"]) == pytest.approx(float(next(iter(quoted.values()))["volume_ml"]))
+
+
+def test_the_dataset_json_beside_the_labels_is_read_strictly(folders, tmp_path):
+    labels, npz, _, _ = folders
+    description = tmp_path / "dataset.json"
+    description.write_text('{"labels": {"background": 0, "box": "one"}}')
+    with pytest.raises(DatasetError, match=r"dataset.json: 'labels' values must be integers"):
+        score(config(tmp_path, npz, labels))
+    description.write_text(json.dumps({"labels": {"background": 0, "box": 1, "rim": 2}}))
+    with pytest.raises(DatasetError, match=r"case_000.npz: 2 classes, 3 expected \(dataset.json declares them\)"):
+        score(config(tmp_path, npz, labels))
