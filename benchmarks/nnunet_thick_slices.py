@@ -59,6 +59,7 @@ def main() -> None:
     parser = common.base_parser(__doc__)
     parser.add_argument("--cases", type=int, default=15)
     parser.add_argument("--iterations", type=int, default=250, help="training steps of each side")
+    parser.add_argument("--mirror", action="store_true", help="biasseg predicts with test-time mirroring on all axes, as nnU-Net validates")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="nnunet_vs_biasseg_"))
     raw = write_thick_slices(work / "nnUNet_raw" / f"Dataset{DATASET_ID}_Thick", num_cases=args.cases)
@@ -87,14 +88,14 @@ def main() -> None:
     subprocess.run(command, check=True, capture_output=True, text=True)
     subprocess.run([sys.executable, str(common.ROOT / "predict.py"), f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
                     f"input={images}", f"output={work / 'biasseg_pred'}", "save_probabilities=true", "device=cpu",
-                    f"hydra.run.dir={work / 'predict_log'}"], check=True, capture_output=True, text=True)
+                    *(["mirror_axes=[0,1,2]"] if args.mirror else []), f"hydra.run.dir={work / 'predict_log'}"], check=True, capture_output=True, text=True)
     biasseg_wall = time.perf_counter() - start
     ours = summary(score(work / "biasseg_pred", labels, work / "score_biasseg"))
     peer = summary(score(nn["validation_dir"], labels, work / "score_nnunet"))
     ours_plan = json.loads((run / "plan.json").read_text())
     print(common.describe_environment(common.select_device("cpu", True), "32"))
     print(f"{args.cases} cases, fold 0: {len(fold['train'])} training / {len(fold['val'])} validation; {args.iterations} steps each; "
-          f"patch {patch}, batch {batch}, features {arch['features_per_stage']}")
+          f"patch {patch}, batch {batch}, features {arch['features_per_stage']}; seed {args.seed}; biasseg mirroring {args.mirror}")
     print(f"strides nnU-Net {[list(reversed(s)) for s in arch['strides'][1:]]}, biasseg {ours_plan['strides'][:len(arch['strides']) - 1]}; "
           f"spacing nnU-Net {list(reversed(plan['spacing']))}, biasseg {ours_plan['target_spacing']}")
     keys = list(ours)
