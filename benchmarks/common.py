@@ -14,16 +14,13 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # so that `import lightning_modules`, `losses`, ... work from any cwd
-    sys.path.insert(0, str(ROOT))
-
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: its entry-point scripts and configs
 
 
 def base_parser(description: str | None) -> argparse.ArgumentParser:

@@ -46,14 +46,8 @@ Result (last line): ``{"name": "inference", "ours": <s/volume>, "peer": <s/volum
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+import common
 import torch
-
-from benchmarks import common
 
 
 def our_grid(shape, patch, overlap) -> list[tuple[int, ...]]:

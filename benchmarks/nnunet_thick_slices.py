@@ -26,10 +26,9 @@ from pathlib import Path
 
 import common
 import numpy as np
+from nnunet_side import train_nnunet
 
-sys.path.insert(0, str(common.ROOT / "tests"))
-from nifti_datasets import thick_slice_expected_ml, write_thick_slices  # noqa: E402
-from nnunet_side import train_nnunet  # noqa: E402
+from biasseg.generated_folders import thick_slice_expected_ml, write_thick_slices
 
 DATASET_ID = 991
 

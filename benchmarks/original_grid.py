@@ -13,14 +13,14 @@ The case: thick slices (``--spacing``, default 1 × 1 × 3 mm) resampled to 1 mm
 
 from __future__ import annotations
 
-import common  # noqa: F401  (puts the project root on sys.path)
+import common
 import numpy as np
 import torch
 
+from biasseg.metrics import SubjectSegmentationMetrics
 from datamodules.original_grid import OriginalGrid
 from lightning_modules.sliding_window import SlidingWindow
 from lightning_modules.unet import UNet3D
-from metrics import SubjectSegmentationMetrics
 
 
 def main() -> None:

@@ -65,11 +65,8 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+import common
 import torch
-
-from benchmarks import common
 
 SYNC_WARNING = "called a synchronizing CUDA operation"  # c10/cuda warn_or_error_on_sync
 SYNC_WINDOW = 10  # loop iterations with sync counting: one logger flush at log_every_n_steps = 10
@@ -91,7 +88,7 @@ def load_losses(names: list[str] | None) -> tuple[dict[str, torch.nn.Module], st
         from hydra import compose, initialize_config_dir
         from hydra.utils import instantiate
     except ImportError:
-        from losses import CompoundLoss, CrossEntropyLoss, SoftDiceLoss
+        from biasseg.losses import CompoundLoss, CrossEntropyLoss, SoftDiceLoss
 
         direct = {
             "ce": lambda: CrossEntropyLoss(),
@@ -225,6 +222,7 @@ def lightning_run(loss, args, device, features, patch, warmup: int, count: bool)
     from torch.utils.data import DataLoader
 
     from lightning_modules import SegmentationModule
+    from lightning_modules.poly_schedule import poly_lr
 
     variant = LOG_VARIANTS[args.log]
     if variant is not None:  # a what-if: the same training_step with other self.log keywords
@@ -244,7 +242,7 @@ def lightning_run(loss, args, device, features, patch, warmup: int, count: bool)
         num_classes=args.classes,
         features=features,
         optimizer=functools.partial(torch.optim.SGD, lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5),
-        scheduler=functools.partial(torch.optim.lr_scheduler.PolynomialLR, power=0.9),
+        scheduler=functools.partial(poly_lr, power=0.9),
         sliding_window={"patch_size": patch},
     )
     log_seconds: list[float] = []

@@ -30,15 +30,9 @@ Result (last line): ``{"name": "train_step", "ours": <steps/s>, "peer": <steps/s
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+import common
 import torch
 from torch import nn
-
-from benchmarks import common
 
 
 def build_ours(in_channels: int, num_classes: int, features: list[int]) -> nn.Module:
@@ -137,7 +131,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     torch.manual_seed(args.seed)
 
-    from losses import CrossEntropyLoss
+    from biasseg.losses import CrossEntropyLoss
 
     divisor = 2 ** (len(features) - 1)
     if any(p % divisor for p in patch):

@@ -28,10 +28,10 @@ from common import base_parser, emit, gib, ints, median, print_table, select_dev
 from pipeline import default_augmentation, write_dataset
 from torch.utils.data import DataLoader, IterableDataset
 
+from biasseg.losses import CrossEntropyLoss
 from datamodules import FolderDataModule
 from datamodules.segmentation import resolve_num_workers
 from lightning_modules import SegmentationModule
-from losses import CrossEntropyLoss
 
 
 class StepTimer(pl.Callback):

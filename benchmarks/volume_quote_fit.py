@@ -2,7 +2,7 @@
 
 Every validation (training's and ``evaluate.py``'s without a stored calibration) cross-fits the
 recalibration maps and the conformal interval over the subjects' log-odds histograms
-(:func:`metrics.volume_quote.cross_fit`). This trains a one-epoch run on the default synthetic
+(:func:`biasseg.metrics.volume_quote.cross_fit`). This trains a one-epoch run on the default synthetic
 data, then runs ``evaluate.py`` on it in this process ``--rounds`` times with
 its stored calibration removed (so the fit happens), timing the whole evaluation and, inside it, the fit;
 the *peer* is the evaluation without the fit (whole minus fit). Target: the fit adds ≤ 5 %.
@@ -16,12 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (puts the project root on sys.path)
+import common
 from hydra import compose, initialize_config_dir
 
 import lightning_modules.segmentation_module as segmentation_module
-from evaluate import evaluate
-from train import train
+from biasseg.pipelines.evaluate import evaluate
+from biasseg.pipelines.train import train
 
 CONFIGS = str(common.ROOT / "configs")
 

@@ -45,8 +45,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from biasseg.errors import DatasetError
 from datamodules.image_files import NIFTI_ENDINGS
-from input_errors import DatasetError
 
 LAYOUTS = ("msd", "nnunet")
 MAX_NAME_LENGTH = 200  # characters of a case name (cache files add theirs; file systems stop at 255 bytes)

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from callbacks.results_writer import write_atomically
+from biasseg.run_files import write_atomically
 from datamodules.dataset_layout import CaseFiles, DatasetLayout
 from datamodules.image_files import UnreadableImage, read_image
 from datamodules.plan import Fingerprint

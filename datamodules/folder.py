@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from callbacks.results_writer import write_atomically
+from biasseg.errors import DatasetError, InputError
+from biasseg.run_files import write_atomically
 from datamodules.cases import Case
 from datamodules.dataset_layout import DatasetLayout, read_layout
 from datamodules.fingerprint import dataset_fingerprint
 from datamodules.plan import Plan, make_plan, pooling
 from datamodules.preprocessing_cache import PreprocessingCache, dataset_directory
 from datamodules.segmentation import SegmentationDataModule, distributed_context
-from input_errors import DatasetError, InputError
 
 log = logging.getLogger(__name__)
 

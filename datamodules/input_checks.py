@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from biasseg.errors import DatasetError
 from datamodules.image_files import AFFINE_TOLERANCE, UnreadableImage, read_image, resampled_size_problem
-from input_errors import DatasetError
 
 if TYPE_CHECKING:
     from datamodules.dataset_layout import CaseFiles, DatasetLayout
 
-__all__ = ["DatasetError", "check_case", "check_cases"]
+__all__ = ["DatasetError", "check_case", "check_cases", "image_problems"]
 
 
 def access_problem(path: Path) -> str | None:
@@ -37,26 +37,49 @@ def access_problem(path: Path) -> str | None:
         return f"{path}: cannot be opened ({error.strerror or error})"
 
 
-def check_case(
-    case: CaseFiles, in_channels: int, label_values: Sequence[int], channels_in_one_file: bool, target_spacing=None
-) -> list[str]:
-    """All problems of one case (an empty list when it is usable); with ``target_spacing``
-    (mm) also whether its resampled arrays fit in memory."""
-    problems = [p for p in map(access_problem, case.files) if p]
+def image_problems(paths: Sequence[Path], in_channels: int, expected_by: str, target_spacing=None,
+                   arrays: int | None = None) -> tuple[list[str], list[tuple[Path, tuple, np.ndarray]]]:
+    """The problems of one case's image files — all channels in one file, or one file per
+    channel — read safely (the header's declared size first, see :mod:`datamodules.image_files`):
+    the channel count (``in_channels``, as ``expected_by`` says), finite values (TorchIO's ITK
+    reader would turn NaN into 0), one grid across the channel files, and with ``target_spacing``
+    (mm) whether ``arrays`` arrays of the resampled grid fit in memory (default 3 per channel:
+    preprocessing's copies). Also
+    ``(path, spatial shape, affine)`` of each file that reads (the training check compares them
+    with the label's)."""
+    problems = [p for p in map(access_problem, paths) if p]
     if problems:
-        return problems
+        return problems, []
     images = []
-    for path, data, affine in _readable(case.images, problems):
-        expected = in_channels if channels_in_one_file else 1
+    for path, data, affine in _readable(paths, problems):
+        expected = in_channels if len(paths) == 1 else 1
         if data.shape[0] != expected:
-            problems.append(f"{path}: {data.shape[0]} channel(s), dataset.json declares {expected}")
+            problems.append(f"{path}: {data.shape[0]} channel(s), {expected_by} {expected}")
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
             problems.append(f"{path}: {bad} NaN/inf voxel value(s)")
-        problem = resampled_size_problem(data.shape, affine, target_spacing, arrays=3)
-        if problem:
-            problems.append(f"{path}: {problem}")
         images.append((path, data.shape[1:], affine))
+    if len(paths) > 1 and len(paths) != in_channels:
+        problems.append(f"{paths[0]}: {len(paths)} channel file(s), {expected_by} {in_channels}")
+    for path, shape, affine in images[1:]:
+        problems += geometry_problems(path, shape, affine, images[0], "channel file")
+    if images and not problems:
+        problem = resampled_size_problem((1, *images[0][1]), images[0][2], target_spacing, arrays=arrays or 3 * in_channels)
+        if problem:
+            problems.append(f"{images[0][0]}: {problem}")
+    return problems, images
+
+
+def check_case(
+    case: CaseFiles, in_channels: int, label_values: Sequence[int], target_spacing=None
+) -> list[str]:
+    """All problems of one case (an empty list when it is usable); with ``target_spacing``
+    (mm) also whether its resampled arrays fit in memory."""
+    problems = [p for p in map(access_problem, case.labels) if p]
+    image_issues, images = image_problems(case.images, in_channels, "dataset.json declares", target_spacing)
+    problems = image_issues + problems
+    if problems:
+        return problems
     reference = None  # the first label's (path, shape, affine): images and the other raters must match it
     for path, label, label_affine in _readable(case.labels, problems):
         problems += label_problems(path, label, label_values)
@@ -116,7 +139,7 @@ def check_cases(layout: DatasetLayout, cases: Sequence[CaseFiles], num_workers: 
     :class:`DatasetError` listing every problem."""
     if not cases:
         return
-    args = [(c, layout.in_channels, layout.label_values, layout.channels_in_one_file, target_spacing) for c in cases]
+    args = [(c, layout.in_channels, layout.label_values, target_spacing) for c in cases]
     progress = dict(total=len(cases), desc=f"Checking {layout.name}", unit="case", leave=False)
     if num_workers > 0 and len(cases) > 1:
         with ProcessPoolExecutor(min(num_workers, len(cases))) as pool:

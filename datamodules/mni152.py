@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torchio as tio
 
+from biasseg.errors import InputError
 from datamodules.cases import Case, in_memory_case
 from datamodules.segmentation import SegmentationDataModule
-from input_errors import InputError
 
 TISSUES = ("grey_matter", "white_matter")
 

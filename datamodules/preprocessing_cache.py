@@ -46,13 +46,13 @@ import torch
 import torchio as tio
 from tqdm import tqdm
 
-from callbacks.results_writer import write_atomically
+from biasseg.errors import InputError
+from biasseg.run_files import write_atomically
 from datamodules.cases import Case, class_locations, foreground_samples, majority_vote, rater_mean, rater_volumes_ml
 from datamodules.dataset_layout import CaseFiles, DatasetLayout
 from datamodules.input_checks import check_cases
 from datamodules.original_grid import OriginalGrid
 from datamodules.resampling import resample_subject
-from input_errors import InputError
 
 log = logging.getLogger(__name__)
 

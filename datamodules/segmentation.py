@@ -28,10 +28,10 @@ import torch.distributed as dist
 import torchio as tio
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from biasseg.errors import InputError
 from datamodules.cases import NORMALISATION_SCHEMES, Case, Intensity, channel_intensity
 from datamodules.patch_stream import PatchBatches
 from datamodules.transforms import augmentation as compose_augmentation
-from input_errors import InputError
 
 # PatchBatches gives every worker its own batches, so its __len__ is exact; Lightning's
 # generic warning about IterableDataset lengths does not apply.

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from biasseg.errors import InputError
 from datamodules.cases import Case, in_memory_case
 from datamodules.segmentation import SegmentationDataModule
 from datamodules.synthetic_volumes import (
@@ -16,7 +17,6 @@ from datamodules.synthetic_volumes import (
     sample_label,
     structure_distances,
 )
-from input_errors import InputError
 
 
 def synthetic_case(case: SyntheticCase, name: str, num_classes: int, raters: np.ndarray | None = None) -> Case:

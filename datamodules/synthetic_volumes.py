@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import ndtr
 
-from input_errors import InputError
+from biasseg.errors import InputError
 
 UNCERTAINTY_KINDS = ("boundary", "voxel")
 

@@ -1,8 +1,8 @@
 """A trained model's volume calibration on disk, bound to the weights it was fitted for.
 
 ``train.py`` writes ``checkpoints/volume_calibration.json`` beside ``last.ckpt`` at the end
-of a run (:class:`callbacks.volume_calibration.VolumeCalibrationWriter`): the recalibration
-maps and interval scales of :mod:`metrics.volume_quote`, the calibration subjects' names and
+of a run (:class:`biasseg.callbacks.volume_calibration.VolumeCalibrationWriter`): the recalibration
+maps and interval scales of :mod:`biasseg.metrics.volume_quote`, the calibration subjects' names and
 ``model_sha256``, a digest of the network's weights. ``evaluate.py`` and ``predict.py`` read it
 and refuse one fitted for other weights: a calibration belongs to one model.
 
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from input_errors import InputError
-from metrics.posthoc import LOG_ODDS_BINS
-from metrics.volume_quote import METHODS, CalibrationMaps, VolumeCalibration
+from biasseg.errors import InputError
+from biasseg.metrics.posthoc import LOG_ODDS_BINS
+from biasseg.metrics.volume_quote import METHODS, CalibrationMaps, VolumeCalibration
 
 FORMAT = "biasseg-volume-calibration"
 VERSION = 1

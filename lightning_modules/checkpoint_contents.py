@@ -23,11 +23,12 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 import datamodules
-import losses
+from biasseg import losses
+from biasseg.errors import InputError
+from biasseg.renamed_targets import current_targets
 from datamodules.cases import NORMALISATION_SCHEMES
 from datamodules.image_files import MEMORY_SHARE, physical_memory_bytes
 from datamodules.segmentation import NORMALISATIONS, SegmentationDataModule
-from input_errors import InputError
 
 AUGMENTATIONS = (
     tio.RandomFlip, tio.RandomAffine, tio.RandomElasticDeformation, tio.RandomAnisotropy, tio.RandomGamma, tio.RandomNoise,
@@ -53,8 +54,8 @@ ALLOWED = {"loss": _loss_class, "data": _data_class}
 
 def allowed_target(target: object, section: str) -> bool:
     """Whether a checkpoint's ``section`` config may name ``target``."""
-    if not isinstance(target, str) or target.split(".")[0] not in ("losses", "datamodules", "torchio"):
-        return False  # resolved only inside our packages and TorchIO: nothing else gets imported
+    if not isinstance(target, str) or not target.startswith(("biasseg.losses.", "datamodules.", "torchio.")):
+        return False  # resolved only inside our losses, datamodules and TorchIO: nothing else gets imported
     try:
         cls = get_class(target)
     except Exception:
@@ -86,6 +87,7 @@ def instantiate_section(config: Mapping, section: str, source: str):
     :func:`check_targets`; any failure to build it is one line naming the checkpoint."""
     if not isinstance(config, Mapping) or "_target_" not in config:
         raise InputError(f"{source}: its stored config has no {section} (_target_)")
+    config = current_targets(config)
     check_targets(config, section, source)
     try:
         return instantiate(OmegaConf.create(dict(config)))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from input_errors import InputError
+from biasseg.errors import InputError
 from lightning_modules.checkpoint_contents import (
     inference_settings_problem,
     instantiate_section,
@@ -39,6 +39,7 @@ from lightning_modules.checkpoint_contents import (
     state_dict_problem,
     window_problem,
 )
+from lightning_modules.predictor import Predictor
 from lightning_modules.segmentation_module import SegmentationModule
 
 CONVERT_HINT = "if you trust its source, convert it once: python scripts/convert_trusted_checkpoint.py IN OUT"
@@ -51,6 +52,7 @@ class TrainedModel:
 
     module: SegmentationModule
     inference_settings: dict
+    predictor: Predictor | None = None  # load_ensemble: how the checkpoints predict together (the module alone otherwise)
 
 
 def load_untrusted(path: str | Path, what: str = "ckpt_path", mmap: bool = False) -> dict:
@@ -162,8 +164,8 @@ def read_checkpoints(ckpt_path: str | Sequence[str]) -> list[tuple[Path, dict]]:
 
 def load_ensemble(checkpoints: Sequence[tuple[Path, dict]], sliding_window: dict | None = None,
                   alpha: float | None = None) -> TrainedModel:
-    """The first checkpoint's module with the others as ensemble members (their probability
-    maps averaged, :meth:`SegmentationModule.add_ensemble_members`). Members must share the
+    """The first checkpoint's module, with a :class:`~lightning_modules.predictor.Predictor`
+    that averages every checkpoint's probability maps. Members must share the
     classes, input channels and preprocessing (``inference_settings``), each named in the
     error if not. ``alpha`` fixes a Tversky hypernetwork's α (every member must be one)."""
     if alpha is not None and not 0.0 <= float(alpha) <= 1.0:
@@ -175,7 +177,6 @@ def load_ensemble(checkpoints: Sequence[tuple[Path, dict]], sliding_window: dict
         if alpha is not None:
             if trained.module.hypernet is None:
                 raise InputError(f"{source}: alpha={alpha} is given, but this model is not a Tversky hypernetwork (model=tversky_hypernet)")
-            trained.module.inference_alpha = float(alpha)
         if models:
             first, module = models[0], trained.module
             if (module.hparams.num_classes, module.class_names) != (first.module.hparams.num_classes, first.module.class_names):
@@ -185,5 +186,5 @@ def load_ensemble(checkpoints: Sequence[tuple[Path, dict]], sliding_window: dict
                 raise InputError(f"{source}: its input channels or preprocessing (inference_settings) differ from those of {first_path}; "
                                  "an ensemble's members must read images the same way")
         models.append(trained)
-    models[0].module.add_ensemble_members([m.module for m in models[1:]])
+    models[0].predictor = Predictor([m.module for m in models], None if alpha is None else float(alpha))
     return models[0]

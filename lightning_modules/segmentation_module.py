@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,14 +14,16 @@ import torch.nn.functional as F
 import torchio as tio
 from torch import nn
 
-from input_errors import InputError
+from biasseg.errors import InputError
+from biasseg.losses.regions import region_loss
+from biasseg.metrics import SubjectSegmentationMetrics, per_subject, summarize
+from biasseg.metrics.region_metrics import RegionMetrics, per_region_subject
+from biasseg.metrics.volume_quote import METHODS, CalibrationMaps, VolumeCalibration, apply_stored, cross_fit, verdict
 from lightning_modules.callback_state import confine_callback_state
+from lightning_modules.poly_schedule import replan
+from lightning_modules.predictor import Predictor
 from lightning_modules.sliding_window import SlidingWindow
 from lightning_modules.unet import UNet3D
-from losses.regions import region_loss
-from metrics import SubjectSegmentationMetrics, per_subject, summarize
-from metrics.region_metrics import RegionMetrics, per_region_subject
-from metrics.volume_quote import METHODS, CalibrationMaps, VolumeCalibration, apply_stored, cross_fit, verdict
 
 
 def preview_slices(subject: tio.Subject, probabilities: torch.Tensor) -> dict:
@@ -60,7 +62,7 @@ def hypernet_settings(hypernet: Mapping | None, loss: nn.Module) -> dict | None:
     """The checked hypernetwork settings (see :class:`SegmentationModule`), or None."""
     if hypernet is None:
         return None
-    from losses import SoftDiceLoss
+    from biasseg.losses import SoftDiceLoss
 
     if not isinstance(loss, SoftDiceLoss):
         raise InputError(f"model.hypernet trains with a Tversky loss: use loss=tversky (a SoftDiceLoss), not {type(loss).__name__}")
@@ -114,31 +116,31 @@ class SegmentationModule(pl.LightningModule):
         class_names: names of the foreground classes, for per-class metric keys.
         preview_subjects: keep slices of this many validation subjects for pictures.
         soft_volume_margin_mm: the near-structure soft volume sums ``p`` within this many mm of
-            the predicted structure (see :mod:`metrics.subject_metrics`).
+            the predicted structure (see :mod:`biasseg.metrics.subject_metrics`).
         strides, kernel_sizes: the U-Net's per-stage strides and kernel sizes per axis
             (:class:`~lightning_modules.unet.UNet3D`); None = 2 and 3 along every axis.
         regions, regions_class_order: nnU-Net region labels (``data=folder`` whose ``dataset.json``
             declares them): the label values each foreground class covers, one sigmoid output
-            each (:mod:`losses.regions`, :mod:`metrics.region_metrics`); the label value each
+            each (:mod:`biasseg.losses.regions`, :mod:`biasseg.metrics.region_metrics`); the label value each
             writes on export. None: exclusive classes, softmax.
         hypernet: Hong et al.'s Tversky hypernetwork (2021), or None: ``alpha_range`` ``[low,
             high]`` from which one ``α`` is drawn per training batch, the network conditioned on
             it (:class:`~lightning_modules.unet.UNet3D`, FiLM) and the loss (a
-            :class:`~losses.SoftDiceLoss`) weighing false positives by ``α`` and false negatives
+            :class:`~biasseg.losses.SoftDiceLoss`) weighing false positives by ``α`` and false negatives
             by ``1 − α``; ``inference_alphas``, the ``α`` whose probability maps are averaged at
             inference (the marginal map; each one is a sample for the generalised energy
-            distance), unless :attr:`inference_alpha` picks one.
+            distance; :class:`~lightning_modules.predictor.Predictor`).
         volume_quote: how validation recalibrates and bounds each subject's soft volume
-            (:mod:`metrics.volume_quote`): ``method`` (one of ``none``, ``temperature``,
+            (:mod:`biasseg.metrics.volume_quote`): ``method`` (one of ``none``, ``temperature``,
             ``platt``, ``isotonic``), ``alpha`` (the interval's miscoverage), ``folds``
             (cross-fitting folds over the validation subjects).
 
-    Members of a deep ensemble (:meth:`add_ensemble_members`: evaluate.py and predict.py with
-    several checkpoints) are averaged with this network at inference; each member's
-    segmentation is a sample for the generalised energy distance.
+    Validation predicts through :attr:`predictor`: this network alone (a hypernetwork's
+    marginal), unless evaluate.py sets a :class:`~lightning_modules.predictor.Predictor` of an
+    ensemble or of cross-validation folds.
 
     After each validation epoch ``validation_rows`` holds the per-subject rows (CPU tensors,
-    see :mod:`metrics.subject_metrics`), ``validation_reliability`` the pooled reliability
+    see :mod:`biasseg.metrics.subject_metrics`), ``validation_reliability`` the pooled reliability
     bins and ``validation_summary`` the logged values.
     """
 
@@ -175,9 +177,7 @@ class SegmentationModule(pl.LightningModule):
         self.net = UNet3D(in_channels, outputs, features, deep_supervision, conditioned=self.hypernet is not None,
                           strides=strides, kernel_sizes=kernel_sizes)
         self.loss = loss
-        self.inference_alpha: float | None = None  # a hypernetwork's α at inference; None = the marginal over inference_alphas
-        self.ensemble = nn.ModuleList()
-        self.case_members: dict[str, int] | None = None  # cross-validation: {case: the member (0 = this network) scoring it}
+        self.predictor: Predictor | None = None  # evaluate.py: an ensemble's or folds' predictor; None = this network
         self.epoch_loss = torch.zeros(2)  # this epoch's (Σ loss × batch size, Σ batch size) on this rank
         self.epoch_loss_epoch: int | None = None  # the epoch epoch_loss belongs to
         self.optimizer_factory = optimizer
@@ -208,7 +208,7 @@ class SegmentationModule(pl.LightningModule):
         self.calibration_verdict: str | None = None
 
     def new_metrics(self, raters: int = 0) -> SubjectSegmentationMetrics | RegionMetrics:
-        """Validation's per-subject metrics: per class, or per region (:mod:`metrics.region_metrics`)."""
+        """Validation's per-subject metrics: per class, or per region (:mod:`biasseg.metrics.region_metrics`)."""
         if self.regions is not None:
             return RegionMetrics(self.regions, self.hparams.soft_volume_margin_mm)
         return SubjectSegmentationMetrics(self.hparams.num_classes, self.hparams.soft_volume_margin_mm, num_raters=raters)
@@ -303,39 +303,13 @@ class SegmentationModule(pl.LightningModule):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def own_probabilities(self, image: torch.Tensor) -> Iterator[torch.Tensor]:
-        """This network's whole-volume class probabilities ``(C, W, H, D)``: one map, or with a
-        hypernetwork one per inference ``α`` (only :attr:`inference_alpha` when it is set)."""
+    def probabilities(self, image: torch.Tensor, alpha: float | None = None) -> torch.Tensor:
+        """This network's whole-volume probabilities ``(C, W, H, D)`` of ``image`` ``(channels,
+        W, H, D)``, on the module's device; a hypernetwork's at ``alpha``."""
         image = image.to(self.device, non_blocking=True).float()
         if self.hypernet is None:
-            yield self.sliding_window(image, self.net, self.activation)
-            return
-        alphas = self.hypernet["inference_alphas"] if self.inference_alpha is None else [self.inference_alpha]
-        for alpha in alphas:
-            yield self.sliding_window(image, lambda patches, alpha=alpha: self.net(patches, alpha), self.activation)
-
-    def member_probabilities(self, image: torch.Tensor, case: str | None = None) -> Iterator[torch.Tensor]:
-        """Every member's probabilities: this network's, then each ensemble member's; in a
-        cross-validation (:attr:`case_members`) only those of the member that scores ``case``."""
-        members = (self, *self.ensemble)
-        if self.case_members is not None:
-            members = (members[self.case_members[case]],)
-        for module in members:
-            yield from module.own_probabilities(image)
-
-    @torch.no_grad()
-    def predict_with_samples(self, image: torch.Tensor, keep_samples: bool = True,
-                             case: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The mean of the members' probabilities ``(C, W, H, D)`` and, where there are several
-        members and ``keep_samples``, each one's argmax segmentation ``(M, W, H, D)`` (uint8) as samples."""
-        total, count, samples = None, 0, []
-        for probabilities in self.member_probabilities(image, case):
-            total = probabilities if total is None else total + probabilities
-            count += 1
-            if keep_samples:
-                samples.append(self.segmentation(probabilities))
-        assert total is not None
-        return total / count, (torch.stack(samples) if len(samples) > 1 else None)
+            return self.sliding_window(image, self.net, self.activation)
+        return self.sliding_window(image, lambda patches: self.net(patches, alpha), self.activation)
 
     def segmentation(self, probabilities: torch.Tensor) -> torch.Tensor:
         """The hard segmentation (uint8) of class probabilities: their argmax ``(W, H, D)``, or with
@@ -354,22 +328,12 @@ class SegmentationModule(pl.LightningModule):
             labels[p > 0.5] = value
         return labels
 
-    def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
-        """Whole-volume class probabilities ``(C, W, H, D)`` on the module's device (the mean
-        over an ensemble's members, and a hypernetwork's inference α)."""
-        return self.predict_with_samples(image, keep_samples=False)[0]
-
-    def add_ensemble_members(self, members: Sequence[SegmentationModule]) -> None:
-        """Average ``members``' probability maps with this network's. They must segment the same
-        classes from the same channels and preprocessing, which
-        :func:`lightning_modules.checkpoints.load_ensemble` checks, naming the checkpoint."""
-        self.ensemble.extend(members)
-
     def validation_step(self, subject: tio.Subject, batch_idx: int) -> None:
         """Segment the whole subject and measure it where it was annotated: a subject that
         carries its ``original_grid`` (data=folder) is scored on that grid against its original
         label, each voxel its own size (:mod:`datamodules.original_grid`); others on theirs."""
-        probabilities, samples = self.predict_with_samples(subject["image"][tio.DATA], case=subject["name"])
+        predictor = self.predictor or Predictor([self])
+        probabilities, samples = predictor.predict_with_samples(subject["image"][tio.DATA], case=subject["name"])
         if int(subject["subject_index"]) < self.preview_subjects:  # with regions: the first (outermost) one
             shown = probabilities if self.regions is None else torch.stack([1 - probabilities[0], probabilities[0]])
             self._previews.append(preview_slices(subject, shown))
@@ -441,14 +405,7 @@ class SegmentationModule(pl.LightningModule):
         # it for the new length, at the step the run has reached.
         total = int(self.trainer.estimated_stepping_batches)
         for config in self.trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            length = next((name for name in ("total_iters", "T_max") if hasattr(scheduler, name)), None)
-            if length and getattr(scheduler, length) != total and hasattr(scheduler, "_get_closed_form_lr"):
-                setattr(scheduler, length, total)
-                rates = scheduler._get_closed_form_lr()
-                for group, rate in zip(scheduler.optimizer.param_groups, rates):
-                    group["lr"] = rate
-                scheduler._last_lr = list(rates)
+            replan(config.scheduler, total)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         dropped = confine_callback_state(checkpoint)

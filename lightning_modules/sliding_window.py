@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from input_errors import InputError
+from biasseg.errors import InputError
 
 WEIGHTINGS = ("hann", "gaussian", "constant")
 

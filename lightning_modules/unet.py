@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from input_errors import InputError
+from biasseg.errors import InputError
 
 
 def conv_block(in_channels: int, out_channels: int, stride: Sequence[int] = (1, 1, 1),

@@ -18,19 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from biasseg.cli import compose_config
 
-from hydra.utils import instantiate  # noqa: E402
-
-from conftest import compose_config  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: results/
 
 
 def logit(p: float) -> float:
@@ -39,7 +35,7 @@ def logit(p: float) -> float:
 
 def shares(task: str, epochs: int) -> tuple[float, float]:
     """Foreground voxel share of the training patches and of the whole training scans."""
-    cfg = compose_config([f"experiment={task}", "data.num_workers=0"])
+    cfg = compose_config("train", [f"experiment={task}", "data.num_workers=0"])
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     torch.manual_seed(0)

@@ -22,10 +22,8 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from reporting.measures import pooled_measures, subject_measures  # noqa: E402
-from reporting.runs import read_columns  # noqa: E402
+from biasseg.reporting.measures import pooled_measures, subject_measures
+from biasseg.reporting.runs import read_columns
 
 COLUMNS = (  # (header, source, key, percent): source "metrics" (metrics.json), "subjects" (per-subject mean), "pooled"
     ("Dice", "metrics", "val/dice", False),

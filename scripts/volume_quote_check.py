@@ -27,10 +27,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from datamodules.synthetic_volumes import generate_case
 
-from datamodules.synthetic_volumes import generate_case  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: train.py, predict.py
 
 
 def write_case(rng: np.random.Generator, args: argparse.Namespace, image_path: Path, label_path: Path) -> float:

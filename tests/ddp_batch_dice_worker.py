@@ -3,14 +3,12 @@ pooled across processes against one process holding the whole batch."""
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from losses import SoftDiceLoss  # noqa: E402
+from biasseg.losses import SoftDiceLoss
 
 
 def main() -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import compose_config
+from helpers import compose_config
 from hydra.utils import instantiate
 
-from train import build_model
+from biasseg.pipelines.train import build_model
 
 COMPARED = ("dice", "volume_ref_ml", "volume_pred_ml", "volume_pred_soft_ml")
 

@@ -11,10 +11,10 @@ import json
 
 import numpy as np
 import pytest
-from conftest import compose_config
+from helpers import compose_config
 
-from theory import predicted_volume_bias
-from train import train
+from biasseg.pipelines.train import train
+from biasseg.theory import predicted_volume_bias
 
 KEY = "val/relative_soft_expected_volume_bias"  # mean over subjects of (Σp − Σq) / Σq
 

@@ -13,7 +13,9 @@ import time
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ROOT, TINY
+from helpers import ROOT, TINY
+
+pytestmark = pytest.mark.slow  # every test here trains subprocesses or Trainers for many epochs
 
 RUN = [o for o in TINY if not o.startswith(("trainer.max_epochs", "data.samples_per_volume"))] + [
     "trainer.max_epochs=10", "data.samples_per_volume=16", "callbacks.validation_figures=null",
@@ -43,7 +45,7 @@ def test_sigterm_saves_last_checkpoint_and_the_resumed_run_ends_like_an_uninterr
     output = process.communicate(timeout=120)[0]
     assert process.returncode != 0
     assert "SIGTERM: saved" in output, output[-3000:]
-    stopped = torch.load(last, weights_only=False)
+    stopped = torch.load(last, weights_only=True)
     assert 32 <= stopped["global_step"] < 320
     # the same command again: auto_resume continues from the run directory's last.ckpt
     again = start(run_dir)
@@ -72,9 +74,9 @@ def test_submitit_local_runs_a_two_job_multirun(tmp_path):
 def test_auto_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
     """Two runs inside one SLURM job share the job-id run directory: the second must not
     silently continue the first."""
-    from conftest import compose_config
+    from helpers import compose_config
 
-    from train import train
+    from biasseg.pipelines.train import train
 
     train(compose_config(TINY, tmp_path))
     with pytest.raises(ValueError, match="another configuration.*seed"):
@@ -109,11 +111,11 @@ def test_a_run_stopped_mid_epoch_resumes_with_the_same_batches_and_ends_identica
     workers, when stopped after an epoch's last batch, and from a checkpoint written at a
     batch's end — so the resumed run trains on the batches an uninterrupted one would have,
     and ends with the same validation."""
-    from conftest import compose_config
+    from helpers import compose_config
     from omegaconf import open_dict
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from train import train
+    from biasseg.pipelines.train import train
 
     overrides = [o for o in TINY if not o.startswith(("trainer.max_epochs", "data.samples_per_volume", "data.num_workers"))]
     overrides += ["trainer.max_epochs=3", "data.samples_per_volume=8", f"data.num_workers={workers}", "callbacks.validation_figures=null"]
@@ -173,11 +175,11 @@ class StopDuringLastValidation(pl.Callback):
 def test_a_run_stopped_during_its_last_validation_validates_when_resumed(tmp_path):
     """Every batch trained, the final validation cut short: the resumed run must still end with
     the final validation, not with the previous epoch's in metrics.json."""
-    from conftest import compose_config
+    from helpers import compose_config
     from omegaconf import open_dict
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from train import train
+    from biasseg.pipelines.train import train
 
     overrides = [o for o in TINY if not o.startswith(("trainer.max_epochs", "data.num_val"))]
     overrides += ["trainer.max_epochs=2", "data.num_val=3", "callbacks.validation_figures=null"]

@@ -1,20 +1,22 @@
 """Every config option composes and instantiates; bad choices fail with Hydra's clear errors."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONFIG_DIR, ROOT, TINY, compose_config
+import pytorch_lightning as pl
+from helpers import CONFIG_DIR, ROOT, TINY, compose_config
 from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
 from hydra.utils import instantiate
-from nifti_datasets import write_msd
 
+from biasseg.errors import InputError
+from biasseg.generated_folders import write_msd
+from biasseg.losses import SoftDiceLoss
+from biasseg.pipelines.train import build_model
 from datamodules import SegmentationDataModule
-from input_errors import InputError
 from lightning_modules import SegmentationModule
-from losses import SoftDiceLoss
-from train import build_model
 
 GROUPS = ["data", "model", "loss", "trainer", "logger", "callbacks", "experiment"]
 
@@ -62,10 +64,17 @@ def test_data_instantiates(data, tmp_path):
 
 
 @pytest.mark.parametrize("logger", options("logger"))
-def test_loggers_instantiate(logger, tmp_path):
+def test_loggers_instantiate_and_log(logger, tmp_path):
     cfg = compose_config([f"logger={logger}"], tmp_path)
-    for node in (cfg.get("logger") or {}).values():
-        assert instantiate(node) is not None
+    nodes = [node for node in (cfg.get("logger") or {}).values() if node is not None]
+    assert (logger == "none") == (not nodes)
+    for node in nodes:
+        built = instantiate(node)
+        assert isinstance(built, pl.loggers.Logger) and type(built).__name__ == node._target_.rsplit(".", 1)[-1]
+        built.log_metrics({"val/dice": 0.5}, step=0)
+        built.finalize("success")
+    if logger == "csv":  # the run's metrics land in its own folder, where report.py reads them
+        assert "val/dice" in (tmp_path / "csv" / "metrics.csv").read_text()
 
 
 @pytest.mark.parametrize("trainer", ["default", "cpu"])
@@ -85,15 +94,25 @@ def test_all_trainers_compose(trainer, tmp_path):
 @pytest.mark.parametrize("callbacks", options("callbacks"))
 def test_callbacks_instantiate(callbacks, tmp_path):
     cfg = compose_config([f"callbacks={callbacks}"], tmp_path)
-    for node in (cfg.get("callbacks") or {}).values():
-        assert instantiate(node) is not None
+    nodes = [node for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    assert (callbacks == "none") == (not nodes)
+    built = [instantiate(node) for node in nodes]
+    assert all(isinstance(c, pl.Callback) and type(c).__name__ == n._target_.rsplit(".", 1)[-1] for c, n in zip(built, nodes))
+    if callbacks == "default":  # what a run's outputs depend on
+        kinds = {type(c).__name__ for c in built}
+        assert {"ModelCheckpoint", "ResultsWriter", "VolumeCalibrationWriter", "CheckpointOnSigterm"} <= kinds
+        last = next(c for c in built if isinstance(c, pl.callbacks.ModelCheckpoint) and c.filename == "last")
+        assert last.monitor is None and last.dirpath == str(tmp_path / "checkpoints")  # last.ckpt follows every epoch
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiments_compose_and_instantiate(experiment, tmp_path):
     cfg = compose_config([f"experiment={experiment}"], tmp_path)
     datamodule = instantiate(cfg.data)
-    build_model(cfg, datamodule)
+    module = build_model(cfg, datamodule)
+    assert cfg.task_name == experiment  # each experiment reports under its own name
+    assert (module.hparams.num_classes, module.class_names) == (datamodule.num_classes, datamodule.class_names)
+    assert module.sliding_window.patch_size == tuple(datamodule.sliding_window_settings()["patch_size"])
 
 
 def test_documented_keys_override(tmp_path):
@@ -130,10 +149,13 @@ def test_patch_not_divisible_by_the_unet_is_a_clear_error(tmp_path):
 
 
 def test_readme_lists_every_option():
-    readme = (Path(CONFIG_DIR).parent / "README.md").read_text()
+    """The README's configuration table has a row per group listing exactly its options."""
+    readme = (Path(CONFIG_DIR).parent / "README.md").read_text().splitlines()
     for group in GROUPS:
-        for option in options(group):
-            assert f"`{option}`" in readme, f"README.md does not mention {group}={option}"
+        row = next((line for line in readme if line.startswith(f"| `{group}` |")), None)
+        assert row is not None, f"README.md's configuration table has no row for {group}"
+        listed = set(re.findall(r"`([\w-]+)`", row.split("|")[2]))
+        assert listed == set(options(group)), f"README.md's {group} row lists {sorted(listed)}, configs/{group}/ holds {options(group)}"
 
 
 def test_slurm_launcher_follows_the_trainer():
@@ -166,3 +188,13 @@ def test_a_misspelt_key_gets_its_close_matches_before_anything_runs(script, argu
     result = subprocess.run([sys.executable, str(ROOT / script), argument], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"did you mean {suggestion}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_config_comments_are_read_by_a_yaml_parser(tmp_path):
+    """A '#' inside a quoted value is no comment; nested keys get their dotted names."""
+    from biasseg.cli import commented_keys
+
+    config = tmp_path / "c.yaml"
+    config.write_text('defaults:\n  - x: y\nname: "a # b"   # the real comment\nsection:        # a section\n'
+                      '  inner: 3      # inner key\n  silent: 1\nurl: http://h/#frag\n')
+    assert commented_keys(config) == [("name", "the real comment"), ("section", "a section"), ("section.inner", "inner key")]

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torchio as tio
 
+from biasseg.errors import InputError
 from datamodules import SyntheticDataModule
 from datamodules.segmentation import ShardSampler, resolve_num_workers
-from input_errors import InputError
 
 SMALL = dict(num_train=4, num_val=2, shape=(32, 32, 16), radius_mm=(4.0, 6.0), num_structures=1,
              num_workers=0, augmentation=None)
@@ -201,8 +201,9 @@ def test_steps_per_epoch_must_be_a_positive_whole_number(value):
 def test_a_12_subject_dataset_trains_as_long_as_a_24_subject_one(subjects, tmp_path):
     """A real Lightning run: with data.steps_per_epoch the step count does not depend on the
     number of training subjects (without it, the 12-subject run would train half as long)."""
-    from conftest import TINY, compose_config
-    from train import train
+    from helpers import TINY, compose_config
+
+    from biasseg.pipelines.train import train
 
     cfg = compose_config([*TINY, f"data.num_train={subjects}", "data.steps_per_epoch=7", "trainer.max_epochs=2",
                           "callbacks.validation_figures=null", "logger=csv"], tmp_path)

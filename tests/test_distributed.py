@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY
+from helpers import ROOT, TINY
 from single_process import assert_distributed_run_matches_one_process
 
 

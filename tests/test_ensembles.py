@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, compose_config
+from helpers import ROOT, TINY, compose_config
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from evaluate import evaluate
-from input_errors import InputError
+from biasseg.errors import InputError
+from biasseg.metrics.energy_distance import generalised_energy_distance
+from biasseg.pipelines.evaluate import evaluate
+from biasseg.pipelines.train import train
 from lightning_modules.checkpoints import load_ensemble, read_checkpoints
-from metrics.energy_distance import generalised_energy_distance
-from train import train
 
 QUIET = ["callbacks.validation_figures=null"]
 
@@ -42,8 +42,8 @@ def evaluation_config(tmp_path: Path, *overrides: str):
 
 def test_an_ensembles_map_is_the_mean_of_its_members_maps(seeds):
     paths = [seeds / f"seed{k}" / "checkpoints" / "last.ckpt" for k in (0, 1)]
-    ensemble = load_ensemble(read_checkpoints([str(p) for p in paths])).module
-    members = [load_ensemble(read_checkpoints(str(p))).module for p in paths]
+    ensemble = load_ensemble(read_checkpoints([str(p) for p in paths])).predictor
+    members = [load_ensemble(read_checkpoints(str(p))).predictor for p in paths]
     image = torch.randn(1, 32, 32, 16, generator=torch.Generator().manual_seed(0))
     mean, samples = ensemble.predict_with_samples(image)
     expected = (members[0].predict_probabilities(image) + members[1].predict_probabilities(image)) / 2
@@ -118,16 +118,16 @@ def test_a_hypernetworks_alpha_trades_volume_at_inference(tmp_path):
     subjects = list(datamodule.val_dataloader())
     volumes = []
     for alpha in (0.1, 0.5, 0.9):
-        module = load_ensemble(read_checkpoints(str(ckpt)), alpha=alpha).module
-        volumes.append(sum(float(module.predict_probabilities(s["image"]["data"])[1].sum()) for s in subjects))
+        predictor = load_ensemble(read_checkpoints(str(ckpt)), alpha=alpha).predictor
+        volumes.append(sum(float(predictor.predict_probabilities(s["image"]["data"])[1].sum()) for s in subjects))
     assert volumes[0] > volumes[1] > volumes[2], volumes
-    marginal = load_ensemble(read_checkpoints(str(ckpt))).module
-    alphas = marginal.hypernet["inference_alphas"]
+    marginal = load_ensemble(read_checkpoints(str(ckpt))).predictor
+    alphas = marginal.first.hypernet["inference_alphas"]
     mean, samples = marginal.predict_with_samples(subjects[0]["image"]["data"])
     assert samples.shape[0] == len(alphas) == 9
     by_alpha = []
     for alpha in alphas:
-        marginal.inference_alpha = alpha
+        marginal.alpha = alpha
         by_alpha.append(marginal.predict_probabilities(subjects[0]["image"]["data"]))
     assert torch.allclose(mean, torch.stack(by_alpha).mean(0), atol=1e-6)
     summary = evaluate(evaluation_config(tmp_path / "at_alpha", f"ckpt_path={ckpt}", "alpha=0.9"))

@@ -15,16 +15,15 @@ import numpy as np
 import pytest
 import torch
 import torchio as tio
-from conftest import ROOT, compose_config
+from helpers import ROOT, TINY_FOLDER, compose_config
 from hydra import compose, initialize_config_dir
-from nifti_datasets import folder_digest, write_nnunet
 from omegaconf import OmegaConf
-from test_folder_data import TINY_FOLDER
 
+from biasseg.generated_folders import folder_digest, write_nnunet
+from biasseg.pipelines.evaluate import evaluate, summary_line
+from biasseg.pipelines.predict import predict, predict_case
+from biasseg.pipelines.train import train
 from datamodules import DatasetError
-from evaluate import evaluate, summary_line
-from predict import predict, predict_case
-from train import train
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +151,8 @@ def test_geometry_round_trip_recovers_the_label(trained_run, tmp_path):
     # channel 0 is 100 + 40 × label + noise (std 5): rounding (x − 100) / 40 reads the label back
     trained = SimpleNamespace(
         inference_settings={"target_spacing": [0.7, 0.9, 1.3], "crop_nonzero": True, "normalization": "none"},
-        module=SimpleNamespace(regions=None, predict_probabilities=lambda x: torch.nn.functional.one_hot(
+        module=SimpleNamespace(regions=None),
+        predictor=SimpleNamespace(predict_probabilities=lambda x: torch.nn.functional.one_hot(
             torch.clamp(torch.round((x[0] - 100) / 40), 0, 2).long(), 3).permute(3, 0, 1, 2).float()),
     )
     probabilities = predict_case(trained, tio.ScalarImage(inputs / "turned_0000.nii.gz"))
@@ -190,7 +190,7 @@ def test_predict_cli(trained_run, tmp_path):
 
 
 def test_channel_files_group_only_into_the_models_channels(tmp_path):
-    from predict import find_cases
+    from biasseg.pipelines.predict import find_cases
 
     for name in ["a_0000.nii.gz", "a_0001.nii.gz", "sub_0001.nii.gz", "sub_0002.nii.gz", "plain.nii"]:
         (tmp_path / name).write_bytes(b"")

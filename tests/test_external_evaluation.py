@@ -9,14 +9,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
-from nifti_datasets import annotated_volumes_ml, write_nnunet, write_thick_slices
-from test_folder_data import TINY_FOLDER
-from test_original_grid import evaluation_config, reference_volumes
+from helpers import TINY_FOLDER, compose_config, evaluation_config, reference_volumes
 
-from evaluate import evaluate
-from input_errors import InputError
-from train import train
+from biasseg.errors import InputError
+from biasseg.generated_folders import annotated_volumes_ml, write_nnunet, write_thick_slices
+from biasseg.pipelines.evaluate import evaluate
+from biasseg.pipelines.train import train
 
 
 def test_another_dataset_is_read_as_the_model_was_trained_to_read_it_and_every_case_scored(thick_slice_run, tmp_path):

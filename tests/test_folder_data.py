@@ -10,20 +10,14 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import ROOT, TINY_RUN, compose_config
-from nifti_datasets import folder_digest, write_msd, write_nnunet
+from helpers import ROOT, TINY_FOLDER, compose_config
+from helpers import folder_datamodule as datamodule
 
+from biasseg.generated_folders import folder_digest, write_msd, write_nnunet
+from biasseg.pipelines.train import train
 from datamodules import DatasetError, FolderDataModule
-from train import train
 
 WRITERS = {"msd": write_msd, "nnunet": write_nnunet}
-TINY_FOLDER = ["data=folder", "data.patch_size=[16,16,8]", *TINY_RUN, "callbacks.validation_figures=null"]
-
-
-def datamodule(root, cache, **kwargs) -> FolderDataModule:
-    return FolderDataModule(root=str(root), cache_dir=str(cache), **{"num_workers": 0, "patch_size": (16, 16, 8), **kwargs})
-
-
 @pytest.mark.parametrize("layout", sorted(WRITERS))
 def test_one_epoch_on_each_layout_reports_per_class_metrics(layout, tmp_path):
     root = WRITERS[layout](tmp_path / "data")

@@ -19,15 +19,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import TINY, compose_config
-from nifti_datasets import write_msd, write_nnunet
+from helpers import TINY, compose_config
 from omegaconf import OmegaConf
 from untrusted_files import nifti, tree_digest
 
+from biasseg.errors import InputError
+from biasseg.generated_folders import write_msd, write_nnunet
+from biasseg.pipelines.predict import predict
+from biasseg.pipelines.train import train
 from datamodules import FolderDataModule
-from input_errors import InputError
-from predict import predict
-from train import train
 
 DATASET_CASES = 120
 PREDICT_CASES = 40

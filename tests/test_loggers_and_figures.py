@@ -7,12 +7,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY, compose_config
+from helpers import ROOT, TINY, compose_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb_files import config, history, run_record
 
-from callbacks.wandb_dashboard import COLUMNS
-from train import train
+from biasseg.callbacks.wandb_dashboard import COLUMNS
+from biasseg.pipelines.train import train
 
 
 def test_figures_are_written_and_sent_to_tensorboard(tmp_path):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from metrics import SubjectSegmentationMetrics, per_subject, summarize
+from biasseg.metrics import SubjectSegmentationMetrics, per_subject, summarize
 
 
 def probabilities_from(foreground: torch.Tensor) -> torch.Tensor:
@@ -84,8 +84,8 @@ def test_state_resets_between_epochs():
 
 
 # --- calibration and post-hoc remedies -------------------------------------------------
-from metrics.calibration import expected_calibration_error, reliability_bins  # noqa: E402
-from metrics.posthoc import fit_temperature, log_odds, log_odds_histogram, posthoc_remedies, rankseg_decoding  # noqa: E402
+from biasseg.metrics.calibration import expected_calibration_error, reliability_bins  # noqa: E402
+from biasseg.metrics.posthoc import fit_temperature, log_odds, log_odds_histogram, posthoc_remedies, rankseg_decoding  # noqa: E402
 
 
 def test_reliability_bins_and_ece_by_hand():
@@ -206,7 +206,7 @@ def test_non_finite_probabilities_do_not_crash_the_metrics():
 
 
 def test_calibration_summaries_do_not_depend_on_the_chunking(monkeypatch):
-    import metrics.subject_metrics as module
+    import biasseg.metrics.subject_metrics as module
 
     _, label, probabilities = next(overconfident_subjects(2.0, count=1, seed=5))
     states = []
@@ -222,7 +222,7 @@ def test_calibration_summaries_do_not_depend_on_the_chunking(monkeypatch):
 def test_a_class_absent_from_every_subject_is_decoded_as_nothing():
     """Regression: "predict nothing" scored NaN → −1, so the threshold that predicts every
     voxel won (sigmoid(−40), the whole image, Dice 0)."""
-    from metrics.posthoc import threshold_decoding
+    from biasseg.metrics.posthoc import threshold_decoding
 
     generator = torch.Generator().manual_seed(3)
     histograms = []
@@ -240,7 +240,7 @@ def test_rankseg_equals_the_reference_package_on_random_maps():
     so both see the same numbers; ties inside a bin never split an optimum (the objective
     is monotone along a run of equal probabilities)."""
     rankseg = pytest.importorskip("rankseg")
-    from metrics.posthoc import bin_centres
+    from biasseg.metrics.posthoc import bin_centres
 
     generator = torch.Generator().manual_seed(7)
     centres = bin_centres()
@@ -264,7 +264,7 @@ def test_rankseg_equals_the_reference_package_on_random_maps():
 
 
 def test_platt_scaling_recovers_a_known_slope_and_bias():
-    from metrics.posthoc import fit_platt
+    from biasseg.metrics.posthoc import fit_platt
 
     generator = torch.Generator().manual_seed(11)
     z = torch.randn(1, 200_000, generator=generator, dtype=torch.float64) * 4
@@ -274,7 +274,7 @@ def test_platt_scaling_recovers_a_known_slope_and_bias():
 
 
 def test_isotonic_regression_is_monotone_and_matches_pool_adjacent_violators_by_hand():
-    from metrics.posthoc import bin_centres, fit_isotonic
+    from biasseg.metrics.posthoc import bin_centres, fit_isotonic
 
     centres = bin_centres()
     histogram = torch.zeros(1, 1, 2, len(centres), dtype=torch.float64)

@@ -6,11 +6,11 @@ import math
 
 import numpy as np
 import pytest
-from conftest import TINY_RUN, compose_config
+from helpers import TINY_RUN, compose_config
 
+from biasseg.pipelines.train import train
 from datamodules import MNI152DataModule
 from datamodules.mni152 import draw_labels
-from train import train
 
 SMALL = dict(num_train=2, num_val=1, resolution_mm=4.0, num_workers=0, patch_size=(16, 16, 16))
 

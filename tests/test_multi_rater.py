@@ -13,17 +13,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, compose_config
+from helpers import ROOT, TINY, TINY_FOLDER, compose_config
 from hydra.errors import InstantiationException
-from nifti_datasets import RATER_LAYOUTS, affine_for, folder_digest, write_multi_rater, write_nnunet
-from test_folder_data import TINY_FOLDER
 
+from biasseg.errors import DatasetError, InputError
+from biasseg.generated_folders import RATER_LAYOUTS, affine_for, folder_digest, write_multi_rater, write_nnunet
+from biasseg.metrics import SubjectSegmentationMetrics, per_subject
+from biasseg.pipelines.train import train
 from datamodules import FolderDataModule, SyntheticDataModule
 from datamodules.cases import in_memory_case, majority_vote
 from datamodules.patch_stream import PatchBatches
-from input_errors import DatasetError, InputError
-from metrics import SubjectSegmentationMetrics, per_subject
-from train import train
 
 RATERS = np.array([  # three raters of a 4 x 1 x 1 volume, classes 0-2
     [[[1]], [[1]], [[0]], [[2]]],

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 import pytest
 import torch
 import torchio as tio
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
-from nifti_datasets import annotated_volumes_ml
+from helpers import evaluation_config, reference_volumes
 
+from biasseg.generated_folders import annotated_volumes_ml
+from biasseg.pipelines.evaluate import evaluate
 from datamodules.original_grid import OriginalGrid
-from evaluate import evaluate
 
 
 def ellipsoid_on(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -47,19 +44,6 @@ def test_the_same_grid_is_left_as_it_is():
     grid = OriginalGrid(np.diag([1.0, 2.0, 3.0, 1.0]), (5, 6, 7))
     assert grid.probabilities(probabilities, np.diag([1.0, 2.0, 3.0, 1.0])) is probabilities
     assert grid.voxel_ml == pytest.approx(0.006) and grid.spacing == (1.0, 2.0, 3.0)
-
-
-def evaluation_config(ckpt: str, output_dir, *overrides: str):
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        cfg = compose("evaluate", overrides=[f"ckpt_path={ckpt}", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-                                             *overrides])
-    cfg.paths.output_dir = str(output_dir)
-    return cfg
-
-
-def reference_volumes(subjects_csv) -> dict[str, float]:
-    with open(subjects_csv) as handle:
-        return {row["subject"]: float(row["volume_ref_ml"]) for row in csv.DictReader(handle)}
 
 
 def test_training_and_evaluation_measure_each_case_against_its_annotation(thick_slice_run, tmp_path):

@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from nifti_datasets import write_thick_slices
-from test_folder_data import datamodule
+from helpers import folder_datamodule as datamodule
 
+from biasseg.generated_folders import write_thick_slices
 from datamodules.plan import normalization_schemes, pooling, target_spacing
 
 

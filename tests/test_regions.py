@@ -10,18 +10,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config
-from nifti_datasets import REGIONS, annotated_region_volumes_ml, write_nested_regions
+from helpers import TINY_FOLDER, compose_config
 from omegaconf import OmegaConf
-from test_folder_data import TINY_FOLDER
 
+from biasseg.generated_folders import REGIONS, annotated_region_volumes_ml, write_nested_regions
+from biasseg.losses import CrossEntropyLoss, SoftDiceLoss
+from biasseg.losses.regions import region_loss
+from biasseg.pipelines.predict import predict
+from biasseg.pipelines.score import score
+from biasseg.pipelines.train import train
 from datamodules import DatasetError
 from datamodules.dataset_layout import read_layout
-from losses import CrossEntropyLoss, SoftDiceLoss
-from losses.regions import region_loss
-from predict import predict
-from score import score
-from train import train
 
 VALUES = [[1, 2, 3], [2, 3], [3]]
 

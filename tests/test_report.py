@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY
+from helpers import ROOT, TINY
 from scipy import stats
 
-from report import main as report_main
-from reporting.grouping import group_runs, reference_group
-from reporting.measures import pooled_measures
-from reporting.runs import Run, find_run_dirs, read_run
-from reporting.statistics import holm, subject_means, welch_test
-from reporting.table import result_rows, subject_rows
+from biasseg.pipelines.report import main as report_main
+from biasseg.reporting.grouping import group_runs, reference_group
+from biasseg.reporting.measures import pooled_measures
+from biasseg.reporting.runs import Run, find_run_dirs, read_run
+from biasseg.reporting.statistics import holm, subject_means, welch_test
+from biasseg.reporting.table import result_rows, subject_rows
 
 SWEEP = [o for o in TINY if not o.startswith("data.num_val")] + [
     "data.num_val=6", "callbacks.validation_figures=null", "logger=csv",
@@ -276,7 +276,7 @@ def test_a_setting_a_later_version_added_does_not_split_a_study_that_grew_across
 
 
 def test_the_keys_a_command_line_added_are_read_from_hydras_overrides(tmp_path):
-    from reporting.runs import _added_keys
+    from biasseg.reporting.runs import _added_keys
 
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "overrides.yaml").write_text("- loss=ce\n- +data.z_decay=0\n- ++model.depth=3\n- seed=1\n")
@@ -298,7 +298,7 @@ def test_a_hypernetwork_is_a_method_of_its_task_not_another_task():
 
 
 def test_theory_prediction_is_computed_once_per_configuration(sweep, tmp_path, monkeypatch):
-    import theory
+    from biasseg import theory
 
     calls = []
 
@@ -311,13 +311,13 @@ def test_theory_prediction_is_computed_once_per_configuration(sweep, tmp_path, m
 
     monkeypatch.setattr(theory, "predicted_volume_bias", predicted_volume_bias, raising=False)
     monkeypatch.setattr(theory, "run_bias_curve", run_bias_curve, raising=False)
-    from reporting.plots import theory_vs_measured
-    from reporting.theory_link import Theory
+    from biasseg.reporting.plots import theory_vs_measured
+    from biasseg.reporting.theory_link import Theory
 
     link = Theory(log=lambda message: None)
     groups = group_runs([read_run(path) for path in find_run_dirs([sweep])])
     rows = {r["loss"]: r for r in result_rows(groups, link)}
-    assert sorted(calls) == ["losses.CrossEntropyLoss", "losses.SoftDiceLoss"]  # 4 runs, 2 configurations
+    assert sorted(calls) == ["biasseg.losses.CrossEntropyLoss", "biasseg.losses.SoftDiceLoss"]  # 4 runs, 2 configurations
     assert (rows["softdice"]["theory_relative_soft_bias"], rows["softdice"]["theory_relative_hard_bias"]) == (0.3, 0.1)
     assert math.isnan(rows["ce"]["theory_relative_soft_bias"])
     by_key = {(r["task"], r["loss"]): r for r in rows.values()}
@@ -330,8 +330,8 @@ def test_theory_prediction_is_computed_once_per_configuration(sweep, tmp_path, m
 def test_the_theory_predicts_nothing_for_a_hypernetwork():
     """Its map is a marginal over α, not the optimum of its loss config's Tversky α (report.py
     had quoted the α = 0.3 optimum for it: the model section did not reach the theory)."""
-    from reporting.grouping import Group
-    from reporting.theory_link import Theory
+    from biasseg.reporting.grouping import Group
+    from biasseg.reporting.theory_link import Theory
 
     loss = {"_target_": "losses.SoftDiceLoss", "alpha": 0.3, "beta": 0.7}
     hypernet = Run(path=ROOT, task_name="high", loss_name="tversky_hypernet", seed=0, max_epochs=1,
@@ -363,3 +363,18 @@ def test_the_report_goes_to_wandb_beside_the_runs(sweep, tmp_path, monkeypatch):
         expected = list(csv.DictReader(handle))
     assert table["columns"] == list(expected[0]) and len(table["data"]) == len(expected)
     assert any(key.startswith("figures/bland_altman") for row in logged for key in row)
+
+
+def test_runs_and_checkpoints_from_before_the_package_read_under_current_names(tmp_path):
+    """A run or checkpoint written when the losses were the top-level package ``losses`` names
+    ``losses.SoftDiceLoss``: report.py and checkpoint loading read it as ``biasseg.losses``."""
+    from biasseg.losses import SoftDiceLoss
+    from lightning_modules.checkpoint_contents import instantiate_section
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(
+        "task_name: high\nseed: 0\nloss:\n  _target_: losses.SoftDiceLoss\n  batch_dice: true\n"
+        "data:\n  _target_: datamodules.SyntheticDataModule\n")
+    assert read_run(tmp_path).loss == {"_target_": "biasseg.losses.SoftDiceLoss", "batch_dice": True}
+    built = instantiate_section({"_target_": "losses.SoftDiceLoss", "batch_dice": True}, "loss", "old.ckpt")
+    assert isinstance(built, SoftDiceLoss) and built.batch_dice

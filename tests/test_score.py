@@ -11,11 +11,11 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 from omegaconf import OmegaConf
 
-from input_errors import DatasetError
-from score import score
+from biasseg.errors import DatasetError
+from biasseg.pipelines.score import score
 
 SPACING = np.diag([0.8, 1.0, 1.5, 1.0])  # 1.2 mm³ = 0.0012 ml per voxel
 VOXEL_ML = 0.0012
@@ -123,7 +123,7 @@ def test_biasseg_probability_maps_are_scored_as_soft_maps(folders, tmp_path):
 
 
 def test_predict_then_score_gives_predicts_soft_volumes_on_the_annotated_grid(thick_slice_run, tmp_path):
-    from predict import predict
+    from biasseg.pipelines.predict import predict
 
     root, run = thick_slice_run
     cfg = OmegaConf.create({"ckpt_path": str(run / "checkpoints" / "last.ckpt"), "input": str(root / "imagesTr"),

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY
+from helpers import ROOT, TINY
 from single_process import assert_distributed_run_matches_one_process
 from wandb_files import wandb_records
 

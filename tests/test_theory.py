@@ -8,16 +8,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from helpers import ROOT, compose_config
 from omegaconf import OmegaConf
 from scipy.optimize import approx_fprime
 from scipy.special import logit
 
-from datamodules.synthetic_volumes import generate_case
-from losses import CompoundLoss, CrossEntropyLoss, SoftDiceLoss
-from theory import bias_curve, predicted_volume_bias, run_bias_curve
-from theory.curves import ROW_KEYS
-from theory.expected_loss import (
+from biasseg.losses import CompoundLoss, CrossEntropyLoss, SoftDiceLoss
+from biasseg.theory import bias_curve, predicted_volume_bias, run_bias_curve
+from biasseg.theory.curves import ROW_KEYS
+from biasseg.theory.expected_loss import (
     LossSpec,
     calibrated_surrogate_optimum,
     expected_loss,
@@ -25,8 +24,9 @@ from theory.expected_loss import (
     named_loss,
     optimal_probabilities,
 )
-from theory.groups import VoxelGroups, case_groups, latin_binomial, probability_map_groups, sphere_groups
-from theory.prediction import loss_spec
+from biasseg.theory.groups import VoxelGroups, case_groups, latin_binomial, probability_map_groups, sphere_groups
+from biasseg.theory.prediction import loss_spec
+from datamodules.synthetic_volumes import generate_case
 
 SPECS = {
     "ce": (LossSpec(ce_weight=1.0), CrossEntropyLoss()),
@@ -237,10 +237,10 @@ def test_cli_writes_the_table_and_figures(tmp_path):
 def test_hypernetworks_and_several_raters_are_not_modelled():
     """A hypernetwork's map is a marginal over α and several raters' labels a mixture of rater
     models: the theory gives no prediction rather than a wrong one."""
-    from conftest import compose_config
+    from helpers import compose_config
 
-    from theory.curves import run_bias_curve
-    from theory.prediction import predicted_volume_bias
+    from biasseg.theory.curves import run_bias_curve
+    from biasseg.theory.prediction import predicted_volume_bias
 
     plain = compose_config(["experiment=high_uncertainty", "loss=tversky", "data.num_val=2"])
     assert predicted_volume_bias(plain) is not None and run_bias_curve(plain) is not None

@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import ROOT, TINY, compose_config
+from helpers import ROOT, TINY, compose_config
 
-from input_errors import InputError
-from train import train
+from biasseg.errors import InputError
+from biasseg.pipelines.train import train
 
 EXPECTED_METRICS = [
     "val/dice", "val/volume_bias_ml", "val/abs_volume_error_ml", "val/relative_volume_bias",
@@ -84,7 +84,7 @@ def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(tmp_path):
     resumed_metrics = json.loads((resumed / "metrics.json").read_text())
     assert resumed_metrics["epoch"] == straight_metrics["epoch"] == 1
     assert resumed_metrics["global_step"] == straight_metrics["global_step"] == 2 * 4 * 2 // 2
-    checkpoint = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == straight_metrics["global_step"]
     assert checkpoint["run_config"]["ckpt_path"] == str(last)
 
@@ -92,7 +92,7 @@ def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(tmp_path):
 def test_last_checkpoint_is_the_latest_epoch_even_without_improvement(tmp_path):
     # "best" = lowest Dice: after epoch 0 it rarely improves, yet last.ckpt must follow every epoch
     train(compose_config(TINY + ["trainer.max_epochs=3", "callbacks.model_checkpoint.mode=min"], tmp_path))
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["global_step"]) == (2, 3 * 4)
 
 
@@ -152,7 +152,7 @@ def test_a_two_trial_optuna_search_reports_its_best_trial(tmp_path):
 def test_the_objective_weighs_dice_against_volume_bias():
     from omegaconf import OmegaConf
 
-    from train import objective
+    from biasseg.pipelines.train import objective
 
     summary = {"val/dice": 0.8, "val/relative_soft_volume_bias": -0.25}
     plain = OmegaConf.create({"optimized_metric": "val/dice", "volume_bias_penalty": 0.0})
@@ -197,7 +197,8 @@ def test_a_finished_run_is_extended_in_its_directory_with_more_epochs(tmp_path):
     with open(tmp_path / "csv" / "metrics.csv") as handle:
         assert [int(r["epoch"]) for r in csv.DictReader(handle) if r.get("train/loss")] == [0, 1, 2, 3]
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    scheduler = checkpoint["lr_schedulers"][0]
-    assert scheduler["total_iters"] == extended["global_step"] and scheduler["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
+    decay = checkpoint["lr_schedulers"][0]["lr_lambdas"][0]  # re-planned for 4 epochs, and ended at 0
+    assert decay["total_steps"] == extended["global_step"]
+    assert checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(InputError, match="another configuration.*model.features"):
         train(compose_config([o for o in TINY if not o.startswith("model.features")] + ["model.features=[4,8,16]"], tmp_path))

@@ -19,8 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, compose_config
-from nifti_datasets import folder_digest, write_msd, write_nnunet
+from helpers import ROOT, TINY, compose_config
 from omegaconf import OmegaConf
 from untrusted_files import (
     lying_header,
@@ -31,11 +30,12 @@ from untrusted_files import (
     run_entry_point,
 )
 
+from biasseg.errors import DatasetError, InputError
+from biasseg.generated_folders import folder_digest, write_msd, write_nnunet
+from biasseg.pipelines.predict import predict
+from biasseg.pipelines.train import train
 from datamodules import FolderDataModule
 from datamodules.image_files import UnreadableImage, read_image
-from input_errors import DatasetError, InputError
-from predict import predict
-from train import train
 
 QUIET = ["callbacks.validation_figures=null"]
 
@@ -483,7 +483,7 @@ def test_repeated_cases_in_a_splits_file_are_refused(tmp_path):
 
 
 def test_evaluate_keeps_the_users_settings_for_a_checkpoints_data(tmp_path):
-    from evaluate import data_config
+    from biasseg.pipelines.evaluate import data_config
 
     stored = {"_target_": "datamodules.FolderDataModule", "root": "/data/x", "cache_dir": "/somewhere/else",
               "allow_outside_root": True, "num_workers": 512, "splits_file": "/x/splits.json"}
@@ -520,9 +520,8 @@ def test_results_and_cache_files_follow_the_umask(tmp_path):
 
 SHARED_CACHE_USER = """
 import os, sys
-sys.path.insert(0, {root!r})
 from datamodules import FolderDataModule
-from input_errors import InputError
+from biasseg.errors import InputError
 import shutil, tempfile
 warm = tempfile.mkdtemp()
 shutil.copytree({data!r}, warm + "/data")
@@ -642,7 +641,7 @@ def test_a_damaged_cache_entry_is_rebuilt_and_orphans_are_removed(tmp_path):
 
 def test_two_runs_on_one_new_cache_preprocess_once(tmp_path):
     root = write_nnunet(tmp_path / "data", num_cases=8)
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from datamodules import FolderDataModule; "
+    code = ("from datamodules import FolderDataModule; "
             f"FolderDataModule(root={str(root)!r}, cache_dir={str(tmp_path / 'cache')!r}, num_workers=0).setup()")
     runs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=300)[1] for p in runs]

@@ -11,17 +11,9 @@ import pytest
 import torch
 from crepes import ConformalRegressor
 
-from input_errors import InputError
-from lightning_modules.calibration_file import (
-    FILE_NAME,
-    calibration_record,
-    read_calibration,
-    resolve_calibration,
-    weights_digest,
-)
-from lightning_modules.unet import UNet3D
-from metrics.posthoc import log_odds, log_odds_histogram
-from metrics.volume_quote import (
+from biasseg.errors import InputError
+from biasseg.metrics.posthoc import log_odds, log_odds_histogram
+from biasseg.metrics.volume_quote import (
     CalibrationMaps,
     cross_fit,
     interval,
@@ -31,6 +23,14 @@ from metrics.volume_quote import (
     soft_volumes,
     verdict,
 )
+from lightning_modules.calibration_file import (
+    FILE_NAME,
+    calibration_record,
+    read_calibration,
+    resolve_calibration,
+    weights_digest,
+)
+from lightning_modules.unet import UNet3D
 
 VOXEL_ML = 0.001
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 
 class Payload:

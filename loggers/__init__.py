@@ -1,5 +1,0 @@
-"""Experiment loggers beyond Lightning's own, and the run's text log (loggers.run_log)."""
-
-from loggers.resumable_csv import ResumableCSVLogger
-
-__all__ = ["ResumableCSVLogger"]
