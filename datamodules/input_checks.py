@@ -44,9 +44,8 @@ def image_problems(paths: Sequence[Path], in_channels: int, expected_by: str, ta
     the channel count (``in_channels``, as ``expected_by`` says), finite values (TorchIO's ITK
     reader would turn NaN into 0), one grid across the channel files, and with ``target_spacing``
     (mm) whether ``arrays`` arrays of the resampled grid fit in memory (default 3 per channel:
-    preprocessing's copies). Also
-    ``(path, spatial shape, affine)`` of each file that reads (the training check compares them
-    with the label's)."""
+    preprocessing's copies). Also ``(path, spatial shape, affine)`` of each file that reads (the
+    training check compares them with the label's)."""
     problems = [p for p in map(access_problem, paths) if p]
     if problems:
         return problems, []
@@ -75,11 +74,10 @@ def check_case(
 ) -> list[str]:
     """All problems of one case (an empty list when it is usable); with ``target_spacing``
     (mm) also whether its resampled arrays fit in memory."""
-    problems = [p for p in map(access_problem, case.labels) if p]
-    image_issues, images = image_problems(case.images, in_channels, "dataset.json declares", target_spacing)
-    problems = image_issues + problems
+    problems = [p for p in map(access_problem, case.files) if p]
     if problems:
         return problems
+    problems, images = image_problems(case.images, in_channels, "dataset.json declares", target_spacing)
     reference = None  # the first label's (path, shape, affine): images and the other raters must match it
     for path, label, label_affine in _readable(case.labels, problems):
         problems += label_problems(path, label, label_values)

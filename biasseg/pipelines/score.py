@@ -75,6 +75,18 @@ def npz_shape(path: Path) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
+def check_unit_range(probabilities: np.ndarray, what: str) -> None:
+    """Refuse NaN and values outside [0, 1] (with float rounding)."""
+    if not np.isfinite(probabilities).all() or probabilities.min() < -1e-4 or probabilities.max() > 1 + 1e-4:
+        raise UnreadableImage(f"{what} hold values outside [0, 1] (or NaN)")
+
+
+def check_label_grid(shape: tuple[int, ...], affine: np.ndarray, label_shape: tuple[int, ...], label_affine: np.ndarray) -> None:
+    """Refuse a prediction whose voxel grid is not the label's."""
+    if tuple(shape) != tuple(label_shape) or not np.allclose(affine, label_affine, atol=AFFINE_TOLERANCE):
+        raise UnreadableImage(f"its grid {tuple(shape)} or affine differs from the label's {tuple(label_shape)}")
+
+
 def probabilities_from_npz(path: Path, label_shape: tuple[int, int, int]) -> np.ndarray:
     """``(C, W, H, D)`` class probabilities on the label's voxel grid."""
     shape = npz_shape(path)
@@ -82,8 +94,7 @@ def probabilities_from_npz(path: Path, label_shape: tuple[int, int, int]) -> np.
         raise UnreadableImage(f"'probabilities' have the shape {shape}; the label needs (classes, {', '.join(map(str, reversed(label_shape)))})")
     with np.load(path, allow_pickle=False) as stored:
         probabilities = np.asarray(stored["probabilities"], dtype=np.float32)
-    if not np.isfinite(probabilities).all() or probabilities.min() < -1e-4 or probabilities.max() > 1 + 1e-4:
-        raise UnreadableImage("'probabilities' hold values outside [0, 1] (or NaN)")
+    check_unit_range(probabilities, "'probabilities'")
     return np.ascontiguousarray(probabilities.transpose(0, 3, 2, 1))  # SimpleITK (z, y, x) → the label's (x, y, z)
 
 
@@ -96,13 +107,11 @@ def probabilities_from_nifti(path: Path, label_shape: tuple[int, int, int], labe
     ``<case>_probabilities.nii.gz``) on the label's grid: exclusive classes (background first,
     summing to 1), or with ``exclusive=False`` one independent probability per region."""
     data, affine = read_image(path)
-    if data.shape[1:] != tuple(label_shape) or not np.allclose(affine, label_affine, atol=AFFINE_TOLERANCE):
-        raise UnreadableImage(f"its grid {data.shape[1:]} or affine differs from the label's {tuple(label_shape)}")
+    check_label_grid(data.shape[1:], affine, label_shape, label_affine)
     if exclusive and data.shape[0] < 2:
         raise UnreadableImage("a probability map needs one channel per class (background first), found one")
     probabilities = np.asarray(data, dtype=np.float32)
-    if not np.isfinite(probabilities).all() or probabilities.min() < -1e-4 or probabilities.max() > 1 + 1e-4:
-        raise UnreadableImage("probabilities hold values outside [0, 1] (or NaN)")
+    check_unit_range(probabilities, "probabilities")
     if exclusive and np.abs(probabilities.sum(0) - 1).max() > 1e-3:
         raise UnreadableImage("the class probabilities do not sum to 1 in every voxel")
     return np.ascontiguousarray(probabilities)
@@ -139,8 +148,7 @@ def score_case(prediction: Path, label_path: Path, num_classes: int | None,
         read = lambda: probabilities_from_nifti(prediction, label.shape, affine, exclusive=regions is None)  # noqa: E731
         return named(prediction, read), label, affine
     segmentation, predicted_affine = named(prediction, lambda: label_map(prediction))
-    if segmentation.shape != label.shape or not np.allclose(predicted_affine, affine, atol=AFFINE_TOLERANCE):
-        raise UnreadableImage(f"{prediction}: its grid {segmentation.shape} or affine differs from the label's {label.shape}")
+    named(prediction, lambda: check_label_grid(segmentation.shape, predicted_affine, label.shape, affine))
     if regions is not None:
         return region_masks(torch.from_numpy(segmentation), regions).float().numpy(), label, affine
     classes = num_classes or int(max(segmentation.max(), label.max())) + 1
