@@ -144,6 +144,7 @@ def test_predict_then_score_gives_predicts_soft_volumes_on_the_annotated_grid(th
                for n in quoted]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["val/interval_coverage"] == pytest.approx(sum(covered) / len(covered))
+    assert "val/sd_coverage" not in metrics  # volumes.csv's intervals hold no model SD to compare with
     assert float(scored[next(iter(quoted))]["volume_quote_ml"]) == pytest.approx(float(next(iter(quoted.values()))["volume_ml"]))
 
 

@@ -259,14 +259,13 @@ def apply_stored(calibration: VolumeCalibration, histograms: torch.Tensor, voxel
             "volume_sd_ml": poisson_binomial_sd(histograms, voxel_ml)}
 
 
-def interval_summary(rows: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+def interval_summary(rows: dict[str, torch.Tensor], alpha: float | None) -> dict[str, torch.Tensor]:
     """Per class ``(K,)``: ``interval_coverage`` (share of subjects whose reference volume lies
     in the interval), ``interval_expected_coverage`` (the expected volume, where known),
-    ``interval_width_ml``, ``interval_relative_width`` (width / quoted volume), and the
-    Poisson-binomial interval's ``sd_coverage``/``sd_expected_coverage``."""
+    ``interval_width_ml``, ``interval_relative_width`` (width / quoted volume), and, where the
+    rows hold the model's SD and ``alpha`` is known, the Poisson-binomial interval's
+    ``sd_coverage``/``sd_expected_coverage``."""
     low, high, quote = rows["volume_low_ml"], rows["volume_high_ml"], rows["volume_quote_ml"]
-    z = float(stats.norm.ppf(1 - alpha / 2))
-    soft, sd = rows["volume_pred_soft_ml"], rows["volume_sd_ml"]
 
     def share(target: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
         inside = ((target >= lower) & (target <= upper)).double()
@@ -277,11 +276,16 @@ def interval_summary(rows: dict[str, torch.Tensor], alpha: float) -> dict[str, t
         "interval_coverage": share(rows["volume_ref_ml"], low, high),
         "interval_width_ml": torch.nanmean(torch.where(torch.isinf(width), torch.nan, width), dim=0),
         "interval_relative_width": torch.nanmean(torch.where(quote > 0, width / quote.clamp_min(1e-12), torch.nan), dim=0),
-        "sd_coverage": share(rows["volume_ref_ml"], soft - z * sd, soft + z * sd),
     }
-    if not torch.isnan(rows["volume_expected_ml"]).all():
+    known_expected = not torch.isnan(rows["volume_expected_ml"]).all()
+    if known_expected:
         summary["interval_expected_coverage"] = share(rows["volume_expected_ml"], low, high)
-        summary["sd_expected_coverage"] = share(rows["volume_expected_ml"], soft - z * sd, soft + z * sd)
+    if alpha is not None and "volume_sd_ml" in rows:
+        z = float(stats.norm.ppf(1 - alpha / 2))
+        soft, sd = rows["volume_pred_soft_ml"], rows["volume_sd_ml"]
+        summary["sd_coverage"] = share(rows["volume_ref_ml"], soft - z * sd, soft + z * sd)
+        if known_expected:
+            summary["sd_expected_coverage"] = share(rows["volume_expected_ml"], soft - z * sd, soft + z * sd)
     return summary
 
 

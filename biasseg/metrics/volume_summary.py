@@ -83,8 +83,9 @@ def per_class_summary(rows: dict[str, torch.Tensor], fitted: dict[str, torch.Ten
         if has_expected:
             summary[f"{prefix}expected_volume_bias_ml"] = _nanmean(volume - expected)
             summary[f"relative_{prefix}expected_volume_bias"] = _nanmean(_relative(volume - expected, expected))
-    if "volume_low_ml" in rows and fitted is not None and "interval_alpha" in fitted:
-        summary.update(interval_summary(rows, float(fitted["interval_alpha"])))
+    if "volume_low_ml" in rows:
+        alpha = None if fitted is None or "interval_alpha" not in fitted else float(fitted["interval_alpha"])
+        summary.update(interval_summary(rows, alpha))
     for key in FITTED_KEYS:
         if fitted is not None and key in fitted:
             summary[key] = fitted[key]

@@ -213,8 +213,7 @@ def score(cfg: DictConfig) -> dict[str, float]:
     rows, fitted = per_region_subject(metric) if regions is not None else per_subject(metric)
     quoted = quoted_volumes(predictions / "volumes.csv", cases, foreground)
     if quoted is not None:  # predict.py's volumes to quote and their intervals
-        rows.update(quoted, volume_sd_ml=torch.full_like(quoted["volume_quote_ml"], math.nan))
-        fitted["interval_alpha"] = torch.tensor(float(cfg.get("alpha", 0.1)))
+        rows.update(quoted)
     summary = summarize(rows, names, fitted)
     metrics = {"num_subjects": len(cases), "predictions": str(predictions), "labels": str(labels),
                **{f"val/{k}": v for k, v in summary.items()}}
