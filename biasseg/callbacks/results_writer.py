@@ -61,7 +61,8 @@ class ResultsWriter(pl.Callback):
         log.info("\n" + headline_table(summary, trainer.current_epoch, len(pl_module.class_names)))
         verdict = pl_module.calibration_verdict
         if verdict:  # one line; a warning when the soft volume should not be quoted as it is
-            (log.warning if "NOT " in verdict else log.info)(verdict)
+            quotable = summary.get("calibrated") == 1.0 and summary.get("volume_settled") != 0.0
+            (log.info if quotable else log.warning)(verdict)
         outputs = [p for p in ("metrics.json", "subjects.csv", "calibration.csv", "splits.json", "checkpoints/last.ckpt",
                                "figures", "csv/metrics.csv", "wandb") if (self.output_dir / p).exists()]
         log.info(f"outputs in {self.output_dir}: {', '.join(outputs)}")

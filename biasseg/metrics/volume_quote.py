@@ -171,12 +171,10 @@ class VolumeCalibration:
     subjects: int
     method: str = "platt"
 
-    def quote(self, histograms: torch.Tensor, voxel_ml: torch.Tensor, method: str | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Recalibrated soft volume and its interval ``(volume, low, high)``, each ``(S, K)`` ml."""
-        method = method or self.method
-        volume = soft_volumes(histograms, voxel_ml, self.maps.bin_probability(method).to(histograms.device))
-        low, high = interval(volume, self.scale[method].to(volume.device))
+    def quote(self, histograms: torch.Tensor, voxel_ml: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Soft volume recalibrated by :attr:`method` and its interval ``(volume, low, high)``, each ``(S, K)`` ml."""
+        volume = soft_volumes(histograms, voxel_ml, self.maps.bin_probability(self.method).to(histograms.device))
+        low, high = interval(volume, self.scale[self.method].to(volume.device))
         return volume, low, high
 
 
@@ -251,10 +249,9 @@ def _cross_fit(histograms: torch.Tensor, voxel_ml: torch.Tensor, reference_ml: t
     return calibration, rows
 
 
-def apply_stored(calibration: VolumeCalibration, histograms: torch.Tensor, voxel_ml: torch.Tensor,
-                 method: str | None = None) -> dict[str, torch.Tensor]:
-    """The rows of :func:`cross_fit` for new subjects, from a stored calibration."""
-    volume, low, high = calibration.quote(histograms.double(), voxel_ml.double(), method)
+def apply_stored(calibration: VolumeCalibration, histograms: torch.Tensor, voxel_ml: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The rows of :func:`cross_fit` for new subjects, from a stored calibration (its own method)."""
+    volume, low, high = calibration.quote(histograms.double(), voxel_ml.double())
     return {"volume_quote_ml": volume, "volume_low_ml": low, "volume_high_ml": high,
             "volume_sd_ml": poisson_binomial_sd(histograms, voxel_ml)}
 

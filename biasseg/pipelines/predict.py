@@ -49,8 +49,6 @@ from biasseg.metrics.volume_quote import (
     apply_stored,
     map_histograms,
     poisson_binomial_sd,
-    soft_volumes,
-    uncalibrated_probability,
 )
 from biasseg.run_files import write_atomically
 from datamodules.cases import Intensity, channel_intensity
@@ -148,17 +146,15 @@ VOLUME_COLUMNS = ("case", "class", "volume_ml", "volume_low_ml", "volume_high_ml
 
 
 def quote_volumes(probabilities: torch.Tensor, regions: bool, voxel_ml: float,
-                  calibration: VolumeCalibration | None) -> tuple[torch.Tensor, ...]:
-    """Per class ``(K,)``: the quoted volume, its interval's ends and the Poisson-binomial SD (ml),
-    from the map on the input's grid (the calibration's own method); without a calibration the
-    volume is Σ p (bin centres)."""
+                  calibration: VolumeCalibration | None) -> dict[str, torch.Tensor]:
+    """Per class ``(K,)``, from the map on the input's grid: the Poisson-binomial SD
+    (``volume_sd_ml``) and, with a calibration, the quoted volume and its interval's ends
+    (``volume_quote_ml``, ``volume_low_ml``, ``volume_high_ml``; the calibration's own method), ml."""
     histograms = map_histograms(probabilities, regions)
     voxel = torch.tensor([voxel_ml], dtype=torch.float64)
     if calibration is None:
-        volume = soft_volumes(histograms, voxel, uncalibrated_probability(histograms.shape[1]))[0]
-        return volume, volume, volume, poisson_binomial_sd(histograms, voxel)[0]
-    rows = apply_stored(calibration, histograms, voxel)
-    return tuple(rows[key][0] for key in ("volume_quote_ml", "volume_low_ml", "volume_high_ml", "volume_sd_ml"))
+        return {"volume_sd_ml": poisson_binomial_sd(histograms, voxel)[0]}
+    return {key: value[0] for key, value in apply_stored(calibration, histograms, voxel).items()}
 
 
 def write_like(path: Path, data: np.ndarray, reference: nib.Nifti1Image, dtype) -> None:
@@ -252,16 +248,16 @@ def predict(cfg: DictConfig) -> Path:
         for c, class_name in enumerate(class_names, start=1):
             mask, soft = (masks[c - 1], probabilities[c - 1]) if regions else (segmentation == c, probabilities[c])
             soft_ml = float(soft.sum(dtype=np.float64) * voxel_ml)
-            volume, low, high, sd = (float(v[c - 1]) for v in quoted)
+            quote = {key: float(value[c - 1]) for key, value in quoted.items()}
             rows.append({
                 "case": name,
                 "class": class_name,
-                "volume_ml": volume if calibration is not None else soft_ml,
-                "volume_low_ml": low if calibration is not None else "",
-                "volume_high_ml": high if calibration is not None else "",
+                "volume_ml": quote.get("volume_quote_ml", soft_ml),  # without a calibration: Σ p as it comes
+                "volume_low_ml": quote.get("volume_low_ml", ""),
+                "volume_high_ml": quote.get("volume_high_ml", ""),
                 "soft_volume_ml": soft_ml,
                 "mask_volume_ml": float(mask.sum() * voxel_ml),
-                "volume_sd_ml": sd,
+                "volume_sd_ml": quote["volume_sd_ml"],
             })
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=list(VOLUME_COLUMNS))
