@@ -49,7 +49,7 @@ def calibration_record(calibration: VolumeCalibration, network: nn.Module, class
                        subjects: list[str], verdict: str) -> dict:
     """The JSON-ready record of ``calibration`` for ``network``."""
     maps = calibration.maps
-    return {
+    record = {
         "format": FORMAT,
         "version": VERSION,
         "model_sha256": weights_digest(network),
@@ -66,6 +66,9 @@ def calibration_record(calibration: VolumeCalibration, network: nn.Module, class
         # json cannot hold inf: an unbounded interval is null
         "interval_scale": {m: [v if math.isfinite(v) else None for v in calibration.scale[m].tolist()] for m in METHODS},
     }
+    if calibration.uncertainty is not None:  # NaN (fewer than 2 subjects) is null
+        record["recalibration_uncertainty"] = [v if math.isfinite(v) else None for v in calibration.uncertainty.tolist()]
+    return record
 
 
 def _numbers(path: Path, record: dict, key: str, length: int, finite: bool = True) -> list[float]:
@@ -130,7 +133,14 @@ def read_calibration(path: str | Path, network: nn.Module, class_names: list[str
         torch.tensor(rows, dtype=torch.float64),
     )
     kind = record.get("interval_kind")
-    return VolumeCalibration(maps, scale, alpha, kind if isinstance(kind, str) else "?", len(subjects), method), record
+    uncertainty = None  # optional: calibrations written before it was stored lack it
+    if "recalibration_uncertainty" in record:
+        values = _numbers(path, record, "recalibration_uncertainty", classes, finite=False)
+        if any(v < 0 for v in values):
+            raise InputError(f"{path}: recalibration_uncertainty must be >= 0")
+        uncertainty = torch.tensor([math.nan if math.isinf(v) else v for v in values], dtype=torch.float64)
+    return VolumeCalibration(maps, scale, alpha, kind if isinstance(kind, str) else "?", len(subjects), method,
+                             uncertainty), record
 
 
 CHOICES = ("auto", *METHODS)

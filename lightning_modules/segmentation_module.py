@@ -373,9 +373,12 @@ class SegmentationModule(pl.LightningModule):
         summary = summarize(rows, self.class_names, fitted)
         if not self.trainer.sanity_checking:
             self.soft_bias_history.append(summary.get("soft_relative_volume_bias", float("nan")))
+        quoted = self.stored_calibration or self.volume_calibration
+        if quoted.uncertainty is not None:
+            summary["recalibration_uncertainty"] = float(quoted.uncertainty.max())
         self.calibration_verdict, calibrated, settled = verdict(
             fitted["temperature"].tolist(), fitted["platt_slope"].tolist(), fitted["platt_bias"].tolist(),
-            self.soft_bias_history, settings["method"])
+            self.soft_bias_history, settings["method"], quoted)
         summary["calibrated"] = float(calibrated)
         summary["volume_settled"] = float("nan") if settled is None else float(settled)
         for key, value in summary.items():

@@ -14,13 +14,17 @@ from crepes import ConformalRegressor
 from biasseg.errors import InputError
 from biasseg.metrics.posthoc import log_odds, log_odds_histogram
 from biasseg.metrics.volume_quote import (
+    PINNED_WITHIN,
     CalibrationMaps,
+    VolumeCalibration,
     cross_fit,
     interval,
     interval_scale,
     map_histograms,
     poisson_binomial_sd,
+    recalibration_uncertainty,
     soft_volumes,
+    uncalibrated_probability,
     verdict,
 )
 from lightning_modules.calibration_file import (
@@ -131,6 +135,33 @@ def test_the_verdict_says_what_to_do():
     assert verdict([1.0], [1.0], [0.0], [0.1], "platt")[2] is None
 
 
+def test_the_verdict_distrusts_a_recalibration_its_references_cannot_fix():
+    """Noisy references (one boundary draw per subject) pin the recalibrated total only
+    loosely; label noise per voxel pins it tightly. The verdict tells the two apart."""
+    generator = torch.Generator().manual_seed(0)
+    soft = torch.full((24, 1), 10.0, dtype=torch.float64)
+    tight = soft * (1 + 0.08 * torch.randn(24, 1, generator=generator))
+    loose = soft * (1 + 0.65 * torch.randn(24, 1, generator=generator)).clamp_min(0)
+    assert float(recalibration_uncertainty(tight, soft)) == pytest.approx(float(tight.std()) * 24 ** 0.5 / 240, rel=1e-9)
+    assert float(recalibration_uncertainty(tight, soft)) < PINNED_WITHIN < float(recalibration_uncertainty(loose, soft))
+    assert torch.isnan(recalibration_uncertainty(tight[:1], soft[:1])).all()
+    noisy = VolumeCalibration(CalibrationMaps.fit(miscalibrated_subjects(24, offset=0.5, seed=0)[0]), {}, 0.1, "split conformal",
+                              24, "platt", recalibration_uncertainty(loose, soft))
+    line, calibrated, _ = verdict([1.02], [1.1], [0.3], [0.1] * 3, "platt", noisy)
+    assert not calibrated and "fix a recalibrated volume only to ±" in line and "quote calibration=none" in line
+    noisy.uncertainty = recalibration_uncertainty(tight, soft)
+    assert "quote the recalibrated volume" in verdict([1.02], [1.1], [0.3], [0.1] * 3, "platt", noisy)[0]
+
+
+def test_cross_fitting_stores_how_closely_the_references_fix_the_recalibration():
+    histograms, _ = miscalibrated_subjects(30, offset=0.8, seed=3)
+    voxel_ml = torch.full((30,), VOXEL_ML)
+    calibration, _ = cross_fit(histograms, voxel_ml, reference_volumes(histograms), 0.1)
+    soft = soft_volumes(histograms, voxel_ml, uncalibrated_probability(1))
+    assert calibration.uncertainty.tolist() == pytest.approx(
+        recalibration_uncertainty(reference_volumes(histograms), soft).tolist(), rel=1e-12)
+
+
 # --- the stored calibration -----------------------------------------------------------------
 
 @pytest.fixture
@@ -153,6 +184,10 @@ def test_a_stored_calibration_reads_back_as_written(stored):
         assert torch.equal(read.maps.bin_probability(method), calibration.maps.bin_probability(method))
         assert torch.equal(read.scale[method], calibration.scale[method])
     assert record["model_sha256"] == weights_digest(network) and read.subjects == 12
+    assert torch.equal(read.uncertainty, calibration.uncertainty)
+    del record["recalibration_uncertainty"]  # a calibration written before it was stored
+    path.write_text(json.dumps(record))
+    assert read_calibration(path, network, ["structure"])[0].uncertainty is None
 
 
 def test_a_calibration_fitted_for_other_weights_is_refused(stored):
@@ -177,6 +212,8 @@ def test_a_calibration_fitted_for_other_weights_is_refused(stored):
     (lambda r: r.update(format="pickle"), "not a biasseg volume calibration"),
     (lambda r: r["interval_scale"].update(platt=[-0.1]), "interval scales must be >= 0"),
     (lambda r: r.update(class_names=["other"]), "classes \\['other'\\]"),
+    (lambda r: r.update(recalibration_uncertainty=[-0.1]), "recalibration_uncertainty must be >= 0"),
+    (lambda r: r.update(recalibration_uncertainty="0.1"), "recalibration_uncertainty must be 1 finite number"),
 ])
 def test_a_broken_calibration_file_is_one_line_naming_it(stored, tamper, problem):
     path, network, _ = stored

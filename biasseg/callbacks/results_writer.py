@@ -82,7 +82,8 @@ HEADLINE = {
     "volume to quote": (("quote_relative_volume_bias", "recalibrated, held out: ΔV vs reference", "+.1%"),
                         ("relative_quote_expected_volume_bias", "recalibrated, held out: vs expected", "+.1%"),
                         ("interval_coverage", "interval covers the reference", ".0%"),
-                        ("interval_relative_width", "interval width / volume", ".0%")),
+                        ("interval_relative_width", "interval width / volume", ".0%"),
+                        ("recalibration_uncertainty", "recalibrated total fixed to ± (its references' noise)", ".1%")),
 }
 
 

@@ -56,6 +56,7 @@ SMALLEST_VOLUME_ML = 1e-6  # the relative residual's denominator at least this (
 CALIBRATED_WITHIN = 0.05  # |T − 1| and |Platt b| up to this count as calibrated (RESULTS.md, "A volume to quote")
 SETTLED_WITHIN = 0.05  # the soft-volume bias moved at most this much over the last SETTLED_VALIDATIONS (RESULTS.md)
 SETTLED_VALIDATIONS = 3
+PINNED_WITHIN = 0.05  # a recalibration whose references fix the total volume only to more than ±this is not trusted (RESULTS.md)
 
 
 def uncalibrated_probability(classes: int) -> torch.Tensor:
@@ -123,6 +124,24 @@ def poisson_binomial_sd(histograms: torch.Tensor, voxel_ml: torch.Tensor) -> tor
     return (counts * (p * (1 - p))).sum(-1).sqrt() * voxel_ml.double().view(-1, 1)
 
 
+def recalibration_uncertainty(reference_ml: torch.Tensor, soft_ml: torch.Tensor) -> torch.Tensor:
+    """How closely ``S`` calibration subjects fix a recalibrated volume, per class ``(K,)``: the
+    relative standard error ``sd_s(V_ref − Σp) · √S / Σ_s Σp`` of their total reference volume
+    around the model's own soft volume (``(S, K)`` ml each; NaN below 2 subjects).
+
+    Platt's and the isotonic fit's calibration-in-the-large make the recalibrated total equal
+    the references' total (logistic regression's intercept equation; pool-adjacent-violators
+    preserves sums), so the references' sampling noise is the recalibration's: labels drawn
+    as single coherent boundaries, or one majority vote per subject, fix it to ±8–16 %, where
+    voxel-noise labels give ±1–2 % (RESULTS.md, "A volume to quote")."""
+    residual = reference_ml.double() - soft_ml.double()
+    count = (~torch.isnan(residual)).sum(0)
+    spread = torch.tensor([float(column[~torch.isnan(column)].std()) if n >= 2 else math.nan
+                           for column, n in zip(residual.T, count)], dtype=torch.float64)
+    total = torch.nansum(torch.where(torch.isnan(residual), torch.nan, soft_ml.double()), dim=0)
+    return spread.to(residual.device) * count.double().sqrt() / total.clamp_min(SMALLEST_VOLUME_ML)
+
+
 def relative_residuals(reference_ml: torch.Tensor, volume_ml: torch.Tensor) -> torch.Tensor:
     """The conformal score ``|V_ref − V̂| / V̂`` (NaN where the reference is unknown)."""
     return (reference_ml - volume_ml).abs() / volume_ml.clamp_min(SMALLEST_VOLUME_ML)
@@ -170,6 +189,7 @@ class VolumeCalibration:
     interval_kind: str
     subjects: int
     method: str = "platt"
+    uncertainty: torch.Tensor | None = None  # (K,) recalibration_uncertainty of the calibration subjects; None if unknown
 
     def quote(self, histograms: torch.Tensor, voxel_ml: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Soft volume recalibrated by :attr:`method` and its interval ``(volume, low, high)``, each ``(S, K)`` ml."""
@@ -238,8 +258,9 @@ def _cross_fit(histograms: torch.Tensor, voxel_ml: torch.Tensor, reference_ml: t
             inside = fold_of == fold
             own_scale[inside] = interval_scale(scores[method][~inside], alpha)[0].to(own_scale)
     low, high = interval(held_out[method], own_scale)
-    calibration = VolumeCalibration(maps_on_all, scales, float(alpha), " + ".join(sorted(kinds)),
-                                    count, method)
+    uncalibrated = soft_volumes(histograms, voxel_ml, uncalibrated_probability(histograms.shape[1]))
+    calibration = VolumeCalibration(maps_on_all, scales, float(alpha), " + ".join(sorted(kinds)), count, method,
+                                    recalibration_uncertainty(reference_ml, uncalibrated))
     rows = {
         "volume_quote_ml": held_out[method],
         "volume_low_ml": low,
@@ -287,11 +308,15 @@ def interval_summary(rows: dict[str, torch.Tensor], alpha: float | None) -> dict
 
 
 def verdict(temperature: list[float], platt_slope: list[float], platt_bias: list[float],
-            soft_bias_history: list[float], method: str) -> tuple[str, bool, bool | None]:
+            soft_bias_history: list[float], method: str, calibration: VolumeCalibration | None = None
+            ) -> tuple[str, bool, bool | None]:
     """One line on whether the model's soft volume can be quoted as it is, and what to do if
     not; and the two findings: calibrated (``|T − 1|`` and ``|b|`` ≤ :data:`CALIBRATED_WITHIN`
     for every class), settled (the soft-volume bias moved ≤ :data:`SETTLED_WITHIN` over the last
-    :data:`SETTLED_VALIDATIONS` validations; None with fewer validations)."""
+    :data:`SETTLED_VALIDATIONS` validations; None with fewer validations). ``calibration``: the
+    recalibration a user would quote; where its subjects fix the volume only to more than
+    ±:data:`PINNED_WITHIN` (:func:`recalibration_uncertainty`), the advice says it is no surer
+    than the soft volume as it comes."""
     worst_t = max(abs(t - 1) for t in temperature)
     worst_b = max(abs(b) for b in platt_bias)
     calibrated = worst_t <= CALIBRATED_WITHIN and worst_b <= CALIBRATED_WITHIN
@@ -306,8 +331,15 @@ def verdict(temperature: list[float], platt_slope: list[float], platt_bias: list
     if calibrated and settled is not False:
         advice = "the soft volume can be quoted as it is"
     elif not calibrated and settled is not False:
-        advice = (f"NOT CALIBRATED (|T − 1| {worst_t:.3f}, |b| {worst_b:.3f} > {CALIBRATED_WITHIN}): quote the recalibrated "
-                  f"volume (predict.py applies the stored {method} map) or train longer")
+        advice = f"NOT CALIBRATED (|T − 1| {worst_t:.3f}, |b| {worst_b:.3f} > {CALIBRATED_WITHIN}): "
+        uncertainty = math.nan if calibration is None or calibration.uncertainty is None else float(calibration.uncertainty.max())
+        if uncertainty > PINNED_WITHIN:
+            advice += (f"but the {calibration.subjects} calibration subjects' references fix a recalibrated volume only to "
+                       f"±{100 * uncertainty:.0f} % (> {100 * PINNED_WITHIN:.0f} %), so the recalibration is no surer than Σp: "
+                       "add calibration subjects (data.val_fraction) before quoting it, or quote calibration=none if the model "
+                       "has trained to convergence")
+        else:
+            advice += f"quote the recalibrated volume (predict.py applies the stored {method} map) or train longer"
     else:
         advice = ("NOT SETTLED: train longer (trainer.max_epochs, data.steps_per_epoch)" +
                   ("" if calibrated else f"; not calibrated either (|T − 1| {worst_t:.3f}, |b| {worst_b:.3f})"))
