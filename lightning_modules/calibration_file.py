@@ -29,6 +29,7 @@ FORMAT = "biasseg-volume-calibration"
 VERSION = 1
 FILE_NAME = "volume_calibration.json"
 MAX_BYTES = 16 * 1024 * 1024  # a calibration of 100 classes is ~3 MB
+TARGETS = ("reference", "raters_mean")  # what a calibration was fitted to
 
 
 class CalibrationOfAnotherModel(InputError):
@@ -55,6 +56,7 @@ def calibration_record(calibration: VolumeCalibration, network: nn.Module, class
         "model_sha256": weights_digest(network),
         "class_names": list(class_names),
         "method": calibration.method,
+        "target": calibration.target,
         "alpha": calibration.alpha,
         "interval_kind": calibration.interval_kind,
         "calibration_subjects": list(subjects),
@@ -132,6 +134,9 @@ def read_calibration(path: str | Path, network: nn.Module, class_names: list[str
         torch.tensor(_numbers(path, record, "platt_bias", classes), dtype=torch.float64),
         torch.tensor(rows, dtype=torch.float64),
     )
+    target = record.get("target", "reference")  # optional: calibrations written before it was stored are the label's
+    if target not in TARGETS:
+        raise InputError(f"{path}: target {target!r} is not one of {TARGETS}")
     kind = record.get("interval_kind")
     uncertainty = None  # optional: calibrations written before it was stored lack it
     if "recalibration_uncertainty" in record:
@@ -140,7 +145,7 @@ def read_calibration(path: str | Path, network: nn.Module, class_names: list[str
             raise InputError(f"{path}: recalibration_uncertainty must be >= 0")
         uncertainty = torch.tensor([math.nan if math.isinf(v) else v for v in values], dtype=torch.float64)
     return VolumeCalibration(maps, scale, alpha, kind if isinstance(kind, str) else "?", len(subjects), method,
-                             uncertainty), record
+                             uncertainty, target), record
 
 
 CHOICES = ("auto", *METHODS)
@@ -179,5 +184,6 @@ def resolve_calibration(choice: str, file: str | None, checkpoints: list[Path], 
         return None, "none", f"{path} was fitted for another checkpoint of this run: not applied (uncalibrated soft volume)"
     if choice != "auto":
         calibration.method = choice
-    return calibration, calibration.method, f"{calibration.method} recalibration and {100 * (1 - calibration.alpha):.0f} % " \
+    aim = " to the raters' mean volume" if calibration.target == "raters_mean" else ""
+    return calibration, calibration.method, f"{calibration.method} recalibration{aim} and {100 * (1 - calibration.alpha):.0f} % " \
                                             f"interval from {path} ({calibration.subjects} calibration subjects)"

@@ -81,17 +81,30 @@ def hypernet_settings(hypernet: Mapping | None, loss: nn.Module) -> dict | None:
 def quote_settings(settings: Mapping | None) -> dict:
     """The checked ``volume_quote`` settings (see :class:`SegmentationModule`)."""
     settings = dict(settings or {})
-    unknown = set(settings) - {"method", "alpha", "folds"}
+    unknown = set(settings) - {"method", "alpha", "folds", "target"}
     if unknown:
-        raise InputError(f"volume_quote: unknown keys {sorted(unknown)}; it takes method, alpha and folds")
+        raise InputError(f"volume_quote: unknown keys {sorted(unknown)}; it takes method, alpha, folds and target")
     method, alpha, folds = settings.get("method", "platt"), settings.get("alpha", 0.1), settings.get("folds", 5)
+    target = settings.get("target", "auto")
     if method not in METHODS:
         raise InputError(f"volume_quote.method must be one of {METHODS}, got {method!r}")
+    if target not in TARGETS:
+        raise InputError(f"volume_quote.target must be one of {TARGETS}, got {target!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise InputError(f"volume_quote.alpha must be in (0, 1) (0.1: a 90 % interval), got {alpha!r}")
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise InputError(f"volume_quote.folds must be a whole number >= 2, got {folds!r}")
-    return {"method": method, "alpha": float(alpha), "folds": folds}
+    return {"method": method, "alpha": float(alpha), "folds": folds, "target": target}
+
+
+TARGETS = ("auto", "reference", "raters_mean")
+
+
+def quote_target(choice: str, several_raters: bool) -> str:
+    """What the volume quote is calibrated to: ``reference`` or ``raters_mean`` (module docstring)."""
+    if choice == "raters_mean" and not several_raters:
+        raise InputError("volume_quote.target=raters_mean needs several raters per subject; this data has one label each")
+    return "raters_mean" if choice == "raters_mean" or (choice == "auto" and several_raters) else "reference"
 
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -133,7 +146,9 @@ class SegmentationModule(pl.LightningModule):
         volume_quote: how validation recalibrates and bounds each subject's soft volume
             (:mod:`biasseg.metrics.volume_quote`): ``method`` (one of ``none``, ``temperature``,
             ``platt``, ``isotonic``), ``alpha`` (the interval's miscoverage), ``folds``
-            (cross-fitting folds over the validation subjects).
+            (cross-fitting folds over the validation subjects), ``target`` (what the quote is
+            calibrated to: ``reference``, the label; ``raters_mean``, the raters' mean map and
+            volume, several raters only; ``auto``, the raters' mean where there are several).
 
     Validation predicts through :attr:`predictor`: this network alone (a hypernetwork's
     marginal), unless evaluate.py sets a :class:`~lightning_modules.predictor.Predictor` of an
@@ -361,23 +376,33 @@ class SegmentationModule(pl.LightningModule):
         self.val_metrics.reset()
         histograms, voxel_ml, isotonic = fitted.pop("log_odds"), fitted.pop("voxel_ml"), fitted.pop("isotonic_map")
         settings = self.volume_quote
-        if self.stored_calibration is not None:  # a trained model's calibration, measured on new subjects
-            rows.update(apply_stored(self.stored_calibration, histograms, voxel_ml))  # with the method chosen for it
-            fitted["interval_alpha"] = torch.tensor(self.stored_calibration.alpha)
+        several_raters = "raters_log_odds" in fitted
+        stored = self.stored_calibration
+        aim = stored.target if stored is not None else quote_target(settings["target"], several_raters)
+        # the maps the verdict judges: fitted to what the quote aims at (the label, or the raters' mean map)
+        judged = CalibrationMaps(fitted["temperature"], fitted["platt_slope"], fitted["platt_bias"], isotonic)
+        if aim == "raters_mean" and several_raters:
+            judged = CalibrationMaps.fit(fitted["raters_log_odds"])
+        if stored is not None:  # a trained model's calibration, measured on new subjects
+            rows.update(apply_stored(stored, histograms, voxel_ml))  # with the method chosen for it
+            fitted["interval_alpha"] = torch.tensor(stored.alpha)
         else:
-            in_sample = CalibrationMaps(fitted["temperature"], fitted["platt_slope"], fitted["platt_bias"], isotonic)
-            self.volume_calibration, quote_rows = cross_fit(histograms, voxel_ml, rows["volume_ref_ml"], settings["alpha"],
-                                                            settings["folds"], settings["method"], maps=in_sample)
+            target, reference = histograms, rows["volume_ref_ml"]
+            if aim == "raters_mean":
+                target, reference = fitted["raters_log_odds"], rows["volume_raters_mean_ml"]
+            self.volume_calibration, quote_rows = cross_fit(target, voxel_ml, reference, settings["alpha"],
+                                                            settings["folds"], settings["method"], maps=judged)
+            self.volume_calibration.target = aim
             rows.update(quote_rows)
             fitted["interval_alpha"] = torch.tensor(settings["alpha"])
         summary = summarize(rows, self.class_names, fitted)
         if not self.trainer.sanity_checking:
             self.soft_bias_history.append(summary.get("soft_relative_volume_bias", float("nan")))
-        quoted = self.stored_calibration or self.volume_calibration
+        quoted = stored or self.volume_calibration
         if quoted.uncertainty is not None:
             summary["recalibration_uncertainty"] = float(quoted.uncertainty.max())
         self.calibration_verdict, calibrated, settled = verdict(
-            fitted["temperature"].tolist(), fitted["platt_slope"].tolist(), fitted["platt_bias"].tolist(),
+            judged.temperature.tolist(), judged.platt_slope.tolist(), judged.platt_bias.tolist(),
             self.soft_bias_history, settings["method"], quoted)
         summary["calibrated"] = float(calibrated)
         summary["volume_settled"] = float("nan") if settled is None else float(settled)

@@ -19,6 +19,7 @@ from hydra.errors import InstantiationException
 from biasseg.errors import DatasetError, InputError
 from biasseg.generated_folders import RATER_LAYOUTS, affine_for, folder_digest, write_multi_rater, write_nnunet
 from biasseg.metrics import SubjectSegmentationMetrics, per_subject
+from biasseg.metrics.posthoc import log_odds, log_odds_histogram
 from biasseg.pipelines.train import train
 from datamodules import FolderDataModule, SyntheticDataModule
 from datamodules.cases import in_memory_case, majority_vote
@@ -67,6 +68,41 @@ def test_measures_against_each_rater_by_hand():
     assert rows["ged"].item() == pytest.approx(2 * cross - within_samples - within_raters)
     with pytest.raises(ValueError, match="the label maps of 3 raters"):
         metric.update(probabilities, label, (10.0, 10.0, 10.0), 1, [2.0])
+    # the raters' mean: 2 ml; each voxel's count split by the share of raters who marked it (1, 2/3, 1/3, 0)
+    assert rows["volume_raters_mean_ml"].item() == pytest.approx(2.0)
+    _, fitted = per_subject(metric)
+    by_rater = sum(log_odds_histogram(log_odds(probabilities.reshape(2, -1)), (r.reshape(1, -1) == 1)) for r in raters) / 3
+    assert torch.allclose(fitted["raters_log_odds"][0], by_rater)
+    assert fitted["raters_log_odds"][0, 0, 1].sum().item() == pytest.approx(2.0)
+
+
+def test_the_volume_quote_is_calibrated_to_the_raters_mean(tmp_path):
+    """Three raters who disagree on the boundary: their majority vote is smaller than their mean.
+    By default (target auto) the quote and its interval aim at the raters' mean volume; with
+    target=reference at the vote; the calibration file says which."""
+    def run(name: str, *overrides: str) -> tuple[dict, list[dict], dict]:
+        folder = tmp_path / name
+        result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "data.raters=3", "data.uncertainty_kind=boundary",
+                                 "data.num_val=8", "callbacks.validation_figures=null", "logger=none", *overrides,
+                                 f"hydra.run.dir={folder}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(folder / "subjects.csv") as handle:
+            rows = list(csv.DictReader(handle))
+        return (json.loads((folder / "metrics.json").read_text()), rows,
+                json.loads((folder / "checkpoints" / "volume_calibration.json").read_text()))
+
+    metrics, rows, stored = run("auto")
+    assert stored["target"] == "raters_mean"
+    assert {"val/relative_quote_raters_mean_volume_bias", "val/interval_raters_mean_coverage"} <= set(metrics)
+    mean = np.array([float(r["volume_raters_mean_ml"]) for r in rows])
+    vote = np.array([float(r["volume_ref_ml"]) for r in rows])
+    assert mean.sum() != pytest.approx(vote.sum(), rel=0.02)  # the task makes the two differ
+    quote = np.array([float(r["volume_quote_ml"]) for r in rows])
+    assert abs(quote.sum() / mean.sum() - 1) < abs(quote.sum() / vote.sum() - 1)
+    metrics, rows, stored = run("reference", "volume_quote.target=reference")
+    assert stored["target"] == "reference"
+    quote = np.array([float(r["volume_quote_ml"]) for r in rows])
+    assert abs(quote.sum() / vote.sum() - 1) < abs(quote.sum() / mean.sum() - 1)
 
 
 def test_the_training_label_is_the_chosen_rater():

@@ -81,7 +81,9 @@ HEADLINE = {
                     ("platt_bias", "Platt bias b (0 = calibrated)", "+.3f")),
     "volume to quote": (("quote_relative_volume_bias", "recalibrated, held out: ΔV vs reference", "+.1%"),
                         ("relative_quote_expected_volume_bias", "recalibrated, held out: vs expected", "+.1%"),
+                        ("relative_quote_raters_mean_volume_bias", "recalibrated, held out: vs the raters' mean", "+.1%"),
                         ("interval_coverage", "interval covers the reference", ".0%"),
+                        ("interval_raters_mean_coverage", "interval covers the raters' mean", ".0%"),
                         ("interval_relative_width", "interval width / volume", ".0%"),
                         ("recalibration_uncertainty", "recalibrated total fixed to ± (its references' noise)", ".1%")),
 }

@@ -69,14 +69,21 @@ def bin_centres(device: torch.device | str = "cpu") -> torch.Tensor:
 
 def log_odds_histogram(z: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Voxel counts ``(K, 2, LOG_ODDS_BINS)`` float64 of ``(K, N)`` log-odds (:func:`log_odds`),
-    split by the ``(K, N)`` boolean reference (index 1 = reference voxel of the class)."""
+    split by the ``(K, N)`` reference (index 1 = reference voxel of the class): boolean, or a
+    fraction in [0, 1] per voxel (the share of raters who marked it), which splits the voxel's
+    count between the two."""
     classes = z.shape[0]
     scaled = (z.clamp(-LOG_ODDS_LIMIT, LOG_ODDS_LIMIT) + LOG_ODDS_LIMIT) * (LOG_ODDS_BINS / (2 * LOG_ODDS_LIMIT))
     index = scaled.long().clamp(0, LOG_ODDS_BINS - 1)
-    index = index + LOG_ODDS_BINS * reference.long()
     index = index + 2 * LOG_ODDS_BINS * torch.arange(classes, device=z.device).view(-1, 1)
-    counts = torch.bincount(index.reshape(-1), minlength=classes * 2 * LOG_ODDS_BINS)
-    return counts.double().view(classes, 2, LOG_ODDS_BINS)
+    length = classes * 2 * LOG_ODDS_BINS
+    if reference.dtype == torch.bool:
+        counts = torch.bincount((index + LOG_ODDS_BINS * reference.long()).reshape(-1), minlength=length).double()
+    else:
+        share = reference.double().reshape(-1)
+        counts = (torch.bincount((index + LOG_ODDS_BINS).reshape(-1), weights=share, minlength=length)
+                  + torch.bincount(index.reshape(-1), weights=1 - share, minlength=length))
+    return counts.view(classes, 2, LOG_ODDS_BINS)
 
 
 def fit_temperature(histograms: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,9 @@ For each validation subject and foreground class ``c`` (classes ``1..C−1``):
   hypernetwork's α); NaN otherwise;
 * with several raters (``num_raters`` > 0; ``label`` is then their majority vote and the
   expected volume their mean volume): ``dice_rater<k>`` against rater ``k`` (from 1) and
-  ``dice_raters_mean``; ``volume_raters_min_ml``/``volume_raters_max_ml``, the raters' range;
+  ``dice_raters_mean``; ``volume_raters_min_ml``/``volume_raters_max_ml``, the raters' range,
+  and ``volume_raters_mean_ml``, their mean (what :mod:`biasseg.metrics.volume_quote` can be
+  calibrated to instead of the vote);
   ``within_rater_range``/``soft_within_rater_range``, 1 where the argmax / soft volume lies
   within it (inclusive), else 0; ``ged`` against the raters' segmentations;
 * ``ece``: the subject's class-wise expected calibration error (:mod:`biasseg.metrics.calibration`;
@@ -86,8 +88,9 @@ class SubjectSegmentationMetrics(Metric):
 
     @property
     def rater_states(self) -> tuple[str, ...]:
-        """Per-rater states ``(1, C − 1, R)``, only with several raters."""
-        return ("rater_dice", "rater_volume_ml") if self.num_raters else ()
+        """Per-rater states ``(1, C − 1, R)`` and the log-odds histogram against the raters' mean
+        map ``(1, C − 1, 2, LOG_ODDS_BINS)``, only with several raters."""
+        return ("rater_dice", "rater_volume_ml", "rater_log_odds") if self.num_raters else ()
 
     def update(
         self,
@@ -159,6 +162,8 @@ class SubjectSegmentationMetrics(Metric):
             agreement = (rater_masks & prediction[None]).sum(2, dtype=torch.float64)
             self.rater_dice.append(dice_from_counts(agreement, n_pred[None], rater_counts).T[None])
             self.rater_volume_ml.append((rater_counts * voxel_ml).T[None])
+            share = rater_masks.float().mean(0)  # (C-1, N): the raters' mean map
+            self.rater_log_odds.append(sum(log_odds_histogram(log_odds(flat[:, c]), share[:, c]) for c in chunks)[None])
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Raw per-subject rows ordered by subject: ``subject_index``, ``voxel_ml`` ``(N,)``,
@@ -200,6 +205,7 @@ def per_subject(metric: SubjectSegmentationMetrics) -> tuple[dict[str, torch.Ten
     if metric.num_raters:
         rows.update(rater_rows(raw["rater_dice"].reshape(n, k, -1), raw["rater_volume_ml"].reshape(n, k, -1),
                                rows["volume_pred_ml"], rows["volume_pred_soft_ml"]))
+        fitted["raters_log_odds"] = raw["rater_log_odds"].reshape(n, k, 2, LOG_ODDS_BINS)
     pooled = reliability.sum(0)
     top_label = expected_calibration_error(raw["top_label"].reshape(n, RELIABILITY_BINS, 3).sum(0))
     return rows, {"ece": expected_calibration_error(pooled), "ece_top_label": top_label, "reliability": pooled, **fitted,
@@ -213,6 +219,7 @@ def rater_rows(dice: torch.Tensor, volumes: torch.Tensor, hard: torch.Tensor, so
     rows = {f"dice_rater{r + 1}": dice[..., r] for r in range(dice.shape[2])}
     rows["dice_raters_mean"] = torch.nanmean(dice, dim=2)
     rows["volume_raters_min_ml"], rows["volume_raters_max_ml"] = low, high
+    rows["volume_raters_mean_ml"] = volumes.mean(2)
     rows["within_rater_range"] = ((hard >= low) & (hard <= high)).double()
     rows["soft_within_rater_range"] = ((soft >= low) & (soft <= high)).double()
     return rows

@@ -190,6 +190,7 @@ class VolumeCalibration:
     subjects: int
     method: str = "platt"
     uncertainty: torch.Tensor | None = None  # (K,) recalibration_uncertainty of the calibration subjects; None if unknown
+    target: str = "reference"  # what it was calibrated to: the label (reference) or the raters' mean map (raters_mean)
 
     def quote(self, histograms: torch.Tensor, voxel_ml: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Soft volume recalibrated by :attr:`method` and its interval ``(volume, low, high)``, each ``(S, K)`` ml."""
@@ -280,6 +281,7 @@ def apply_stored(calibration: VolumeCalibration, histograms: torch.Tensor, voxel
 def interval_summary(rows: dict[str, torch.Tensor], alpha: float | None) -> dict[str, torch.Tensor]:
     """Per class ``(K,)``: ``interval_coverage`` (share of subjects whose reference volume lies
     in the interval), ``interval_expected_coverage`` (the expected volume, where known),
+    ``interval_raters_mean_coverage`` (the raters' mean volume, with several raters),
     ``interval_width_ml``, ``interval_relative_width`` (width / quoted volume), and, where the
     rows hold the model's SD and ``alpha`` is known, the Poisson-binomial interval's
     ``sd_coverage``/``sd_expected_coverage``."""
@@ -298,6 +300,8 @@ def interval_summary(rows: dict[str, torch.Tensor], alpha: float | None) -> dict
     known_expected = not torch.isnan(rows["volume_expected_ml"]).all()
     if known_expected:
         summary["interval_expected_coverage"] = share(rows["volume_expected_ml"], low, high)
+    if "volume_raters_mean_ml" in rows:
+        summary["interval_raters_mean_coverage"] = share(rows["volume_raters_mean_ml"], low, high)
     if alpha is not None and "volume_sd_ml" in rows:
         z = float(stats.norm.ppf(1 - alpha / 2))
         soft, sd = rows["volume_pred_soft_ml"], rows["volume_sd_ml"]

@@ -11,7 +11,8 @@ fitted on other subjects, :mod:`biasseg.metrics.volume_quote`):
 * ``<prefix>volume_bias_ml``: mean ΔV; ``<prefix>abs_volume_error_ml``: mean |ΔV|;
   ``<prefix>relative_volume_bias``: mean ΔV / reference;
 * where expected volumes are known: ``<prefix>expected_volume_bias_ml`` (predicted −
-  expected) and ``relative_<prefix>expected_volume_bias``;
+  expected) and ``relative_<prefix>expected_volume_bias``; with several raters
+  ``relative_<prefix>raters_mean_volume_bias`` (against the raters' mean volume);
 
 and ``dice`` (argmax), ``dice_threshold``, ``dice_rankseg`` (mean Dice), ``ged`` (mean
 generalised energy distance, where the model gives samples: an ensemble), with several raters
@@ -20,7 +21,7 @@ generalised energy distance, where the model gives samples: an ensemble), with s
 over all validation voxels), ``ece_top_label`` (top-label, over all voxels and classes),
 ``ece_calibrated``/``ece_platt``/``ece_isotonic`` (after each recalibration), ``temperature``,
 ``platt_slope``, ``platt_bias``, ``threshold``; the interval's ``interval_coverage``,
-``interval_expected_coverage``, ``interval_width_ml``, ``interval_relative_width`` and the
+``interval_expected_coverage``, ``interval_raters_mean_coverage``, ``interval_width_ml``, ``interval_relative_width`` and the
 Poisson-binomial interval's ``sd_coverage``/``sd_expected_coverage``
 (:func:`biasseg.metrics.volume_quote.interval_summary`).
 
@@ -83,6 +84,9 @@ def per_class_summary(rows: dict[str, torch.Tensor], fitted: dict[str, torch.Ten
         if has_expected:
             summary[f"{prefix}expected_volume_bias_ml"] = _nanmean(volume - expected)
             summary[f"relative_{prefix}expected_volume_bias"] = _nanmean(_relative(volume - expected, expected))
+        if "volume_raters_mean_ml" in rows:
+            mean = rows["volume_raters_mean_ml"]
+            summary[f"relative_{prefix}raters_mean_volume_bias"] = _nanmean(_relative(volume - mean, mean))
     if "volume_low_ml" in rows:
         alpha = None if fitted is None or "interval_alpha" not in fitted else float(fitted["interval_alpha"])
         summary.update(interval_summary(rows, alpha))
