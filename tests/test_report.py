@@ -19,7 +19,7 @@ from biasseg.pipelines.report import main as report_main
 from biasseg.reporting.grouping import group_runs, reference_group
 from biasseg.reporting.measures import pooled_measures
 from biasseg.reporting.runs import Run, find_run_dirs, read_run
-from biasseg.reporting.statistics import holm, subject_means, welch_test
+from biasseg.reporting.statistics import holm, welch_test
 from biasseg.reporting.table import result_rows, subject_rows
 
 SWEEP = [o for o in TINY if not o.startswith("data.num_val")] + [
@@ -212,9 +212,12 @@ def test_holm_and_welch_edge_cases():
     assert holm([0.01, math.nan, 0.04, 0.03]) == pytest.approx([0.03, math.nan, 0.06, 0.06], nan_ok=True)
     assert math.isnan(welch_test([0.5], [0.4, 0.6]).p_value)  # one run: no test
     assert welch_test([0.5], [0.4, 0.6]).difference == pytest.approx(0.0)
-    # each subject is averaged over the seeds; NaNs (no Dice) are skipped
-    seeds = [{"a": 1.0, "b": 2.0}, {"a": 3.0, "b": math.nan, "c": 5.0}]
-    assert subject_means(seeds) == {"a": 2.0, "b": 2.0, "c": 5.0}
+    # each subject is averaged over the seeds before the spread between subjects; NaNs (no Dice) are skipped
+    runs = [fixture_run("t", "ce", 0, {"a": 1.0, "b": 2.0}, {"a": 10.0, "b": 10.0}),
+            fixture_run("t", "ce", 1, {"a": 3.0, "b": math.nan, "c": 5.0}, {"a": 10.0, "b": 10.0, "c": 10.0})]
+    row = result_rows(group_runs(runs))[0]
+    assert row["dice_subject_sd"] == pytest.approx(np.std([2.0, 2.0, 5.0], ddof=1)) and row["n_subjects"] == 3
+    assert row["dice_mean"] == pytest.approx(np.mean([1.5, 4.0])) and row["dice_sd"] == pytest.approx(np.std([1.5, 4.0], ddof=1))
 
 
 def test_tasks_of_one_name_with_different_data_get_their_own_rows():

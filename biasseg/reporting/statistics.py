@@ -1,5 +1,11 @@
 """Statistics over training runs (seeds) and subjects.
 
+The aggregation itself (run means, mean and sd over runs) is pandas' groupby in
+:mod:`biasseg.reporting.table`; here are what pandas does not do: Welch's test on run means
+with this module's rules for too few runs (scipy), Holm's step-down correction (scipy has
+only Benjamini-Hochberg/Yekutieli; statsmodels, which has Holm, is not a dependency), and the
+small helpers the figures use.
+
 The unit of a comparison between losses is the **training run**: two networks trained with
 the same loss but another seed differ, and a claim about a loss must hold over that
 variation, not only over the validation subjects of one network. So (a two-stage, "summary
@@ -23,6 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 MIN_RUNS = 2  # runs per side needed for a test
@@ -32,26 +39,12 @@ def finite(values: Iterable[float]) -> list[float]:
     return [float(v) for v in values if not math.isnan(float(v))]
 
 
-def nanmean(values: Iterable[float]) -> float:
-    kept = finite(values)
-    return sum(kept) / len(kept) if kept else math.nan
-
-
 def mean_sd(values: Iterable[float]) -> tuple[float, float]:
     """Mean and sample standard deviation of the finite values (sd NaN below two values)."""
     kept = np.array(finite(values), dtype=float)
     if kept.size == 0:
         return math.nan, math.nan
     return float(kept.mean()), float(kept.std(ddof=1)) if kept.size > 1 else math.nan
-
-
-def subject_means(per_run: Iterable[dict[str, float]]) -> dict[str, float]:
-    """Each subject's value averaged over runs (seeds), NaNs skipped (NaN if all are)."""
-    collected: dict[str, list[float]] = {}
-    for values in per_run:
-        for subject, value in values.items():
-            collected.setdefault(subject, []).append(value)
-    return {s: nanmean(v) for s, v in collected.items()}
 
 
 @dataclass(frozen=True)
@@ -93,14 +86,9 @@ def holm(p_values: list[float]) -> list[float]:
 def pooled_reliability(tables: Iterable[list[dict]]) -> list[tuple[float, float, float]]:
     """Reliability bins pooled over runs and classes: ``(count, mean probability, observed
     frequency)`` per bin, ordered by the bin's lower edge; empty bins left out."""
-    sums: dict[tuple[float, float], list[float]] = {}
-    for table in tables:
-        for row in table:
-            count = row["count"]
-            if not count or math.isnan(count) or math.isnan(row["mean_probability"]) or math.isnan(row["frequency"]):
-                continue
-            bin_sums = sums.setdefault((round(row["lower"], 6), round(row["upper"], 6)), [0.0, 0.0, 0.0])
-            bin_sums[0] += count
-            bin_sums[1] += count * row["mean_probability"]
-            bin_sums[2] += count * row["frequency"]
-    return [(n, p / n, y / n) for _, (n, p, y) in sorted(sums.items())]
+    columns = ["lower", "upper", "count", "mean_probability", "frequency"]
+    bins = pd.DataFrame([{c: row[c] for c in columns} for table in tables for row in table], columns=columns, dtype=float).dropna()
+    bins = bins[bins["count"] > 0].round({"lower": 6, "upper": 6})
+    bins = bins.assign(probability=bins["count"] * bins["mean_probability"], observed=bins["count"] * bins["frequency"])
+    sums = bins.groupby(["lower", "upper"])[["count", "probability", "observed"]].sum()
+    return [(n, p / n, y / n) for n, p, y in sums.itertuples(index=False)]

@@ -12,6 +12,10 @@ theoretical optimum. The run-level ratios of sums (``pooled_…``, :func:`biasse
 are summarised over runs the same way. ``class`` is ``all`` for the class mean (subjects.csv's plain columns:
 with several foreground classes, the mean over classes of each volume and Dice), or a class
 name.
+
+The grouping and aggregation are pandas (a long frame of subject measures, then groupby);
+hand-written here is only what is specific to the study: which group is a task's
+cross-entropy reference, the excess over it, and the tests (:mod:`biasseg.reporting.statistics`).
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from biasseg.reporting.grouping import Group, reference_group
 from biasseg.reporting.measures import POOLED, pooled_measures, subject_measures
-from biasseg.reporting.statistics import holm, mean_sd, nanmean, subject_means, welch_test
+from biasseg.reporting.statistics import holm, welch_test
 from biasseg.reporting.theory_link import Theory
 
 MEASURES = (
@@ -65,48 +72,73 @@ SUBJECT_COLUMNS = ("task", "loss", "class", "seed", "run", "subject", *MEASURES)
 ALL_CLASSES = "all"
 
 
-def run_measures(group: Group, suffix: str = "") -> list[dict[str, dict[str, float]]]:
-    """Per run of the group: each measure as ``{subject: value}``."""
-    return [subject_measures(run.subjects, suffix) for run in group.runs]
-
-
-def run_means(group: Group, measure: str, suffix: str = "") -> list[float]:
-    """Each run's mean of ``measure`` over its subjects (runs without the measure left out)."""
-    return [nanmean(m[measure].values()) for m in run_measures(group, suffix) if measure in m]
-
-
-def _metric_over_runs(group: Group, key: str) -> tuple[float, float]:
-    """Mean and sd over runs of a metrics.json value."""
-    return mean_sd(float(run.metrics[key]) for run in group.runs if isinstance(run.metrics.get(key), (int, float)))
-
-
 def _classes(group: Group) -> list[str]:
     return [ALL_CLASSES, *sorted(set().union(*(run.class_names() for run in group.runs)))]
 
 
+def _suffix(name: str) -> str:
+    return "" if name == ALL_CLASSES else f"/{name}"
+
+
+def subject_frame(groups: list[Group]) -> pd.DataFrame:
+    """Long form: one row per group × class × run × subject (``group``, ``class``, ``run``: the
+    group's and run's index, ``subject``) with every :data:`MEASURES` column (NaN where the run
+    lacks the measure)."""
+    records = []
+    for g, group in enumerate(groups):
+        for name in _classes(group):
+            for r, run in enumerate(group.runs):
+                measures = subject_measures(run.subjects, _suffix(name))
+                for subject in sorted(set().union(*(values.keys() for values in measures.values()))):
+                    records.append({"group": g, "class": name, "run": r, "subject": subject,
+                                    **{m: values.get(subject, math.nan) for m, values in measures.items()}})
+    return pd.DataFrame.from_records(records, columns=["group", "class", "run", "subject", *MEASURES]).astype(
+        {m: float for m in MEASURES})
+
+
+def run_frame(groups: list[Group]) -> pd.DataFrame:
+    """One row per group × class × run: the run's :data:`FITTED` metrics.json values and
+    :data:`POOLED` ratios of sums (NaN where absent)."""
+    records = []
+    for g, group in enumerate(groups):
+        for name in _classes(group):
+            for r, run in enumerate(group.runs):
+                fitted = {column: run.metrics.get(f"{key}{_suffix(name)}") for column, key in FITTED.items()}
+                records.append({"group": g, "class": name, "run": r,
+                                **{c: float(v) if isinstance(v, (int, float)) else math.nan for c, v in fitted.items()},
+                                **pooled_measures(run.subjects, _suffix(name))})
+    return pd.DataFrame.from_records(records, columns=["group", "class", "run", *FITTED, *POOLED]).astype(
+        {c: float for c in (*FITTED, *POOLED)})
+
+
 def result_rows(groups: list[Group], theory: Theory | None = None) -> list[dict[str, object]]:
-    """One dict per group and class (the ``all`` row first), keyed by :data:`COLUMNS`."""
+    """One dict per group and class (the ``all`` row first), keyed by :data:`COLUMNS`.
+
+    pandas does the two-stage aggregation (:mod:`biasseg.reporting.statistics`): each run's
+    mean over its subjects, then mean and sd over runs; the subjects' spread after averaging
+    each subject over the runs. Means and sds skip NaN; an sd of one value is NaN."""
+    keys = ["group", "class"]
+    subjects = subject_frame(groups)
+    run_means = subjects.groupby([*keys, "run"], sort=False)[list(MEASURES)].mean()
+    over_runs = run_means.groupby(level=keys, sort=False).agg(["mean", "std"])
+    subject_sd = subjects.groupby([*keys, "subject"], sort=False)[list(MEASURES)].mean().groupby(level=keys).std()
+    n_subjects = subjects.groupby(keys)["subject"].nunique()
+    runs = run_frame(groups).groupby(keys, sort=False)[[*FITTED, *POOLED]].agg(["mean", "std"])
     rows = []
-    for group in groups:
+    for g, group in enumerate(groups):
         reference = reference_group(groups, group.task)
         for name in _classes(group):
-            suffix = "" if name == ALL_CLASSES else f"/{name}"
-            per_run = run_measures(group, suffix)
+            key = (g, name)
             row: dict[str, object] = {column: math.nan for column in COLUMNS}
-            seed_averaged = {m: subject_means(r[m] for r in per_run if m in r) for m in MEASURES}
             row.update(task=group.task, loss=group.loss, **{"class": name}, n_runs=len(group.runs),
-                       seeds=" ".join(str(run.seed) for run in group.runs),
-                       n_subjects=len(seed_averaged["dice"]))
-            for measure in MEASURES:
-                means = [nanmean(r[measure].values()) for r in per_run if measure in r]
-                if means:
-                    row[f"{measure}_mean"], row[f"{measure}_sd"] = mean_sd(means)
-                    row[f"{measure}_subject_sd"] = mean_sd(seed_averaged[measure].values())[1]
-            for column, key in FITTED.items():
-                row[f"{column}_mean"], row[f"{column}_sd"] = _metric_over_runs(group, f"{key}{suffix}")
-            pooled = [pooled_measures(run.subjects, suffix) for run in group.runs]
-            for column in POOLED:
-                row[f"{column}_mean"], row[f"{column}_sd"] = mean_sd(p[column] for p in pooled if column in p)
+                       seeds=" ".join(str(run.seed) for run in group.runs), n_subjects=int(n_subjects.get(key, 0)))
+            if key in over_runs.index:
+                for measure in MEASURES:
+                    row[f"{measure}_mean"] = over_runs.loc[key, (measure, "mean")]
+                    row[f"{measure}_sd"] = over_runs.loc[key, (measure, "std")]
+                    row[f"{measure}_subject_sd"] = subject_sd.loc[key, measure]
+            for column in (*FITTED, *POOLED):
+                row[f"{column}_mean"], row[f"{column}_sd"] = runs.loc[key, (column, "mean")], runs.loc[key, (column, "std")]
             if name == ALL_CLASSES and theory is not None:
                 prediction = theory.prediction(group)
                 if prediction is not None:
@@ -115,10 +147,13 @@ def result_rows(groups: list[Group], theory: Theory | None = None) -> list[dict[
             if reference is not None:
                 row["n_runs_ce"] = len(reference.runs)
             if reference is not None and reference is not group:
+                ce = (groups.index(reference), name)
                 for measure in TESTED:
-                    test = welch_test(run_means(group, measure, suffix), run_means(reference, measure, suffix))
+                    ours = run_means.loc[key, measure] if key in over_runs.index else []
+                    theirs = run_means.loc[ce, measure] if ce in over_runs.index else []
+                    test = welch_test(ours, theirs)
                     row[f"diff_{measure}_vs_ce"], row[f"p_{measure}_vs_ce"] = test.difference, test.p_value
-            rows.append(row)
+            rows.append({k: float(v) if isinstance(v, np.floating) else v for k, v in row.items()})
     _excess_over_cross_entropy(rows, groups)
     tested = [(row, f"{m}_vs_ce") for row in rows for m in TESTED if not math.isnan(row[f"p_{m}_vs_ce"])]
     for (row, key), adjusted in zip(tested, holm([row[f"p_{key}"] for row, key in tested])):
@@ -146,19 +181,12 @@ def _excess_over_cross_entropy(rows: list[dict[str, object]], groups: list[Group
 
 def subject_rows(groups: list[Group], folder: Path) -> list[dict[str, object]]:
     """Every run's per-subject measures (``SUBJECT_COLUMNS``), the rows behind results.csv."""
-    rows = []
-    for group in groups:
-        for name in _classes(group):
-            suffix = "" if name == ALL_CLASSES else f"/{name}"
-            for run, measures in zip(group.runs, run_measures(group, suffix)):
-                subjects = sorted(set().union(*(values.keys() for values in measures.values())))
-                location = os.path.relpath(run.path, folder)
-                for subject in subjects:
-                    row: dict[str, object] = {"task": group.task, "loss": group.loss, "class": name, "seed": run.seed,
-                                              "run": location, "subject": subject}
-                    row.update({m: measures[m].get(subject, math.nan) if m in measures else math.nan for m in MEASURES})
-                    rows.append(row)
-    return rows
+    frame = subject_frame(groups)
+    frame.insert(0, "task", [groups[g].task for g in frame["group"]])
+    frame.insert(1, "loss", [groups[g].loss for g in frame["group"]])
+    frame["seed"] = [groups[g].runs[r].seed for g, r in zip(frame["group"], frame["run"])]
+    frame["run"] = [os.path.relpath(groups[g].runs[r].path, folder) for g, r in zip(frame["group"], frame["run"])]
+    return frame[list(SUBJECT_COLUMNS)].to_dict("records")
 
 
 HISTORY_KEYS = ("val/dice", "val/relative_soft_expected_volume_bias", "val/relative_expected_volume_bias",
@@ -172,14 +200,13 @@ def history_rows(groups: list[Group], folder: Path) -> list[dict[str, object]]:
     rows = []
     for group in groups:
         for run in group.runs:
-            by_step: dict[int, dict[str, float]] = {}
-            for key in HISTORY_KEYS:
-                for step, value in run.history.get(key, []):
-                    by_step.setdefault(step, {})[key] = value
+            long = pd.DataFrame([(key, step, value) for key in HISTORY_KEYS for step, value in run.history.get(key, [])],
+                                columns=["key", "step", "value"])
+            wide = (long.drop_duplicates(["key", "step"], keep="last")  # a step logged twice (a resume): the last value
+                    .pivot(index="step", columns="key", values="value").sort_index().reindex(columns=list(HISTORY_KEYS)))
             location = os.path.relpath(run.path, folder)
-            for step in sorted(by_step):
-                rows.append({"task": group.task, "loss": group.loss, "seed": run.seed, "run": location, "step": step,
-                             **{key: by_step[step].get(key, math.nan) for key in HISTORY_KEYS}})
+            rows += [{"task": group.task, "loss": group.loss, "seed": run.seed, "run": location, "step": int(step),
+                      **{key: float(value) for key, value in values.items()}} for step, values in wide.iterrows()]
     return rows
 
 
