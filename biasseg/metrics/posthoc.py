@@ -31,6 +31,8 @@ need, so none of them keeps a probability map:
   package's ``rankseg_rma(metric="dice", smooth=0, pruning_prob=0.5)``, tested equal), with
   the temperature-scaled ``p``; a class whose largest probability is ≤ 0.5 is left empty.
 
+The three recalibrations are :class:`CalibrationMaps` (fitted here on the subjects they are
+measured on; :mod:`biasseg.metrics.volume_quote` fits the same maps on other subjects).
 ``T``, ``(a, b)``, the isotonic map and ``t`` are fitted on the subjects they are then
 measured on (optimistic, as in a post-hoc analysis), in training's validation and in
 ``evaluate.py`` alike. Classes are
@@ -40,6 +42,8 @@ probability); thresholds and ``τ`` move in whole bins.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -224,8 +228,53 @@ def rankseg_decoding(histograms: torch.Tensor, temperature: torch.Tensor) -> tup
     return dice_from_counts(true_positive, voxels, positive.sum(-1)), voxels
 
 
+def uncalibrated_probability(classes: int) -> torch.Tensor:
+    """The probability of every log-odds bin as it is, ``(classes, B)`` float64."""
+    return torch.sigmoid(bin_centres()).expand(classes, -1)
+
+
+METHODS = ("none", "temperature", "platt", "isotonic")  # the recalibrations of a soft volume
+
+
+@dataclass
+class CalibrationMaps:
+    """Fitted recalibration maps for ``K`` classes: ``temperature``, ``platt_slope``,
+    ``platt_bias`` ``(K,)`` and ``isotonic`` ``(K, B)`` (the probability of each log-odds bin)."""
+
+    temperature: torch.Tensor
+    platt_slope: torch.Tensor
+    platt_bias: torch.Tensor
+    isotonic: torch.Tensor
+
+    @classmethod
+    def fit(cls, histograms: torch.Tensor) -> CalibrationMaps:
+        """Every map fitted on the pooled ``(S, K, 2, B)`` histograms."""
+        histograms = histograms.double()
+        slope, bias = fit_platt(histograms)
+        return cls(fit_temperature(histograms), slope, bias, fit_isotonic(histograms))
+
+    def bin_probability(self, method: str) -> torch.Tensor:
+        """The recalibrated probability of every class and log-odds bin, ``(K, B)`` float64."""
+        if method == "none":
+            return uncalibrated_probability(len(self.temperature)).to(self.temperature.device)
+        if method == "temperature":
+            return calibrated_probabilities(self.temperature)
+        if method == "platt":
+            return platt_probabilities(self.platt_slope, self.platt_bias)
+        if method == "isotonic":
+            return self.isotonic
+        raise ValueError(f"unknown recalibration {method!r}; one of {METHODS}")
+
+
+def soft_volumes(histograms: torch.Tensor, voxel_ml: torch.Tensor, probability: torch.Tensor) -> torch.Tensor:
+    """``Σ n_b p_b × voxel volume`` per subject and class ``(S, K)`` (ml)."""
+    counts = histograms.double().sum(2)  # (S, K, B)
+    return (counts * probability.unsqueeze(0)).sum(-1) * voxel_ml.double().view(-1, 1)
+
+
 def posthoc_remedies(histograms: torch.Tensor, voxel_ml: torch.Tensor) -> tuple[dict, dict]:
-    """All remedies for ``(S, K, 2, B)`` histograms and ``(S,)`` voxel volumes (ml).
+    """All remedies for ``(S, K, 2, B)`` histograms and ``(S,)`` voxel volumes (ml), fitted on
+    those subjects themselves (in-sample; :mod:`biasseg.metrics.volume_quote` fits them on others).
 
     Returns per-subject ``(S, K)`` tensors ``volume_soft_calibrated_ml`` (temperature),
     ``volume_soft_platt_ml``, ``volume_soft_isotonic_ml``, ``dice_threshold``,
@@ -234,18 +283,13 @@ def posthoc_remedies(histograms: torch.Tensor, voxel_ml: torch.Tensor) -> tuple[
     each recalibration: ``ece_calibrated`` (temperature), ``ece_platt``, ``ece_isotonic``;
     ``isotonic_map`` ``(K, B)``, the fitted isotonic probability of every bin.
     """
-    voxel_ml = voxel_ml.view(-1, 1)
-    counts = histograms.sum(2)  # (S, K, B)
-    temperature = fit_temperature(histograms)
-    slope, bias = fit_platt(histograms)
-    maps = {  # remedy -> calibrated probability per class and bin (K, B)
-        "calibrated": calibrated_probabilities(temperature),
-        "platt": platt_probabilities(slope, bias),
-        "isotonic": fit_isotonic(histograms),
-    }
+    maps = CalibrationMaps.fit(histograms)
+    probability = {name: maps.bin_probability(method) for name, method in
+                   (("calibrated", "temperature"), ("platt", "platt"), ("isotonic", "isotonic"))}
     threshold, dice_threshold, threshold_voxels = threshold_decoding(histograms)
-    dice_rankseg, rankseg_voxels = rankseg_decoding(histograms, temperature)
-    rows = {f"volume_soft_{name}_ml": (counts * p.unsqueeze(0)).sum(-1) * voxel_ml for name, p in maps.items()}
+    dice_rankseg, rankseg_voxels = rankseg_decoding(histograms, maps.temperature)
+    voxel_ml = voxel_ml.view(-1, 1)
+    rows = {f"volume_soft_{name}_ml": soft_volumes(histograms, voxel_ml, p) for name, p in probability.items()}
     rows.update({
         "dice_threshold": dice_threshold,
         "volume_threshold_ml": threshold_voxels * voxel_ml,
@@ -253,11 +297,11 @@ def posthoc_remedies(histograms: torch.Tensor, voxel_ml: torch.Tensor) -> tuple[
         "volume_rankseg_ml": rankseg_voxels * voxel_ml,
     })
     fitted = {
-        "temperature": temperature,
-        "platt_slope": slope,
-        "platt_bias": bias,
-        "isotonic_map": maps["isotonic"],
+        "temperature": maps.temperature,
+        "platt_slope": maps.platt_slope,
+        "platt_bias": maps.platt_bias,
+        "isotonic_map": maps.isotonic,
         "threshold": threshold,
-        **{f"ece_{name}": calibration_error(histograms, p) for name, p in maps.items()},
+        **{f"ece_{name}": calibration_error(histograms, p) for name, p in probability.items()},
     }
     return rows, fitted

@@ -41,57 +41,20 @@ import torch
 from scipy import stats
 
 from biasseg.metrics.posthoc import (
+    METHODS,
+    CalibrationMaps,
     bin_centres,
-    calibrated_probabilities,
-    fit_isotonic,
-    fit_platt,
-    fit_temperature,
     log_odds,
     log_odds_histogram,
-    platt_probabilities,
+    soft_volumes,
+    uncalibrated_probability,
 )
 
-METHODS = ("none", "temperature", "platt", "isotonic")
 SMALLEST_VOLUME_ML = 1e-6  # the relative residual's denominator at least this (an empty prediction)
 CALIBRATED_WITHIN = 0.05  # |T − 1| and |Platt b| up to this count as calibrated (RESULTS.md, "A volume to quote")
 SETTLED_WITHIN = 0.05  # the soft-volume bias moved at most this much over the last SETTLED_VALIDATIONS (RESULTS.md)
 SETTLED_VALIDATIONS = 3
 PINNED_WITHIN = 0.05  # a recalibration whose references fix the total volume only to more than ±this is not trusted (RESULTS.md)
-
-
-def uncalibrated_probability(classes: int) -> torch.Tensor:
-    """The probability of every log-odds bin as it is, ``(classes, B)`` float64."""
-    return torch.sigmoid(bin_centres()).expand(classes, -1)
-
-
-@dataclass
-class CalibrationMaps:
-    """Fitted recalibration maps for ``K`` classes: ``temperature``, ``platt_slope``,
-    ``platt_bias`` ``(K,)`` and ``isotonic`` ``(K, B)`` (the probability of each log-odds bin)."""
-
-    temperature: torch.Tensor
-    platt_slope: torch.Tensor
-    platt_bias: torch.Tensor
-    isotonic: torch.Tensor
-
-    @classmethod
-    def fit(cls, histograms: torch.Tensor) -> CalibrationMaps:
-        """Every map fitted on the pooled ``(S, K, 2, B)`` histograms."""
-        histograms = histograms.double()
-        slope, bias = fit_platt(histograms)
-        return cls(fit_temperature(histograms), slope, bias, fit_isotonic(histograms))
-
-    def bin_probability(self, method: str) -> torch.Tensor:
-        """The recalibrated probability of every class and log-odds bin, ``(K, B)`` float64."""
-        if method == "none":
-            return uncalibrated_probability(len(self.temperature)).to(self.temperature.device)
-        if method == "temperature":
-            return calibrated_probabilities(self.temperature)
-        if method == "platt":
-            return platt_probabilities(self.platt_slope, self.platt_bias)
-        if method == "isotonic":
-            return self.isotonic
-        raise ValueError(f"unknown recalibration {method!r}; one of {METHODS}")
 
 
 def map_histograms(probabilities: torch.Tensor, regions: bool = False, chunk: int = 1 << 24) -> torch.Tensor:
@@ -109,12 +72,6 @@ def map_histograms(probabilities: torch.Tensor, regions: bool = False, chunk: in
         counts = log_odds_histogram(z, torch.zeros_like(z, dtype=torch.bool))
         total = counts if total is None else total + counts
     return total[None]
-
-
-def soft_volumes(histograms: torch.Tensor, voxel_ml: torch.Tensor, probability: torch.Tensor) -> torch.Tensor:
-    """``Σ n_b p_b × voxel volume`` per subject and class ``(S, K)`` (ml)."""
-    counts = histograms.double().sum(2)  # (S, K, B)
-    return (counts * probability.unsqueeze(0)).sum(-1) * voxel_ml.double().view(-1, 1)
 
 
 def poisson_binomial_sd(histograms: torch.Tensor, voxel_ml: torch.Tensor) -> torch.Tensor:
@@ -276,39 +233,6 @@ def apply_stored(calibration: VolumeCalibration, histograms: torch.Tensor, voxel
     volume, low, high = calibration.quote(histograms.double(), voxel_ml.double())
     return {"volume_quote_ml": volume, "volume_low_ml": low, "volume_high_ml": high,
             "volume_sd_ml": poisson_binomial_sd(histograms, voxel_ml)}
-
-
-def interval_summary(rows: dict[str, torch.Tensor], alpha: float | None) -> dict[str, torch.Tensor]:
-    """Per class ``(K,)``: ``interval_coverage`` (share of subjects whose reference volume lies
-    in the interval), ``interval_expected_coverage`` (the expected volume, where known),
-    ``interval_raters_mean_coverage`` (the raters' mean volume, with several raters),
-    ``interval_width_ml``, ``interval_relative_width`` (width / quoted volume), and, where the
-    rows hold the model's SD and ``alpha`` is known, the Poisson-binomial interval's
-    ``sd_coverage``/``sd_expected_coverage``."""
-    low, high, quote = rows["volume_low_ml"], rows["volume_high_ml"], rows["volume_quote_ml"]
-
-    def share(target: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
-        inside = ((target >= lower) & (target <= upper)).double()
-        return torch.nanmean(torch.where(torch.isnan(target), torch.nan, inside), dim=0)
-
-    width = high - low
-    summary = {
-        "interval_coverage": share(rows["volume_ref_ml"], low, high),
-        "interval_width_ml": torch.nanmean(torch.where(torch.isinf(width), torch.nan, width), dim=0),
-        "interval_relative_width": torch.nanmean(torch.where(quote > 0, width / quote.clamp_min(1e-12), torch.nan), dim=0),
-    }
-    known_expected = not torch.isnan(rows["volume_expected_ml"]).all()
-    if known_expected:
-        summary["interval_expected_coverage"] = share(rows["volume_expected_ml"], low, high)
-    if "volume_raters_mean_ml" in rows:
-        summary["interval_raters_mean_coverage"] = share(rows["volume_raters_mean_ml"], low, high)
-    if alpha is not None and "volume_sd_ml" in rows:
-        z = float(stats.norm.ppf(1 - alpha / 2))
-        soft, sd = rows["volume_pred_soft_ml"], rows["volume_sd_ml"]
-        summary["sd_coverage"] = share(rows["volume_ref_ml"], soft - z * sd, soft + z * sd)
-        if known_expected:
-            summary["sd_expected_coverage"] = share(rows["volume_expected_ml"], soft - z * sd, soft + z * sd)
-    return summary
 
 
 def verdict(temperature: list[float], platt_slope: list[float], platt_bias: list[float],

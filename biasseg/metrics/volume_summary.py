@@ -23,7 +23,7 @@ over all validation voxels), ``ece_top_label`` (top-label, over all voxels and c
 ``platt_slope``, ``platt_bias``, ``threshold``; the interval's ``interval_coverage``,
 ``interval_expected_coverage``, ``interval_raters_mean_coverage``, ``interval_width_ml``, ``interval_relative_width`` and the
 Poisson-binomial interval's ``sd_coverage``/``sd_expected_coverage``
-(:func:`biasseg.metrics.volume_quote.interval_summary`).
+(:func:`interval_summary`).
 
 Means skip NaN (an empty reference has no relative error, a subject with both masks empty
 no Dice). Each key is given per class (``key/<class name>``, only with more than one
@@ -35,8 +35,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from biasseg.metrics.volume_quote import interval_summary
+from scipy import stats
 
 
 def _nanmean(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -61,6 +60,39 @@ VOLUME_READINGS = {
 }
 FITTED_KEYS = ("ece", "ece_calibrated", "ece_platt", "ece_isotonic", "temperature", "platt_slope", "platt_bias", "threshold")
 DATASET_KEYS = ("ece_top_label",)  # one value for all classes
+
+
+def interval_summary(rows: dict[str, torch.Tensor], alpha: float | None) -> dict[str, torch.Tensor]:
+    """Per class ``(K,)``: ``interval_coverage`` (share of subjects whose reference volume lies
+    in the interval), ``interval_expected_coverage`` (the expected volume, where known),
+    ``interval_raters_mean_coverage`` (the raters' mean volume, with several raters),
+    ``interval_width_ml``, ``interval_relative_width`` (width / quoted volume), and, where the
+    rows hold the model's SD and ``alpha`` is known, the Poisson-binomial interval's
+    ``sd_coverage``/``sd_expected_coverage``."""
+    low, high, quote = rows["volume_low_ml"], rows["volume_high_ml"], rows["volume_quote_ml"]
+
+    def share(target: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+        inside = ((target >= lower) & (target <= upper)).double()
+        return torch.nanmean(torch.where(torch.isnan(target), torch.nan, inside), dim=0)
+
+    width = high - low
+    summary = {
+        "interval_coverage": share(rows["volume_ref_ml"], low, high),
+        "interval_width_ml": torch.nanmean(torch.where(torch.isinf(width), torch.nan, width), dim=0),
+        "interval_relative_width": torch.nanmean(torch.where(quote > 0, width / quote.clamp_min(1e-12), torch.nan), dim=0),
+    }
+    known_expected = not torch.isnan(rows["volume_expected_ml"]).all()
+    if known_expected:
+        summary["interval_expected_coverage"] = share(rows["volume_expected_ml"], low, high)
+    if "volume_raters_mean_ml" in rows:
+        summary["interval_raters_mean_coverage"] = share(rows["volume_raters_mean_ml"], low, high)
+    if alpha is not None and "volume_sd_ml" in rows:
+        z = float(stats.norm.ppf(1 - alpha / 2))
+        soft, sd = rows["volume_pred_soft_ml"], rows["volume_sd_ml"]
+        summary["sd_coverage"] = share(rows["volume_ref_ml"], soft - z * sd, soft + z * sd)
+        if known_expected:
+            summary["sd_expected_coverage"] = share(rows["volume_expected_ml"], soft - z * sd, soft + z * sd)
+    return summary
 
 
 def per_class_summary(rows: dict[str, torch.Tensor], fitted: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
