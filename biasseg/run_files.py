@@ -11,7 +11,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -58,9 +58,10 @@ def calibration_table(reliability, class_names: list[str]) -> list[dict[str, obj
     return table
 
 
-def csv_text(table: list[dict[str, object]]) -> str:
+def csv_text(table: list[dict[str, object]], columns: Sequence[str] | None = None) -> str:
+    """``table`` as CSV text; ``columns``: the header (default: the first row's keys)."""
     text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=list(table[0]))
+    writer = csv.DictWriter(text, fieldnames=list(columns if columns is not None else table[0]))
     writer.writeheader()
     writer.writerows(table)
     return text.getvalue()

@@ -9,7 +9,7 @@ import sys
 import pytest
 from helpers import ROOT, TINY, compose_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from wandb_files import config, history, run_record
+from wandb_files import config, history, run_record, summary
 
 from biasseg.callbacks.wandb_dashboard import COLUMNS
 from biasseg.pipelines.train import train
@@ -58,6 +58,9 @@ def test_offline_wandb_run_holds_the_dashboard(tmp_path, monkeypatch):
     assert set(record.tags) == {"train", "CrossEntropyLoss", "SyntheticDataModule", "seed42"}
     logged_config = config(runs[0])
     assert (logged_config["task"], logged_config["loss_name"], logged_config["seed"]) == ("train", "CrossEntropyLoss", 42)
+    # the calibration verdict, where a user looks first
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary(runs[0])["calibration_verdict"] == metrics["calibration_verdict"]
 
 
 def test_a_wandb_sweep_groups_its_runs(tmp_path):

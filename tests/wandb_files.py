@@ -53,3 +53,13 @@ def config(run: Path) -> dict[str, object]:
         for item in items:
             merged[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return merged
+
+
+def summary(run: Path) -> dict[str, object]:
+    """The run's summary as last updated (``wandb.run.summary``)."""
+    merged: dict[str, object] = {}
+    for record in wandb_records(next(run.glob("run-*.wandb"))):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                merged[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return merged

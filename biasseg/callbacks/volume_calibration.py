@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.loggers import WandbLogger
 
 from biasseg.run_files import write_atomically
 from lightning_modules.calibration_file import FILE_NAME, calibration_record
@@ -18,8 +17,7 @@ class VolumeCalibrationWriter(pl.Callback):
     module fitted on the validation subjects (:mod:`biasseg.metrics.volume_quote`), bound to the
     weights just validated (:mod:`lightning_modules.calibration_file`). ``last.ckpt`` is saved
     after the same validation with the same weights, so the file is that checkpoint's;
-    ``evaluate.py`` and ``predict.py`` refuse it for any other. The calibration verdict goes into
-    the wandb summary too (the results writer prints it and puts it in ``metrics.json``)."""
+    ``evaluate.py`` and ``predict.py`` refuse it for any other."""
 
     def __init__(self, dirpath: str) -> None:
         self.path = Path(dirpath) / FILE_NAME
@@ -32,6 +30,3 @@ class VolumeCalibrationWriter(pl.Callback):
                                     pl_module.calibration_verdict or "")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(self.path, json.dumps(record, indent=1))
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.experiment.summary["calibration_verdict"] = pl_module.calibration_verdict

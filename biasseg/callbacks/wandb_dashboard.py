@@ -8,6 +8,7 @@ Every validation epoch (rank zero, not the sanity check), for each ``WandbLogger
   soft ΔV against the expected volume, the subject's ECE; sortable and filterable in the UI;
 * ``val/volume_scatter`` and ``val/bland_altman``: wandb's interactive scatter charts built
   from that table (soft volume against the reference; soft ΔV against the mean volume);
+* ``calibration_verdict`` in the run's summary (:func:`biasseg.metrics.volume_quote.verdict`);
 * every ``every_n_epochs`` epochs (and the last), ``val/overlays``: the axial and coronal
   slices of the first validation subjects as ``wandb.Image`` with the reference and the
   prediction as two mask layers that can be switched on and off.
@@ -95,3 +96,5 @@ class WandbDashboard(pl.Callback):
             logged["val/overlays"] = overlay_images(pl_module.validation_previews, trainer.current_epoch)
         for logger in loggers:
             logger.experiment.log({**logged, "trainer/global_step": trainer.global_step})
+            if pl_module.calibration_verdict:  # the latest validation's, where a user looks first
+                logger.experiment.summary["calibration_verdict"] = pl_module.calibration_verdict

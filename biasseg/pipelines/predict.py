@@ -27,9 +27,7 @@ unless ``overwrite=true`` (an input never).
 
 from __future__ import annotations
 
-import csv
 import gzip
-import io
 import os
 import re
 from pathlib import Path
@@ -50,7 +48,7 @@ from biasseg.metrics.volume_quote import (
     map_histograms,
     poisson_binomial_sd,
 )
-from biasseg.run_files import write_atomically
+from biasseg.run_files import csv_text, write_atomically
 from datamodules.cases import Intensity, channel_intensity
 from datamodules.dataset_layout import case_name
 from datamodules.image_files import NIFTI_ENDINGS
@@ -259,11 +257,7 @@ def predict(cfg: DictConfig) -> Path:
                 "mask_volume_ml": float(mask.sum() * voxel_ml),
                 "volume_sd_ml": quote["volume_sd_ml"],
             })
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=list(VOLUME_COLUMNS))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomically(output / "volumes.csv", text.getvalue())
+    write_atomically(output / "volumes.csv", csv_text(rows, VOLUME_COLUMNS))
     return output / "volumes.csv"
 
 
