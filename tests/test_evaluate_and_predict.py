@@ -19,6 +19,7 @@ from helpers import ROOT, TINY_FOLDER, compose_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from biasseg.errors import InputError
 from biasseg.generated_folders import folder_digest, write_nnunet
 from biasseg.pipelines.evaluate import evaluate, summary_line
 from biasseg.pipelines.predict import predict, predict_case
@@ -82,6 +83,32 @@ def test_evaluate_applies_the_chosen_stored_recalibration(trained_run, tmp_path,
     assert [float(r["volume_quote_ml"]) for r in read_rows(tmp_path / "subjects.csv")] == pytest.approx(
         [float(r[column]) for r in read_rows(run / "subjects.csv")])
     assert json.loads((tmp_path / "metrics.json").read_text())["volume_calibration"]["method"] == method
+
+
+def test_without_a_stored_calibration_evaluate_cross_fits_with_the_runs_own_settings(trained_run, tmp_path):
+    """A checkpoint alone (no volume_calibration.json beside it): the quote is cross-fitted on
+    the evaluated cases with the run's volume_quote settings, not the defaults; settings that
+    are not valid are refused in one line naming the checkpoint."""
+    _, run, _ = trained_run
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+    def evaluate_with(settings: dict, name: str) -> dict:
+        checkpoint["run_config"]["volume_quote"] = settings
+        path = tmp_path / name / "last.ckpt"
+        path.parent.mkdir()
+        torch.save(checkpoint, path)
+        with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+            cfg = compose("evaluate", overrides=[f"ckpt_path={path}", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"])
+        cfg.paths.output_dir = str(tmp_path / name / "out")
+        evaluate(cfg)
+        return json.loads((tmp_path / name / "out" / "metrics.json").read_text())
+
+    metrics = evaluate_with({"method": "isotonic", "alpha": 0.2, "folds": 2, "target": "reference"}, "isotonic")
+    assert (metrics["volume_calibration"]["method"], metrics["volume_calibration"]["stored"]) == ("isotonic", False)
+    assert "cross-fitted on the evaluated cases (isotonic)" in metrics["volume_calibration"]["note"]
+    with pytest.raises(InputError, match=r"last\.ckpt: volume_quote\.method must be one of") as error:
+        evaluate_with({"method": "magic"}, "broken")
+    assert "\n" not in str(error.value)
 
 
 QUOTE_COLUMNS = ("volume_quote_ml", "volume_low_ml", "volume_high_ml")

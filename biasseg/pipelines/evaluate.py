@@ -50,6 +50,7 @@ from datamodules.preprocessing_cache import default_cache_dir
 from lightning_modules.calibration_file import resolve_calibration
 from lightning_modules.checkpoint_contents import check_targets, instantiate_section, split_record_problem
 from lightning_modules.checkpoints import load_ensemble, read_checkpoints
+from lightning_modules.segmentation_module import quote_settings
 
 # A checkpoint's data config decides what is read; these keys, how it is read, stay the user's.
 CHECKPOINT_DATA_OVERRIDES = {"allow_outside_root": False, "num_workers": "auto"}
@@ -215,6 +216,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                                                     [path for path, _ in checkpoints], trained.module.net, trained.module.class_names)
     trained.module.stored_calibration = calibration
     if calibration is None:  # the quote is cross-fitted on the evaluated cases themselves (metrics.volume_quote)
+        try:  # with the run's own settings (method, alpha, folds, target); an older run's are the defaults
+            trained.module.volume_quote = quote_settings(checkpoints[0][1]["run_config"].get("volume_quote"))
+        except InputError as error:
+            raise InputError(f"{checkpoints[0][0]}: {error}") from None
         if cfg.get("calibration") == "none":
             trained.module.volume_quote = {**trained.module.volume_quote, "method": "none"}
         note += f"; quote and interval cross-fitted on the evaluated cases ({trained.module.volume_quote['method']})"
