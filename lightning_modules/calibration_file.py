@@ -23,13 +23,12 @@ from torch import nn
 
 from biasseg.errors import InputError
 from biasseg.metrics.posthoc import LOG_ODDS_BINS
-from biasseg.metrics.volume_quote import METHODS, CalibrationMaps, VolumeCalibration
+from biasseg.metrics.volume_quote import METHODS, TARGETS, CalibrationMaps, VolumeCalibration
 
 FORMAT = "biasseg-volume-calibration"
 VERSION = 1
 FILE_NAME = "volume_calibration.json"
 MAX_BYTES = 16 * 1024 * 1024  # a calibration of 100 classes is ~3 MB
-TARGETS = ("reference", "raters_mean")  # what a calibration was fitted to
 
 
 class CalibrationOfAnotherModel(InputError):

@@ -18,7 +18,16 @@ from biasseg.errors import InputError
 from biasseg.losses.regions import region_loss
 from biasseg.metrics import SubjectSegmentationMetrics, per_subject, summarize
 from biasseg.metrics.region_metrics import RegionMetrics, per_region_subject
-from biasseg.metrics.volume_quote import METHODS, CalibrationMaps, VolumeCalibration, apply_stored, cross_fit, verdict
+from biasseg.metrics.volume_quote import (
+    METHODS,
+    TARGET_CHOICES,
+    CalibrationMaps,
+    VolumeCalibration,
+    apply_stored,
+    cross_fit,
+    quote_target,
+    verdict,
+)
 from lightning_modules.callback_state import confine_callback_state
 from lightning_modules.poly_schedule import replan
 from lightning_modules.predictor import Predictor
@@ -88,23 +97,13 @@ def quote_settings(settings: Mapping | None) -> dict:
     target = settings.get("target", "auto")
     if method not in METHODS:
         raise InputError(f"volume_quote.method must be one of {METHODS}, got {method!r}")
-    if target not in TARGETS:
-        raise InputError(f"volume_quote.target must be one of {TARGETS}, got {target!r}")
+    if target not in TARGET_CHOICES:
+        raise InputError(f"volume_quote.target must be one of {TARGET_CHOICES}, got {target!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise InputError(f"volume_quote.alpha must be in (0, 1) (0.1: a 90 % interval), got {alpha!r}")
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise InputError(f"volume_quote.folds must be a whole number >= 2, got {folds!r}")
     return {"method": method, "alpha": float(alpha), "folds": folds, "target": target}
-
-
-TARGETS = ("auto", "reference", "raters_mean")
-
-
-def quote_target(choice: str, several_raters: bool) -> str:
-    """What the volume quote is calibrated to: ``reference`` or ``raters_mean`` (module docstring)."""
-    if choice == "raters_mean" and not several_raters:
-        raise InputError("volume_quote.target=raters_mean needs several raters per subject; this data has one label each")
-    return "raters_mean" if choice == "raters_mean" or (choice == "auto" and several_raters) else "reference"
 
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]

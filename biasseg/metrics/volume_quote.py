@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 from scipy import stats
 
+from biasseg.errors import InputError
 from biasseg.metrics.posthoc import (
     METHODS,
     CalibrationMaps,
@@ -79,6 +80,17 @@ def poisson_binomial_sd(histograms: torch.Tensor, voxel_ml: torch.Tensor) -> tor
     p = torch.sigmoid(bin_centres(histograms.device))
     counts = histograms.double().sum(2)
     return (counts * (p * (1 - p))).sum(-1).sqrt() * voxel_ml.double().view(-1, 1)
+
+
+TARGETS = ("reference", "raters_mean")  # what a quote is calibrated to: the label, or the raters' mean map and volume
+TARGET_CHOICES = ("auto", *TARGETS)  # volume_quote.target; auto: the raters' mean where there are several raters
+
+
+def quote_target(choice: str, several_raters: bool) -> str:
+    """The :data:`TARGETS` entry that ``volume_quote.target`` (:data:`TARGET_CHOICES`) picks."""
+    if choice == "raters_mean" and not several_raters:
+        raise InputError("volume_quote.target=raters_mean needs several raters per subject; this data has one label each")
+    return "raters_mean" if choice == "raters_mean" or (choice == "auto" and several_raters) else "reference"
 
 
 def recalibration_uncertainty(reference_ml: torch.Tensor, soft_ml: torch.Tensor) -> torch.Tensor:
