@@ -52,7 +52,7 @@ class TrainedModel:
 
     module: SegmentationModule
     inference_settings: dict
-    predictor: Predictor | None = None  # load_ensemble: how the checkpoints predict together (the module alone otherwise)
+    predictor: Predictor  # how it predicts: the module alone (load_trained), or the checkpoints together (load_ensemble)
 
 
 def load_untrusted(path: str | Path, what: str = "ckpt_path", mmap: bool = False) -> dict:
@@ -132,7 +132,7 @@ def load_trained(checkpoint: dict, sliding_window: dict | None = None, source: s
     problem = inference_settings_problem(settings, int(hparams["in_channels"]))
     if problem:
         raise InputError(f"{source}: its inference_settings are unusable: {problem}")
-    return TrainedModel(module, settings)
+    return TrainedModel(module, settings, Predictor([module]))
 
 
 def checkpoint_paths(ckpt_path: str | Sequence[str]) -> list[Path]:
