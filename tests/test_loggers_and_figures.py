@@ -63,6 +63,7 @@ def test_offline_wandb_run_holds_the_dashboard(tmp_path, monkeypatch):
     assert summary(runs[0])["calibration_verdict"] == metrics["calibration_verdict"]
 
 
+@pytest.mark.slow
 def test_a_wandb_sweep_groups_its_runs(tmp_path):
     """A multirun of two losses: both runs in one group named after the sweep, told apart by tags."""
     result = subprocess.run(

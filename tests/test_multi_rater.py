@@ -76,6 +76,7 @@ def test_measures_against_each_rater_by_hand():
     assert fitted["raters_log_odds"][0, 0, 1].sum().item() == pytest.approx(2.0)
 
 
+@pytest.mark.slow
 def test_the_volume_quote_is_calibrated_to_the_raters_mean(tmp_path):
     """Three raters who disagree on the boundary: their majority vote is smaller than their mean.
     By default (target auto) the quote and its interval aim at the raters' mean volume; with
@@ -125,6 +126,7 @@ def test_the_training_label_is_the_chosen_rater():
     assert set(drawn) == {0, 1, 2}
 
 
+@pytest.mark.slow
 def test_a_multi_rater_run_reports_every_rater_and_report_py_compares_them(tmp_path):
     run = tmp_path / "run"
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "data.raters=3", "data.uncertainty_kind=boundary",

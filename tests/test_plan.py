@@ -75,6 +75,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modality, border", [("CT", 2), ("MRI", 12)])
 def test_the_plan_matches_nnunetv2s_planner(modality, border, tmp_path):
     pytest.importorskip("nnunetv2", reason="test-only oracle: .ci/run installs nnunetv2 (README, Tests)")

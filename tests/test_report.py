@@ -42,6 +42,7 @@ def read_results(path):
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_report_cli_compares_the_losses_of_a_sweep(sweep, tmp_path):
     output = tmp_path / "report"
     result = subprocess.run([sys.executable, str(ROOT / "report.py"), str(sweep), "--output", str(output),

@@ -73,6 +73,7 @@ def test_multiclass_run_reports_per_class(tmp_path):
     assert "dice/structure2" in read_subjects(tmp_path)[0]
 
 
+@pytest.mark.slow
 def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(tmp_path):
     straight = tmp_path / "straight"
     train(compose_config(TINY + ["trainer.max_epochs=2"], straight))
@@ -108,6 +109,7 @@ def run_cli(*args, cwd):
     return result
 
 
+@pytest.mark.slow
 def test_cli_run_writes_the_run_directory(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(*TINY, "loss=softdice", f"hydra.run.dir={run_dir}", cwd=tmp_path)
@@ -116,6 +118,7 @@ def test_cli_run_writes_the_run_directory(tmp_path):
         assert (run_dir / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_cli_multirun_sweeps_losses(tmp_path):
     run_cli("-m", *TINY, "loss=ce,softdice", "paths.log_dir=" + str(tmp_path / "logs"), cwd=tmp_path)
     sweeps = list((tmp_path / "logs" / "train" / "multiruns").iterdir())
@@ -164,6 +167,7 @@ def test_the_objective_weighs_dice_against_volume_bias():
         objective(summary, OmegaConf.create({**weighted, "volume_bias_key": "val/nothing"}))
 
 
+@pytest.mark.slow
 def test_train_log_holds_what_the_run_printed_with_progress_lines_and_no_noise(tmp_path):
     """Output redirected (no terminal): no progress bar but a line per epoch, the closing
     table and the outputs' paths, in the console and in train.log; Lightning's tips and the

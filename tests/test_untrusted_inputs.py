@@ -59,6 +59,7 @@ def predict_config(ckpt: Path, source: Path, output: Path, **extra) -> OmegaConf
 
 # --- 1. checkpoints cannot run code ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_pickle_payload_is_refused_by_every_entry_point_and_never_runs(trained, tmp_path):
     marker = tmp_path / "payload_ran"
     evil = payload_checkpoint(trained / "checkpoints" / "last.ckpt", tmp_path / "evil.ckpt", marker)
@@ -89,6 +90,7 @@ def test_a_payload_in_the_run_directory_is_refused_by_auto_resume(trained, tmp_p
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_foreign_target_in_the_stored_config_is_refused(trained, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
@@ -217,6 +219,7 @@ def test_a_resumed_checkpoint_cannot_make_lightning_delete_files_outside_its_fol
     assert checkpoint["callbacks"][key]["best_k_models"] == {} and checkpoint["callbacks"][key]["best_model_path"] == ""
 
 
+@pytest.mark.slow
 def test_not_a_checkpoint_and_a_truncated_one_are_one_line_errors(trained, tmp_path):
     text = tmp_path / "notes.ckpt"
     text.write_text("not a checkpoint")
@@ -557,6 +560,7 @@ def world_readable_dir():
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_another_user_reads_a_shared_cache_and_gets_one_line_when_it_cannot_write(world_readable_dir):
     base = world_readable_dir
     root = write_nnunet(base / "data")
