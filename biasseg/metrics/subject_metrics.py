@@ -143,27 +143,29 @@ class SubjectSegmentationMetrics(Metric):
         confidence, top = flat.max(0)  # top-label: the argmax class's probability, right or wrong
         correct = top == label.reshape(-1)
         self.top_label.append(sum(reliability_bins(confidence[None, c], correct[None, c]) for c in chunks)[None])
-        self.log_odds.append(sum(log_odds_histogram(log_odds(flat[:, c]), reference[:, c]) for c in chunks)[None])
+        references = label[None] if raters is None else raters.reshape(-1, *label.shape).to(device)
+        rater_masks = None if raters is None else references.reshape(len(references), 1, -1) == classes  # (R, C-1, N)
+        # against the reference, and with several raters against their mean map (one log-odds pass)
+        shares = [reference] if rater_masks is None else [reference, rater_masks.float().mean(0)]
+        histograms = log_odds_histograms(flat, shares, chunks)
+        self.log_odds.append(histograms[0][None])
         self.dice.append(dice[None])
         self.volume_ref_ml.append((n_ref * voxel_ml)[None])
         self.volume_pred_ml.append((n_pred * voxel_ml)[None])
         self.volume_pred_soft_ml.append((soft * voxel_ml)[None])
         self.volume_pred_soft_near_ml.append((soft_near * voxel_ml)[None])
         self.volume_expected_ml.append(expected[None])
-        references = label[None] if raters is None else raters.reshape(-1, *label.shape).to(device)
         if samples is not None:
             ged = generalised_energy_distance(samples, references, self.num_classes)
         else:  # one segmentation: no energy distance (as generalised_energy_distance gives for one sample)
             ged = torch.full((self.num_classes - 1,), torch.nan, dtype=torch.float64, device=device)
         self.ged.append(ged[None])
-        if raters is not None:
-            rater_masks = references.reshape(len(references), 1, -1) == classes  # (R, C-1, N)
+        if rater_masks is not None:
             rater_counts = rater_masks.sum(2, dtype=torch.float64)
             agreement = (rater_masks & prediction[None]).sum(2, dtype=torch.float64)
             self.rater_dice.append(dice_from_counts(agreement, n_pred[None], rater_counts).T[None])
             self.rater_volume_ml.append((rater_counts * voxel_ml).T[None])
-            share = rater_masks.float().mean(0)  # (C-1, N): the raters' mean map
-            self.rater_log_odds.append(sum(log_odds_histogram(log_odds(flat[:, c]), share[:, c]) for c in chunks)[None])
+            self.rater_log_odds.append(histograms[1][None])
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Raw per-subject rows ordered by subject: ``subject_index``, ``voxel_ml`` ``(N,)``,
@@ -181,6 +183,17 @@ class SubjectSegmentationMetrics(Metric):
         for key in ("voxel_ml", "reliability", "top_label", "log_odds", *MEASURED_KEYS, *self.rater_states):
             rows[key] = cat(getattr(self, key))[first]
         return rows
+
+
+def log_odds_histograms(flat: torch.Tensor, references: list[torch.Tensor], chunks: list[slice]) -> list[torch.Tensor]:
+    """The foreground log-odds histogram ``(C − 1, 2, LOG_ODDS_BINS)`` of ``(C, N)`` class
+    probabilities against each ``(C − 1, N)`` reference (boolean, or a share of raters), the
+    log-odds computed once per chunk of voxels."""
+    totals = [0.0] * len(references)
+    for c in chunks:
+        z = log_odds(flat[:, c])
+        totals = [total + log_odds_histogram(z, target[:, c]) for total, target in zip(totals, references)]
+    return totals
 
 
 def per_subject(metric: SubjectSegmentationMetrics) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -104,11 +104,13 @@ def recalibration_uncertainty(reference_ml: torch.Tensor, soft_ml: torch.Tensor)
     as single coherent boundaries, or one majority vote per subject, fix it to ±8–16 %, where
     voxel-noise labels give ±1–2 % (RESULTS.md, "A volume to quote")."""
     residual = reference_ml.double() - soft_ml.double()
-    count = (~torch.isnan(residual)).sum(0)
-    spread = torch.tensor([float(column[~torch.isnan(column)].std()) if n >= 2 else math.nan
-                           for column, n in zip(residual.T, count)], dtype=torch.float64)
-    total = torch.nansum(torch.where(torch.isnan(residual), torch.nan, soft_ml.double()), dim=0)
-    return spread.to(residual.device) * count.double().sqrt() / total.clamp_min(SMALLEST_VOLUME_ML)
+    known = ~torch.isnan(residual)
+    count = known.sum(0).double()
+    deviation = torch.where(known, residual - torch.nanmean(residual, dim=0), 0.0)
+    spread = (deviation.square().sum(0) / (count - 1)).sqrt()  # the sample sd
+    total = torch.where(known, soft_ml.double(), 0.0).sum(0)
+    relative = spread * count.sqrt() / total.clamp_min(SMALLEST_VOLUME_ML)
+    return torch.where(count >= 2, relative, torch.nan)
 
 
 def relative_residuals(reference_ml: torch.Tensor, volume_ml: torch.Tensor) -> torch.Tensor:
