@@ -65,9 +65,13 @@ def _seed(seed: int) -> None:
 
 
 def train_nnunet(
-    raw_dataset_dir: Path, work_dir: Path, dataset_id: int, iterations: int, epochs: int = 1, seed: int = 0
+    raw_dataset_dir: Path, work_dir: Path, dataset_id: int, iterations: int, epochs: int = 1, seed: int = 0,
+    train: bool = True,
 ) -> dict:
     """Train nnU-Net (``3d_fullres``, fold 0, CPU) for ``iterations`` steps over ``epochs`` epochs and validate.
+
+    With ``train=False`` only the fingerprint, plans, preprocessing and split are made (for
+    runs that need nnU-Net's plan but not a new nnU-Net model): ``validation_dir`` is then None.
 
     Returns ``plans`` (nnU-Net's ``3d_fullres`` configuration: spacing, patch_size, batch_size,
     architecture with its arch_kwargs), ``splits`` (``splits_final.json``), ``validation_dir``
@@ -107,6 +111,10 @@ def train_nnunet(
     trainer = nnUNetTrainerBenchmark({**plans, "continue_training": False}, CONFIGURATION, 0, dataset_json, CPU)
     trainer.num_epochs = epochs
     trainer.num_iterations_per_epoch = iterations // epochs
+    if not train:
+        trainer.do_split()
+        return {"plans": plans["configurations"][CONFIGURATION], "validation_dir": None, "train_seconds": None,
+                "splits": json.loads((preprocessed / "splits_final.json").read_text()), "iterations": 0, "phase_seconds": seconds}
     os.environ["nnUNet_n_proc_DA"] = "0"  # SingleThreadedAugmenter: augmentation in this process
     _seed(seed)
     start = time.perf_counter()

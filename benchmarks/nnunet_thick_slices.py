@@ -59,11 +59,13 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=15)
     parser.add_argument("--iterations", type=int, default=250, help="training steps of each side")
     parser.add_argument("--mirror", action="store_true", help="biasseg predicts with test-time mirroring on all axes, as nnU-Net validates")
+    parser.add_argument("--no-nnunet", action="store_true", help="nnU-Net only plans and splits (an ablation of biasseg alone)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra train.py override for biasseg (repeatable)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="nnunet_vs_biasseg_"))
     raw = write_thick_slices(work / "nnUNet_raw" / f"Dataset{DATASET_ID}_Thick", num_cases=args.cases)
     start = time.perf_counter()
-    nn = train_nnunet(raw, work, DATASET_ID, args.iterations, epochs=1, seed=args.seed)
+    nn = train_nnunet(raw, work, DATASET_ID, args.iterations, epochs=1, seed=args.seed, train=not args.no_nnunet)
     nnunet_wall = time.perf_counter() - start
     plan = nn["plans"]
     arch = plan["architecture"]["arch_kwargs"]
@@ -82,7 +84,7 @@ def main() -> None:
                f"data.batch_size={batch}", f"data.steps_per_epoch={args.iterations}", "loss=ce_softdice",
                f"model.features=[{','.join(map(str, arch['features_per_stage']))}]", "model.deep_supervision=true",
                "trainer.max_epochs=1", "trainer.accelerator=cpu", f"seed={args.seed}",
-               "trainer.enable_progress_bar=false", "callbacks.validation_figures=null", f"hydra.run.dir={run}"]
+               "trainer.enable_progress_bar=false", "callbacks.validation_figures=null", f"hydra.run.dir={run}", *args.set]
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, text=True)
     subprocess.run([sys.executable, str(common.ROOT / "predict.py"), f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
@@ -90,18 +92,20 @@ def main() -> None:
                     *(["mirror_axes=[0,1,2]"] if args.mirror else []), f"hydra.run.dir={work / 'predict_log'}"], check=True, capture_output=True, text=True)
     biasseg_wall = time.perf_counter() - start
     ours = summary(score(work / "biasseg_pred", labels, work / "score_biasseg"))
-    peer = summary(score(nn["validation_dir"], labels, work / "score_nnunet"))
+    peer = summary(score(nn["validation_dir"], labels, work / "score_nnunet")) if nn["validation_dir"] else dict.fromkeys(ours)
     ours_plan = json.loads((run / "plan.json").read_text())
     print(common.describe_environment(common.select_device("cpu", True), "32"))
     print(f"{args.cases} cases, fold 0: {len(fold['train'])} training / {len(fold['val'])} validation; {args.iterations} steps each; "
-          f"patch {patch}, batch {batch}, features {arch['features_per_stage']}; seed {args.seed}; biasseg mirroring {args.mirror}")
+          f"patch {patch}, batch {batch}, features {arch['features_per_stage']}; seed {args.seed}; biasseg mirroring {args.mirror}; "
+          f"biasseg overrides {args.set or 'none'}")
     print(f"strides nnU-Net {[list(reversed(s)) for s in arch['strides'][1:]]}, biasseg {ours_plan['strides'][:len(arch['strides']) - 1]}; "
           f"spacing nnU-Net {list(reversed(plan['spacing']))}, biasseg {ours_plan['target_spacing']}")
     keys = list(ours)
     common.print_table(["measure (validation cases, original grid)", "biasseg", "nnU-Net v2"],
                        [[k, ours[k], peer[k]] for k in keys] + [["wall s, whole pipeline", biasseg_wall, nnunet_wall],
                                                                 ["of which nnU-Net training", None, nn["train_seconds"]]])
-    common.emit("nnunet_thick_slices_dice", ours["dice"], peer["dice"], "Dice", ours["dice"] / peer["dice"])
+    if peer["dice"] is not None:
+        common.emit("nnunet_thick_slices_dice", ours["dice"], peer["dice"], "Dice", ours["dice"] / peer["dice"])
 
 
 if __name__ == "__main__":  # nnU-Net's spawn pools re-import this module
