@@ -18,6 +18,7 @@ from typing import BinaryIO
 import torch
 
 from biasseg.metrics import PER_SUBJECT_KEYS
+from biasseg.metrics.lesion_metrics import LESION_TABLE_COLUMNS
 
 
 def subject_table(rows: dict, subject_names: list[str], class_names: list[str]) -> list[dict[str, object]]:
@@ -102,12 +103,15 @@ def write_atomically(path: Path, content: str | Callable[[BinaryIO], None]) -> N
 
 
 def write_results(output_dir: Path, metrics: dict, rows: dict[str, torch.Tensor], subject_names: list[str],
-                  class_names: list[str], reliability: torch.Tensor | None = None) -> None:
+                  class_names: list[str], reliability: torch.Tensor | None = None, lesions: list[dict] | None = None) -> None:
     """Write ``metrics.json`` (``metrics`` as given), ``subjects.csv`` (:func:`subject_table` of
-    ``rows``, subjects named by their ``subject_index``) and, with ``reliability`` ``(C − 1, bins,
-    3)``, ``calibration.csv`` (:func:`calibration_table`) into ``output_dir``."""
+    ``rows``, subjects named by their ``subject_index``), with ``reliability`` ``(C − 1, bins,
+    3)`` ``calibration.csv`` (:func:`calibration_table`) and with ``lesions`` (rows of
+    :func:`biasseg.metrics.lesion_metrics.lesion_table`) ``lesions.csv`` into ``output_dir``."""
     output_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(output_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True) + "\n")
     write_atomically(output_dir / "subjects.csv", csv_text(subject_table(rows, subject_names, class_names)))
     if reliability is not None:
         write_atomically(output_dir / "calibration.csv", csv_text(calibration_table(reliability, class_names)))
+    if lesions is not None:
+        write_atomically(output_dir / "lesions.csv", csv_text(lesions, LESION_TABLE_COLUMNS))

@@ -17,7 +17,9 @@ from torch import nn
 from biasseg.errors import InputError
 from biasseg.losses.regions import region_loss
 from biasseg.metrics import SubjectSegmentationMetrics, per_subject, summarize
-from biasseg.metrics.region_metrics import RegionMetrics, per_region_subject
+from biasseg.metrics.lesion_metrics import LesionMetrics, lesion_epoch_summary
+from biasseg.metrics.lesions import lesion_settings
+from biasseg.metrics.region_metrics import RegionMetrics, per_region_subject, region_masks
 from biasseg.metrics.volume_quote import (
     METHODS,
     TARGET_CHOICES,
@@ -148,6 +150,9 @@ class SegmentationModule(pl.LightningModule):
             (cross-fitting folds over the validation subjects), ``target`` (what the quote is
             calibrated to: ``reference``, the label; ``raters_mean``, the raters' mean map and
             volume, several raters only; ``auto``, the raters' mean where there are several).
+        lesions: lesion-wise measures at every validation (:mod:`biasseg.metrics.lesions`,
+            configs/lesions/), or None; like ``volume_quote`` a measurement setting, not stored
+            in the hyper-parameters.
 
     Validation predicts through :attr:`predictor`: this network alone (a hypernetwork's
     marginal), unless evaluate.py sets a :class:`~lightning_modules.predictor.Predictor` of an
@@ -155,7 +160,8 @@ class SegmentationModule(pl.LightningModule):
 
     After each validation epoch ``validation_rows`` holds the per-subject rows (CPU tensors,
     see :mod:`biasseg.metrics.subject_metrics`), ``validation_reliability`` the pooled reliability
-    bins and ``validation_summary`` the logged values.
+    bins, ``validation_summary`` the logged values and, with lesion measures,
+    ``validation_lesions`` their rows (:mod:`biasseg.metrics.lesion_metrics`).
     """
 
     def __init__(
@@ -177,9 +183,10 @@ class SegmentationModule(pl.LightningModule):
         regions: Sequence[Sequence[int]] | None = None,
         regions_class_order: Sequence[int] | None = None,
         volume_quote: Mapping[str, Any] | None = None,
+        lesions: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "volume_quote"])
+        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "volume_quote", "lesions"])
         self.volume_quote = quote_settings(volume_quote)
         self.hypernet = hypernet_settings(hypernet, loss)
         self.regions = None if regions is None else [[int(v) for v in r] for r in regions]
@@ -208,6 +215,9 @@ class SegmentationModule(pl.LightningModule):
         if len(self.class_names) != num_classes - 1:
             raise InputError(f"{len(self.class_names)} class names for {num_classes - 1} foreground classes")
         self.val_metrics = self.new_metrics()
+        self.val_lesions: LesionMetrics | None = None
+        self.validation_lesions: torch.Tensor | None = None  # (n, len(ROW_COLUMNS)) rows of the last validation
+        self.measure_lesions(lesions)
         self.validation_rows: dict[str, torch.Tensor] | None = None
         self.validation_reliability: torch.Tensor | None = None  # (C − 1, bins, 3), see metrics.calibration
         self.validation_summary: dict[str, float] | None = None
@@ -226,6 +236,11 @@ class SegmentationModule(pl.LightningModule):
         if self.regions is not None:
             return RegionMetrics(self.regions, self.hparams.soft_volume_margin_mm)
         return SubjectSegmentationMetrics(self.hparams.num_classes, self.hparams.soft_volume_margin_mm, num_raters=raters)
+
+    def measure_lesions(self, config: Mapping[str, Any] | None) -> None:
+        """Measure lesions at every validation with these settings (configs/lesions/), or not (None)."""
+        settings = lesion_settings(config, self.hparams.soft_volume_margin_mm)
+        self.val_lesions = None if settings is None else LesionMetrics(settings)
 
     @property
     def activation(self) -> str:
@@ -332,6 +347,21 @@ class SegmentationModule(pl.LightningModule):
             return (probabilities > 0.5).to(torch.uint8)
         return probabilities.argmax(0).to(torch.uint8)
 
+    def foreground_maps(self, probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each foreground class's (or region's) hard mask (bool) and soft map, ``(K, W, H, D)`` each."""
+        if self.regions is not None:
+            return probabilities > 0.5, probabilities
+        classes = torch.arange(1, probabilities.shape[0], device=probabilities.device).view(-1, 1, 1, 1)
+        return probabilities.argmax(0)[None] == classes, probabilities[1:]
+
+    def reference_masks(self, label: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """Each foreground class's (or region's) reference mask ``(K, *shape)`` of an integer label map."""
+        label = label.reshape(tuple(shape))
+        if self.regions is not None:
+            return region_masks(label, self.regions)
+        classes = torch.arange(1, self.hparams.num_classes, device=label.device).view(-1, 1, 1, 1)
+        return label[None] == classes
+
     def exported_labels(self, probabilities: torch.Tensor) -> torch.Tensor:
         """The label map to write ``(W, H, D)``: the argmax, or with regions nnU-Net's export —
         ``regions_class_order[i]`` wherever region ``i`` is predicted, later regions over earlier ones."""
@@ -369,6 +399,10 @@ class SegmentationModule(pl.LightningModule):
             samples,
             raters,
         )
+        if self.val_lesions is not None:
+            masks, soft = self.foreground_maps(probabilities)
+            references = self.reference_masks(label.to(probabilities.device), probabilities.shape[1:])
+            self.val_lesions.update(masks, references, soft, spacing, int(subject["subject_index"]))
 
     def on_validation_epoch_end(self) -> None:
         rows, fitted = per_subject(self.val_metrics) if self.regions is None else per_region_subject(self.val_metrics)
@@ -403,6 +437,10 @@ class SegmentationModule(pl.LightningModule):
         self.calibration_verdict, calibrated, settled = verdict(
             judged.temperature.tolist(), judged.platt_slope.tolist(), judged.platt_bias.tolist(),
             self.soft_bias_history, settings["method"], quoted)
+        if self.val_lesions is not None:
+            self.validation_lesions = self.val_lesions.compute()
+            self.val_lesions.reset()
+            summary.update(lesion_epoch_summary(self.validation_lesions, self.val_lesions.settings, rows["subject_index"].tolist()))
         summary["calibrated"] = float(calibrated)
         summary["volume_settled"] = float("nan") if settled is None else float(settled)
         for key, value in summary.items():

@@ -53,6 +53,12 @@ def test_run_writes_metrics_and_subjects(loss, tmp_path):
         bins = list(csv.DictReader(handle))
     assert len(bins) == 20 and list(bins[0]) == ["class", "bin", "lower", "upper", "count", "mean_probability", "frequency"]
     assert sum(int(b["count"]) for b in bins) == 2 * 32 * 32 * 16  # every validation voxel once
+    with open(tmp_path / "lesions.csv") as handle:  # every reference voxel in one lesion (no size threshold by default)
+        lesions = list(csv.DictReader(handle))
+    for row in rows:
+        own = [float(r["volume_ref_ml"]) for r in lesions if r["subject"] == row["subject"] and r["kind"] == "reference"]
+        assert sum(own) == pytest.approx(float(row["volume_ref_ml"]))
+    assert {"val/lesion_f1", "val/lesion_volume_bias_ml", "val/lesion_volume_bias_ml_smallest"} <= set(metrics)
 
 
 @pytest.mark.parametrize("loss, supervision", [("ce", "false"), ("softdice", "true")])

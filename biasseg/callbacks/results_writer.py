@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 from rich.console import Console
 from rich.table import Table
 
+from biasseg.metrics.lesion_metrics import lesion_table
 from biasseg.run_files import write_results
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,11 @@ class ResultsWriter(pl.Callback):
             "calibration_verdict": pl_module.calibration_verdict,
             **{f"val/{k}": v for k, v in pl_module.validation_summary.items()},
         }
+        lesions = pl_module.validation_lesions
         write_results(self.output_dir, metrics, rows, trainer.datamodule.val_subject_names, pl_module.class_names,
-                      pl_module.validation_reliability)
+                      pl_module.validation_reliability,
+                      None if lesions is None or pl_module.val_lesions is None else
+                      lesion_table(lesions, trainer.datamodule.val_subject_names, pl_module.class_names, pl_module.val_lesions.settings))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.print_summary(trainer, pl_module)
@@ -63,7 +67,7 @@ class ResultsWriter(pl.Callback):
         if verdict:  # one line; a warning when the soft volume should not be quoted as it is
             quotable = summary.get("calibrated") == 1.0 and summary.get("volume_settled") != 0.0
             (log.info if quotable else log.warning)(verdict)
-        outputs = [p for p in ("metrics.json", "subjects.csv", "calibration.csv", "splits.json", "checkpoints/last.ckpt",
+        outputs = [p for p in ("metrics.json", "subjects.csv", "lesions.csv", "calibration.csv", "splits.json", "checkpoints/last.ckpt",
                                "figures", "csv/metrics.csv", "wandb") if (self.output_dir / p).exists()]
         log.info(f"outputs in {self.output_dir}: {', '.join(outputs)}")
 
@@ -86,6 +90,10 @@ HEADLINE = {
                         ("interval_raters_mean_coverage", "interval covers the raters' mean", ".0%"),
                         ("interval_relative_width", "interval width / volume", ".0%"),
                         ("recalibration_uncertainty", "recalibrated total fixed to ± (its references' noise)", ".1%")),
+    "lesions": (("lesion_f1", "lesion F1 (detection)", ".3f"), ("lesion_dice", "lesion-wise Dice (BraTS 2023)", ".3f"),
+                ("lesion_false_positives_per_scan", "false positive lesions per scan", ".2f"),
+                ("lesion_volume_bias_ml", "soft ΔV per lesion, ml", "+.3f"),
+                ("lesion_volume_bias_ml_smallest", "soft ΔV per lesion, smallest size bin, ml", "+.3f")),
 }
 
 

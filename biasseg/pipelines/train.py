@@ -75,6 +75,7 @@ def build_model(cfg: DictConfig, datamodule: SegmentationDataModule) -> Segmenta
         class_names=datamodule.class_names,
         sliding_window=datamodule.sliding_window_settings(),
         volume_quote=OmegaConf.to_container(cfg.volume_quote) if cfg.get("volume_quote") is not None else None,
+        lesions=OmegaConf.to_container(cfg.lesions) if cfg.get("lesions") is not None else None,
     )
 
 
@@ -84,7 +85,7 @@ RESUME_INDEPENDENT = (
     "ckpt_path", "auto_resume", "logger", "callbacks", "paths", "hparams_search", "optimized_metric", "volume_bias_penalty",
     "volume_bias_key", "trainer.max_epochs", "trainer.max_steps", "trainer.devices", "trainer.num_nodes",
     "trainer.accelerator", "trainer.strategy", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-    "trainer.check_val_every_n_epoch", "trainer.log_every_n_steps", "trainer.num_sanity_val_steps", "volume_quote",
+    "trainer.check_val_every_n_epoch", "trainer.log_every_n_steps", "trainer.num_sanity_val_steps", "volume_quote", "lesions",
     *(f"data.{key}" for key in EXECUTION_DATA_KEYS),
 )
 
