@@ -19,7 +19,7 @@ from biasseg.losses.regions import region_loss
 from biasseg.metrics import SubjectSegmentationMetrics, per_subject, summarize
 from biasseg.metrics.lesion_metrics import LesionMetrics, lesion_epoch_summary
 from biasseg.metrics.lesions import lesion_settings
-from biasseg.metrics.region_metrics import RegionMetrics, per_region_subject, region_masks
+from biasseg.metrics.region_metrics import RegionMetrics, per_region_subject
 from biasseg.metrics.volume_quote import (
     METHODS,
     TARGET_CHOICES,
@@ -240,7 +240,7 @@ class SegmentationModule(pl.LightningModule):
     def measure_lesions(self, config: Mapping[str, Any] | None) -> None:
         """Measure lesions at every validation with these settings (configs/lesions/), or not (None)."""
         settings = lesion_settings(config, self.hparams.soft_volume_margin_mm)
-        self.val_lesions = None if settings is None else LesionMetrics(settings)
+        self.val_lesions = None if settings is None else LesionMetrics(settings, self.regions)
 
     @property
     def activation(self) -> str:
@@ -347,21 +347,6 @@ class SegmentationModule(pl.LightningModule):
             return (probabilities > 0.5).to(torch.uint8)
         return probabilities.argmax(0).to(torch.uint8)
 
-    def foreground_maps(self, probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each foreground class's (or region's) hard mask (bool) and soft map, ``(K, W, H, D)`` each."""
-        if self.regions is not None:
-            return probabilities > 0.5, probabilities
-        classes = torch.arange(1, probabilities.shape[0], device=probabilities.device).view(-1, 1, 1, 1)
-        return probabilities.argmax(0)[None] == classes, probabilities[1:]
-
-    def reference_masks(self, label: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-        """Each foreground class's (or region's) reference mask ``(K, *shape)`` of an integer label map."""
-        label = label.reshape(tuple(shape))
-        if self.regions is not None:
-            return region_masks(label, self.regions)
-        classes = torch.arange(1, self.hparams.num_classes, device=label.device).view(-1, 1, 1, 1)
-        return label[None] == classes
-
     def exported_labels(self, probabilities: torch.Tensor) -> torch.Tensor:
         """The label map to write ``(W, H, D)``: the argmax, or with regions nnU-Net's export —
         ``regions_class_order[i]`` wherever region ``i`` is predicted, later regions over earlier ones."""
@@ -400,9 +385,7 @@ class SegmentationModule(pl.LightningModule):
             raters,
         )
         if self.val_lesions is not None:
-            masks, soft = self.foreground_maps(probabilities)
-            references = self.reference_masks(label.to(probabilities.device), probabilities.shape[1:])
-            self.val_lesions.update(masks, references, soft, spacing, int(subject["subject_index"]))
+            self.val_lesions.update(probabilities, label, spacing, int(subject["subject_index"]))
 
     def on_validation_epoch_end(self) -> None:
         rows, fitted = per_subject(self.val_metrics) if self.regions is None else per_region_subject(self.val_metrics)

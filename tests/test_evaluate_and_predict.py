@@ -64,6 +64,7 @@ def test_evaluate_writes_what_training_validation_wrote(trained_run, tmp_path):
     assert {k: v for k, v in metrics.items() if k.startswith("val/") and not quote_key(k)} == pytest.approx(
         {k: v for k, v in trained_metrics.items() if k.startswith("val/") and not quote_key(k)}, nan_ok=True)
     assert metrics["global_step"] == trained_metrics["global_step"]
+    assert "val/lesion_f1" in metrics and (tmp_path / "lesions.csv").read_text() == (run / "lesions.csv").read_text()
     assert json.loads((tmp_path / "splits.json").read_text()) == json.loads((run / "splits.json").read_text())
     assert summary["val/dice"] == pytest.approx(trained_metrics["val/dice"])
     line = summary_line(summary)  # what evaluate.py prints instead of Lightning's table of every value

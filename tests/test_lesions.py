@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from biasseg.errors import InputError
-from biasseg.metrics.lesion_metrics import ROW_COLUMNS, LesionMetrics, lesion_epoch_summary, lesion_table
+from biasseg.metrics.lesion_metrics import (
+    ROW_COLUMNS,
+    LesionMetrics,
+    lesion_epoch_summary,
+    lesion_table,
+    subject_lesion_rows,
+)
 from biasseg.metrics.lesions import LESION_COLUMNS, LesionSettings, lesion_rows, lesion_settings, lesion_summary
 
 
@@ -105,11 +111,12 @@ def test_no_lesions_anywhere_gives_no_rows_and_nan_scores():
 
 
 def test_metric_keeps_each_subject_once_and_summarises(scene):
-    prediction, reference = (torch.from_numpy(a)[None] for a in scene)
+    prediction, reference = (torch.from_numpy(a) for a in scene)
+    probabilities = torch.stack([1 - prediction.float(), prediction.float()])  # two classes, softmax-like
     metric = LesionMetrics(LesionSettings(match="iou"))
     for index in (3, 1, 3):  # subject 3 twice: DDP padding repeats a subject
-        metric.update(prediction, reference, prediction.float(), (1, 1, 1), index)
-    metric.update(torch.zeros_like(prediction), torch.zeros_like(reference), torch.zeros(prediction.shape), (1, 1, 1), 7)
+        metric.update(probabilities, reference.long(), (1, 1, 1), index)
+    metric.update(torch.stack([torch.ones(prediction.shape), torch.zeros(prediction.shape)]), torch.zeros(prediction.shape), (1, 1, 1), 7)
     rows = metric.compute()
     assert rows.shape == (10, len(ROW_COLUMNS)) and rows[:, 0].tolist() == [1] * 5 + [3] * 5
     summary = lesion_epoch_summary(rows, metric.settings, subjects=[1, 3, 7])
@@ -159,3 +166,22 @@ def test_iou_matching_equals_panoptica(seed):
     matched = [r["dice"] for r in lesions if r["detected"]]
     if matched:
         assert np.mean(matched) == pytest.approx(theirs.sq_dsc)
+
+
+def test_regions_are_measured_on_their_sigmoid_maps():
+    label = torch.zeros((20, 20, 20), dtype=torch.long)
+    label[2:8, 2:8, 2:8] = 1
+    label[4:6, 4:6, 4:6] = 2  # core inside the whole tumour
+    label[12:15, 12:15, 12:15] = 2
+    whole, core = torch.isin(label, torch.tensor([1, 2])).float(), (label == 2).float()
+    rows = subject_lesion_rows(torch.stack([whole, core]), label, (1, 1, 1), LesionSettings(dilation_voxels=0), regions=[[1, 2], [2]])
+    by_region = {k: as_dicts(rows[rows[:, 0] == k]) for k in (1, 2)}
+    assert [r["volume_ref_ml"] for r in by_region[1]] == pytest.approx([216e-3, 27e-3])
+    assert [r["volume_ref_ml"] for r in by_region[2]] == pytest.approx([8e-3, 27e-3])
+    assert all(r["dice"] == 1.0 for r in rows_of(by_region))
+    prediction_only = as_dicts(subject_lesion_rows(torch.stack([whole, core]), None, (1, 1, 1), LesionSettings(), regions=[[1, 2], [2]]))
+    assert len(prediction_only) == 4 and all(r["reference"] == 0 and r["volume_pred_ml"] > 0 for r in prediction_only)
+
+
+def rows_of(by_region):
+    return [r for rows in by_region.values() for r in rows]

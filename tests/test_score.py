@@ -50,9 +50,9 @@ def folders(tmp_path):
     return labels, npz, masks, truth
 
 
-def config(tmp_path, predictions, labels):
+def config(tmp_path, predictions, labels, lesions=None):
     return OmegaConf.create({"predictions": str(predictions), "labels": str(labels), "num_classes": None,
-                             "soft_volume_margin_mm": 10.0, "paths": {"output_dir": str(tmp_path / "out")}})
+                             "soft_volume_margin_mm": 10.0, "paths": {"output_dir": str(tmp_path / "out")}, "lesions": lesions})
 
 
 def rows(tmp_path):
@@ -74,6 +74,18 @@ def test_nnunet_probabilities_are_scored_on_the_labels_grid(folders, tmp_path):
     assert summary["val/soft_volume_bias_ml"] > 0  # the leaking probabilities add volume
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["num_subjects"] == 3 and (tmp_path / "out" / "figures" / "volumes.png").is_file()
+
+
+def test_lesions_are_scored_per_case(folders, tmp_path):
+    labels, npz, _, truth = folders
+    summary = score(config(tmp_path, npz, labels, lesions={"enabled": True, "dilation_voxels": 3}))
+    with open(tmp_path / "out" / "lesions.csv") as handle:
+        lesions = list(csv.DictReader(handle))
+    scored = rows(tmp_path)
+    for name in truth:
+        own = [r for r in lesions if r["subject"] == name and r["kind"] == "reference"]
+        assert own and sum(float(r["volume_ref_ml"]) for r in own) == pytest.approx(float(scored[name]["volume_ref_ml"]))
+    assert 0 <= summary["val/lesion_f1"] <= 1 and "val/lesion_volume_bias_ml" in summary
 
 
 def test_label_maps_are_scored_as_hard_predictions(folders, tmp_path):
@@ -128,8 +140,15 @@ def test_predict_then_score_gives_predicts_soft_volumes_on_the_annotated_grid(th
     root, run = thick_slice_run
     cfg = OmegaConf.create({"ckpt_path": str(run / "checkpoints" / "last.ckpt"), "input": str(root / "imagesTr"),
                             "output": str(tmp_path / "pred"), "save_probabilities": True, "device": "cpu", "overlap": None,
-                            "batch_size": None, "overwrite": False, "alpha": None})
+                            "batch_size": None, "overwrite": False, "alpha": None, "lesions": {"enabled": True}})
     predict(cfg)
+    with open(tmp_path / "pred" / "lesions.csv") as handle:  # each predicted lesion, counted in volumes.csv
+        found = list(csv.DictReader(handle))
+    with open(tmp_path / "pred" / "volumes.csv") as handle:
+        for row in csv.DictReader(handle):
+            own = [r for r in found if r["subject"] == row["case"] and r["class"] == row["class"]]
+            assert int(row["lesion_count"]) == len(own)
+            assert sum(float(r["volume_pred_ml"]) for r in own) == pytest.approx(float(row["mask_volume_ml"]))
     score(config(tmp_path, tmp_path / "pred", root / "labelsTr"))
     with open(tmp_path / "pred" / "volumes.csv") as handle:
         predicted = {r["case"]: float(r["soft_volume_ml"]) for r in csv.DictReader(handle)}

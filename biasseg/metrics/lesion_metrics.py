@@ -21,27 +21,53 @@ from biasseg.metrics.lesions import LESION_COLUMNS, LesionSettings, lesion_rows,
 ROW_COLUMNS = ("subject_index", *LESION_COLUMNS)  # the state's columns
 
 
+def subject_lesion_rows(probabilities: torch.Tensor, label: torch.Tensor | None, spacing_mm: Sequence[float],
+                        settings: LesionSettings, regions: Sequence[Sequence[int]] | None = None,
+                        expected: torch.Tensor | None = None) -> np.ndarray:
+    """One subject's :func:`lesion_rows` over its foreground classes (class ``k`` numbered
+    ``k``), or over its ``regions`` (region ``i`` numbered ``i + 1``; their sigmoid maps).
+
+    Args:
+        probabilities: ``(C, W, H, D)`` class probabilities (with regions ``(R, W, H, D)``).
+        label: ``(W, H, D)`` integer reference, or None (prediction only: every predicted
+            lesion is a row with no reference).
+        spacing_mm: voxel spacing in mm.
+        settings: how lesions are found and matched.
+        regions: the label values of each region, or None for exclusive classes.
+        expected: ``(C − 1 or R, W, H, D)`` the label distribution where known, else None.
+    """
+    probabilities = probabilities.detach().float().cpu()
+    if regions is not None:
+        masks, soft = (probabilities > 0.5).numpy(), probabilities.numpy()
+    else:
+        masks = (probabilities.argmax(0)[None] == torch.arange(1, len(probabilities)).view(-1, 1, 1, 1)).numpy()
+        soft = probabilities[1:].numpy()
+    if label is None:
+        references = np.zeros_like(masks)
+    else:
+        label = label.detach().cpu().reshape(probabilities.shape[1:]).numpy()
+        values = regions if regions is not None else [[c] for c in range(1, len(probabilities))]
+        references = np.stack([np.isin(label, list(v)) for v in values])
+    maps = [None] * len(masks) if expected is None else expected.detach().cpu().numpy()
+    rows = [lesion_rows(m, r, p, spacing_mm, settings, q, class_index=k + 1) for k, (m, r, p, q) in enumerate(zip(masks, references, soft, maps))]
+    return np.concatenate(rows) if rows else np.zeros((0, len(LESION_COLUMNS)))
+
+
 class LesionMetrics(Metric):
     """One row per reference lesion and per unmatched predicted lesion of every subject."""
 
     full_state_update = False
 
-    def __init__(self, settings: LesionSettings, **kwargs) -> None:
+    def __init__(self, settings: LesionSettings, regions: Sequence[Sequence[int]] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.settings = settings
+        self.regions = regions
         self.add_state("rows", default=[], dist_reduce_fx="cat")
 
-    def update(self, prediction: torch.Tensor, reference: torch.Tensor, soft: torch.Tensor, spacing_mm: Sequence[float],
-               subject_index: int, expected: torch.Tensor | None = None) -> None:
-        """Add one subject: ``(K, W, H, D)`` hard masks, reference masks and soft maps of its
-        ``K`` foreground classes (or regions), class ``k`` numbered ``k + 1``; ``expected`` the
-        label distribution ``(K, W, H, D)`` where known."""
-        spacing = [float(s) for s in spacing_mm]
-        arrays = [t.detach().cpu().numpy() for t in (prediction, reference, soft)]
-        maps = [None] * len(arrays[0]) if expected is None else expected.detach().cpu().numpy()
-        rows = [lesion_rows(p, r, s, spacing, self.settings, q, class_index=k + 1) for k, (p, r, s, q)
-                in enumerate(zip(*arrays, maps))]
-        table = np.concatenate(rows) if rows else np.zeros((0, len(LESION_COLUMNS)))
+    def update(self, probabilities: torch.Tensor, label: torch.Tensor, spacing_mm: Sequence[float], subject_index: int,
+               expected: torch.Tensor | None = None) -> None:
+        """Add one subject (see :func:`subject_lesion_rows` for the arguments)."""
+        table = subject_lesion_rows(probabilities, label, [float(s) for s in spacing_mm], self.settings, self.regions, expected)
         table = np.concatenate([np.full((len(table), 1), subject_index, dtype=np.float64), table], axis=1)
         self.rows.append(torch.as_tensor(table, dtype=torch.float64, device=self.device))
 
@@ -99,10 +125,10 @@ LESION_TABLE_COLUMNS = ("subject", "class", "lesion", "kind", "detected", "compo
 
 
 def lesion_table(rows: torch.Tensor | np.ndarray, subject_names: Sequence[str], class_names: Sequence[str],
-                 settings: LesionSettings, kinds: tuple[str, str] = ("reference", "false_positive")) -> list[dict]:
-    """``lesions.csv``'s rows: subject and class by name, ``kind`` (a reference lesion, or a
-    predicted one matched to none: ``kinds``), the size bin by name, centres in voxels of the
-    grid measured on."""
+                 settings: LesionSettings) -> list[dict]:
+    """``lesions.csv``'s rows: subject and class by name, ``kind`` (``reference``, or
+    ``false_positive``: a predicted lesion matched to none), the size bin by name, centres in
+    voxels of the grid measured on."""
     rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(ROW_COLUMNS))
     bins = settings.bin_names()
     table = []
@@ -110,7 +136,7 @@ def lesion_table(rows: torch.Tensor | np.ndarray, subject_names: Sequence[str], 
         value = dict(zip(ROW_COLUMNS, row.tolist()))
         table.append({
             "subject": subject_names[int(value["subject_index"])], "class": class_names[int(value["class"]) - 1],
-            "lesion": int(value["lesion"]), "kind": kinds[0] if value["reference"] else kinds[1],
+            "lesion": int(value["lesion"]), "kind": "reference" if value["reference"] else "false_positive",
             "detected": int(value["detected"]), "components": int(value["components"]),
             **{key: value[key] for key in ("dice", "volume_ref_ml", "volume_pred_ml", "volume_pred_soft_ml", "volume_expected_ml")},
             "size_bin_ml": bins[int(value["size_bin"])],

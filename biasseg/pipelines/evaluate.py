@@ -226,6 +226,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     log.info(f"volume calibration: {note}")
     origin["volume_calibration"] = {"method": method if calibration is not None else trained.module.volume_quote["method"],
                                     "stored": calibration is not None, "note": note}
+    trained.module.measure_lesions(OmegaConf.to_container(cfg.lesions) if cfg.get("lesions") is not None else None)
     writer = ResultsWriter(cfg.paths.output_dir, fields=origin)
     trainer = build_trainer(cfg.trainer, [writer], [])
     trainer.validate(trained.module, datamodule=datamodule, verbose=False)  # every value is in metrics.json
@@ -235,7 +236,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     summary = exit_on_input_error(lambda: evaluate(cfg))
-    print(f"{summary_line(summary)}\nmetrics.json, subjects.csv, calibration.csv: {cfg.paths.output_dir}")
+    print(f"{summary_line(summary)}\nmetrics.json, subjects.csv, lesions.csv, calibration.csv: {cfg.paths.output_dir}")
 
 
 def cli() -> None:

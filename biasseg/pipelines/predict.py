@@ -15,7 +15,11 @@ interval (``1 − α``, 90 % by default: split conformal, valid where the calibr
 these scans are exchangeable), ``soft_volume_ml`` (Σ p uncalibrated), ``mask_volume_ml``
 (argmax) and ``volume_sd_ml`` (the map's own Poisson-binomial SD, which under-covers; see
 :mod:`biasseg.metrics.volume_quote`). Without a stored calibration (or for an ensemble) ``volume_ml``
-is the uncalibrated soft volume and the interval is empty.
+is the uncalibrated soft volume and the interval is empty. With lesion measures (``lesions=…``,
+on by default) ``volumes.csv`` also counts each class's lesions (``lesion_count``) and
+``lesions.csv`` lists each predicted lesion: its hard and soft volume (Σ p over the voxels
+nearer to it than to any other lesion, within the near-structure margin), size bin and centre
+in voxels of the input (:mod:`biasseg.metrics.lesions`).
 A region model (nnU-Net region labels) writes nnU-Net's export (``regions_class_order``), its
 volumes per region (``p > 0.5``, Σ p) and, with ``save_probabilities``, one channel per region.
 Inputs: ``.nii``/``.nii.gz`` files; several channels either as nnU-Net's
@@ -37,11 +41,13 @@ import nibabel as nib
 import numpy as np
 import torch
 import torchio as tio
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from biasseg.cli import CONFIGS, check_command_line
 from biasseg.errors import DatasetError, InputError, exit_on_input_error
+from biasseg.metrics.lesion_metrics import LESION_TABLE_COLUMNS, lesion_table, subject_lesion_rows
+from biasseg.metrics.lesions import LESION_COLUMNS, lesion_settings
 from biasseg.metrics.volume_quote import (
     VolumeCalibration,
     apply_stored,
@@ -140,7 +146,12 @@ def predict_case(trained: TrainedModel, image: tio.ScalarImage) -> np.ndarray:
 
 
 VOLUME_COLUMNS = ("case", "class", "volume_ml", "volume_low_ml", "volume_high_ml", "soft_volume_ml", "mask_volume_ml",
-                  "volume_sd_ml")
+                  "volume_sd_ml", "lesion_count")
+
+
+# lesions.csv of predict.py: each predicted lesion's volumes (no reference, so no Dice or match)
+PREDICTED_LESION_COLUMNS = tuple(c for c in LESION_TABLE_COLUMNS if c not in
+                                 ("kind", "detected", "components", "dice", "volume_ref_ml", "volume_expected_ml"))
 
 
 def quote_volumes(probabilities: torch.Tensor, regions: bool, voxel_ml: float,
@@ -165,9 +176,11 @@ def write_like(path: Path, data: np.ndarray, reference: nib.Nifti1Image, dtype) 
     write_atomically(path, lambda handle: handle.write(gzip.compress(image.to_bytes(), compresslevel=6)))
 
 
-def planned_outputs(output: Path, cases: dict[str, list[Path]], save_probabilities: bool) -> dict[Path, str]:
-    """``{file this run would write: the case it comes from}``, ``volumes.csv`` included."""
+def planned_outputs(output: Path, cases: dict[str, list[Path]], save_probabilities: bool, lesions: bool = False) -> dict[Path, str]:
+    """``{file this run would write: the case it comes from}``, ``volumes.csv`` (and ``lesions.csv``) included."""
     planned: dict[Path, list[str]] = {output / "volumes.csv": ["the volume table"]}
+    if lesions:
+        planned[output / "lesions.csv"] = ["the lesion table"]
     for name in cases:
         planned.setdefault(output / f"{name}.nii.gz", []).append(name)
         if save_probabilities:
@@ -178,14 +191,15 @@ def planned_outputs(output: Path, cases: dict[str, list[Path]], save_probabiliti
     return {path: names[0] for path, names in planned.items()}
 
 
-def check_output(output: Path, source: Path, cases: dict[str, list[Path]], save_probabilities: bool, overwrite: bool) -> None:
+def check_output(output: Path, source: Path, cases: dict[str, list[Path]], save_probabilities: bool, overwrite: bool,
+                 lesions: bool = False) -> None:
     """Refuse an output folder where this run would replace an input, or (without
     ``overwrite``) any existing file."""
     if output == (source if source.is_dir() else source.parent):
         raise InputError(f"output={output} is the input folder; choose another so no input can be overwritten")
     if output.exists() and not output.is_dir():
         raise InputError(f"output={output} is a file; give a folder")
-    planned = planned_outputs(output, cases, save_probabilities)
+    planned = planned_outputs(output, cases, save_probabilities, lesions)
     inputs = {p.resolve() for files in cases.values() for p in files}
     replaced_inputs = sorted(str(p) for p in planned if p.resolve() in inputs)
     if replaced_inputs:
@@ -213,7 +227,9 @@ def predict(cfg: DictConfig) -> Path:
     in_channels = int(trained.module.hparams.in_channels)
     class_names = trained.module.class_names
     cases = find_cases(source, in_channels)
-    check_output(output, source, cases, bool(cfg.save_probabilities), bool(cfg.get("overwrite", False)))
+    lesions = lesion_settings(OmegaConf.to_container(cfg.lesions) if cfg.get("lesions") is not None else None,
+                              float(trained.module.hparams.soft_volume_margin_mm))
+    check_output(output, source, cases, bool(cfg.save_probabilities), bool(cfg.get("overwrite", False)), lesions is not None)
     problems = []
     for files in tqdm(cases.values(), desc="Checking inputs", unit="case", leave=False):  # all, before anything is written
         problems += check_case(files, trained)
@@ -231,8 +247,8 @@ def predict(cfg: DictConfig) -> Path:
         raise InputError(f"output={output}: cannot be created ({error.strerror or error})") from None
     if not os.access(output, os.W_OK | os.X_OK):
         raise InputError(f"output={output}: not writable by you")
-    rows = []
-    for name, files in tqdm(cases.items(), desc="Predicting", unit="case"):
+    rows, lesion_rows = [], []
+    for index, (name, files) in enumerate(tqdm(cases.items(), desc="Predicting", unit="case")):
         probabilities = predict_case(trained, load_case(files))
         reference = nib.load(files[0])
         segmentation = trained.module.exported_labels(torch.from_numpy(probabilities)).numpy()
@@ -243,6 +259,12 @@ def predict(cfg: DictConfig) -> Path:
         voxel_ml = abs(np.linalg.det(reference.affine[:3, :3])) / 1000.0
         regions = trained.module.regions is not None
         quoted = quote_volumes(torch.from_numpy(probabilities), regions, voxel_ml, calibration)
+        found = None
+        if lesions is not None:  # every predicted lesion (no reference here), on the input's grid
+            spacing = np.linalg.norm(reference.affine[:3, :3], axis=0)
+            found = subject_lesion_rows(torch.from_numpy(probabilities), None, spacing, lesions, trained.module.regions)
+            table = lesion_table(np.concatenate([np.full((len(found), 1), index), found], axis=1), list(cases), class_names, lesions)
+            lesion_rows += [{key: row[key] for key in PREDICTED_LESION_COLUMNS} for row in table]
         for c, class_name in enumerate(class_names, start=1):
             mask, soft = (masks[c - 1], probabilities[c - 1]) if regions else (segmentation == c, probabilities[c])
             soft_ml = float(soft.sum(dtype=np.float64) * voxel_ml)
@@ -256,8 +278,11 @@ def predict(cfg: DictConfig) -> Path:
                 "soft_volume_ml": soft_ml,
                 "mask_volume_ml": float(mask.sum() * voxel_ml),
                 "volume_sd_ml": quote["volume_sd_ml"],
+                "lesion_count": "" if found is None else int((found[:, LESION_COLUMNS.index("class")] == c).sum()),
             })
     write_atomically(output / "volumes.csv", csv_text(rows, VOLUME_COLUMNS))
+    if lesions is not None:
+        write_atomically(output / "lesions.csv", csv_text(lesion_rows, PREDICTED_LESION_COLUMNS))
     return output / "volumes.csv"
 
 

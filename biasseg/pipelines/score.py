@@ -42,12 +42,14 @@ import hydra
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from biasseg.callbacks.validation_figures import reliability_figure, volumes_figure
 from biasseg.cli import CONFIGS, check_command_line
 from biasseg.errors import DatasetError, InputError, exit_on_input_error
 from biasseg.metrics import SubjectSegmentationMetrics, per_subject, summarize
+from biasseg.metrics.lesion_metrics import LesionMetrics, lesion_epoch_summary, lesion_table
+from biasseg.metrics.lesions import lesion_settings
 from biasseg.metrics.region_metrics import RegionMetrics, per_region_subject, region_masks
 from biasseg.run_files import write_results
 from datamodules.dataset_layout import LabelScheme, case_name, read_label_scheme
@@ -189,6 +191,9 @@ def score(cfg: DictConfig) -> dict[str, float]:
     channels = None if num_classes is None else num_classes - (regions is not None)  # regions have no background channel
     what = "regions" if regions is not None else "classes"
     metric, cases = None, []
+    settings = lesion_settings(OmegaConf.to_container(cfg.lesions) if cfg.get("lesions") is not None else None,
+                               float(cfg.soft_volume_margin_mm))
+    lesions = None if settings is None else LesionMetrics(settings, regions)
     for index, (name, (prediction, label_path)) in enumerate(pairs.items()):
         try:
             probabilities, label, affine = score_case(prediction, label_path, num_classes, regions)
@@ -205,6 +210,8 @@ def score(cfg: DictConfig) -> dict[str, float]:
             metric = RegionMetrics(regions, margin) if regions is not None else SubjectSegmentationMetrics(channels, margin)
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
         metric.update(torch.from_numpy(probabilities), torch.from_numpy(label), spacing, index)
+        if lesions is not None:
+            lesions.update(torch.from_numpy(probabilities), torch.from_numpy(label), spacing, index)
         cases.append(name)
     if problems:
         raise DatasetError(problems)
@@ -215,14 +222,19 @@ def score(cfg: DictConfig) -> dict[str, float]:
     if quoted is not None:  # predict.py's volumes to quote and their intervals
         rows.update(quoted)
     summary = summarize(rows, names, fitted)
+    lesion_rows = None
+    if lesions is not None:
+        table = lesions.compute()
+        summary.update(lesion_epoch_summary(table, settings, list(range(len(cases)))))
+        lesion_rows = lesion_table(table, cases, names, settings)
     metrics = {"num_subjects": len(cases), "predictions": str(predictions), "labels": str(labels),
                **{f"val/{k}": v for k, v in summary.items()}}
-    write_results(output, metrics, rows, cases, names, fitted["reliability"])
+    write_results(output, metrics, rows, cases, names, fitted["reliability"], lesion_rows)
     (output / "figures").mkdir(exist_ok=True)
     for figure_name, figure in (("volumes", volumes_figure(rows)), ("reliability", reliability_figure(fitted["reliability"].numpy(), names))):
         figure.savefig(output / "figures" / f"{figure_name}.png", dpi=80)
         plt.close(figure)
-    print(f"scored {len(cases)} case(s) into {output}: metrics.json, subjects.csv, calibration.csv, figures/")
+    print(f"scored {len(cases)} case(s) into {output}: metrics.json, subjects.csv, {'lesions.csv, ' if lesions is not None else ''}calibration.csv, figures/")
     return {f"val/{k}": v for k, v in summary.items()}
 
 
