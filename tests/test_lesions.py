@@ -11,6 +11,7 @@ from biasseg.errors import InputError
 from biasseg.metrics.lesion_metrics import (
     ROW_COLUMNS,
     LesionMetrics,
+    argmax_masks,
     lesion_epoch_summary,
     lesion_table,
     subject_lesion_rows,
@@ -185,3 +186,11 @@ def test_regions_are_measured_on_their_sigmoid_maps():
 
 def rows_of(by_region):
     return [r for rows in by_region.values() for r in rows]
+
+
+def test_argmax_masks_equal_argmax_ties_included():
+    probabilities = torch.softmax(torch.randn(4, 6, 7, 8), 0)
+    probabilities[:, 0, 0, 0] = torch.tensor([0.25, 0.25, 0.25, 0.25])  # a tie: the lowest class, background
+    probabilities[:, 0, 0, 1] = torch.tensor([0.1, 0.4, 0.4, 0.1])
+    expected = probabilities.argmax(0)[None] == torch.arange(1, 4).view(-1, 1, 1, 1)
+    assert torch.equal(argmax_masks(probabilities), expected)

@@ -21,6 +21,17 @@ from biasseg.metrics.lesions import LESION_COLUMNS, LesionSettings, lesion_rows,
 ROW_COLUMNS = ("subject_index", *LESION_COLUMNS)  # the state's columns
 
 
+def argmax_masks(probabilities: torch.Tensor) -> torch.Tensor:
+    """``(C − 1, W, H, D)`` bool: where each foreground class is the argmax of ``(C, W, H, D)``
+    (a tie to the lower class, as ``argmax``). One elementwise pass per class: several times
+    faster on the CPU than ``argmax(0)``, which reduces across the strided class axis."""
+    best, winner = probabilities[0], torch.zeros(probabilities.shape[1:], dtype=torch.uint8)
+    for c in range(1, len(probabilities)):
+        better = probabilities[c] > best
+        best, winner = torch.where(better, probabilities[c], best), torch.where(better, c, winner)
+    return winner[None] == torch.arange(1, len(probabilities), dtype=torch.uint8).view(-1, 1, 1, 1)
+
+
 def subject_lesion_rows(probabilities: torch.Tensor, label: torch.Tensor | None, spacing_mm: Sequence[float],
                         settings: LesionSettings, regions: Sequence[Sequence[int]] | None = None,
                         expected: torch.Tensor | None = None) -> np.ndarray:
@@ -40,7 +51,7 @@ def subject_lesion_rows(probabilities: torch.Tensor, label: torch.Tensor | None,
     if regions is not None:
         masks, soft = (probabilities > 0.5).numpy(), probabilities.numpy()
     else:
-        masks = (probabilities.argmax(0)[None] == torch.arange(1, len(probabilities)).view(-1, 1, 1, 1)).numpy()
+        masks = argmax_masks(probabilities).numpy()
         soft = probabilities[1:].numpy()
     if label is None:
         references = np.zeros_like(masks)

@@ -153,8 +153,8 @@ def _pairs(zones: np.ndarray, predicted: np.ndarray, intersections: np.ndarray, 
         return matched
     if settings.match == "overlap":
         touching = (zones > 0) & (predicted > 0)
-        for zone, component in set(zip(zones[touching].tolist(), predicted[touching].tolist())):
-            matched[zone - 1].add(component)
+        for code in np.unique(zones[touching].astype(np.int64) * (n_pred + 1) + predicted[touching]):
+            matched[int(code) // (n_pred + 1) - 1].add(int(code) % (n_pred + 1))
         return matched
     union = sizes[0][:, None] + sizes[1][None, :] - intersections
     iou = np.where(union > 0, intersections / np.maximum(union, 1), 0.0)[1:, 1:]
@@ -167,17 +167,29 @@ def _pairs(zones: np.ndarray, predicted: np.ndarray, intersections: np.ndarray, 
 
 
 def _regions(units: np.ndarray, spacing_mm: Sequence[float], margin_mm: float) -> np.ndarray:
-    """Each voxel's nearest unit (label of ``units``, 0 beyond ``margin_mm`` of every unit)."""
-    if not units.any():
-        return units
-    box = ndimage.find_objects((units > 0).astype(np.int8))[0]
-    grow = [int(math.ceil(margin_mm / s)) for s in spacing_mm]
-    box = tuple(slice(max(0, b.start - g), min(n, b.stop + g)) for b, g, n in zip(box, grow, units.shape))
-    local = units[box]
-    distance, nearest = ndimage.distance_transform_edt(local == 0, sampling=spacing_mm, return_indices=True)
+    """Each voxel's nearest unit (label of ``units``; 0 beyond ``margin_mm`` of every unit; a
+    tie goes to the lower label). One distance transform per unit, in its box grown by the
+    margin, so the cost grows with the lesions' number and size, not with the scan's."""
     regions = np.zeros_like(units)
-    regions[box] = np.where(distance <= margin_mm, local[tuple(nearest)], 0)
+    best = np.full(units.shape, np.inf, dtype=np.float32)
+    grow = [int(math.ceil(margin_mm / s)) for s in spacing_mm]
+    for unit, box in enumerate(ndimage.find_objects(units), start=1):
+        if box is None:
+            continue
+        box = tuple(slice(max(0, b.start - g), min(n, b.stop + g)) for b, g, n in zip(box, grow, units.shape))
+        distance = ndimage.distance_transform_edt(units[box] != unit, sampling=spacing_mm).astype(np.float32)
+        closer = (distance <= margin_mm) & (distance < best[box])
+        best[box][closer] = distance[closer]
+        regions[box][closer] = unit
     return regions
+
+
+def _centres(units: np.ndarray, count: int) -> np.ndarray:
+    """``(count, 3)`` centroids of units ``1..count`` in voxel coordinates."""
+    where = np.nonzero(units)
+    labels = units[where]
+    size = np.maximum(np.bincount(labels, minlength=count + 1)[1:], 1)
+    return np.stack([np.bincount(labels, weights=axis, minlength=count + 1)[1:] / size for axis in where], axis=1)
 
 
 def lesion_rows(prediction: np.ndarray, reference: np.ndarray, probability: np.ndarray, spacing_mm: Sequence[float],
@@ -216,10 +228,11 @@ def lesion_rows(prediction: np.ndarray, reference: np.ndarray, probability: np.n
     units = np.where(lesions > 0, lesions, lookup[predicted])
     regions = _regions(units, [float(s) for s in spacing_mm], settings.margin_mm)
     count = n_ref + len(false_positives) + 1
-    soft = np.bincount(regions.ravel(), weights=np.asarray(probability, dtype=np.float64).ravel(), minlength=count)
-    expected_sums = (np.bincount(regions.ravel(), weights=np.asarray(expected, dtype=np.float64).ravel(), minlength=count)
+    inside = np.nonzero(regions)
+    soft = np.bincount(regions[inside], weights=np.asarray(probability)[inside], minlength=count)
+    expected_sums = (np.bincount(regions[inside], weights=np.asarray(expected)[inside], minlength=count)
                      if expected is not None else np.full(count, np.nan))
-    centres = ndimage.center_of_mass(np.ones(units.shape, dtype=np.int8), units, range(1, count)) if count > 1 else []
+    centres = _centres(units, count - 1)
     rows = []
     for k in range(1, n_ref + 1):
         components_k = np.array(sorted(matched[k - 1]), dtype=np.int32)
