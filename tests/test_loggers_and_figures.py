@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from wandb_files import config, history, run_record, summary
 
 from biasseg.callbacks.wandb_dashboard import COLUMNS
+from biasseg.metrics.lesion_metrics import LESION_TABLE_COLUMNS
 from biasseg.pipelines.train import train
 
 
@@ -45,6 +46,11 @@ def test_offline_wandb_run_holds_the_dashboard(tmp_path, monkeypatch):
     assert row["delta_v_ml"] == pytest.approx(row["volume_pred_ml"] - row["volume_ref_ml"])
     subjects = {r["subject"]: r for r in csv.DictReader(open(tmp_path / "subjects.csv"))}
     assert row["dice"] == pytest.approx(float(subjects["synthetic_004"]["dice"]))
+    # the lesion table: lesions.csv's rows
+    final = [row for row in logged if "val/lesions/path" in row][-1]
+    lesions = json.loads((runs[0] / "files" / final["val/lesions/path"]).read_text())
+    assert lesions["columns"] == list(LESION_TABLE_COLUMNS)
+    assert len(lesions["data"]) == len(list(csv.DictReader(open(tmp_path / "lesions.csv"))))
     # the interactive charts and the overlays: two mask layers per image
     assert any("val/volume_scatter_table/path" in r or "val/volume_scatter_table" in str(r) for r in logged)
     overlays = [row for row in logged if "val/overlays/all_masks" in row][-1]

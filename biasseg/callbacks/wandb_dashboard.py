@@ -6,6 +6,8 @@ Every validation epoch (rank zero, not the sanity check), for each ``WandbLogger
   class, with several classes): Dice, the reference, argmax, soft, near-structure soft and
   expected volume (ml), the argmax and soft ΔV against the reference and, where known, the
   soft ΔV against the expected volume, the subject's ECE; sortable and filterable in the UI;
+* ``val/lesions``: with lesion measures, a ``wandb.Table`` of ``lesions.csv``'s rows (one per
+  reference lesion and per false positive: Dice, volumes, size bin, centre);
 * ``val/volume_scatter`` and ``val/bland_altman``: wandb's interactive scatter charts built
   from that table (soft volume against the reference; soft ΔV against the mean volume);
 * ``calibration_verdict`` in the run's summary (:func:`biasseg.metrics.volume_quote.verdict`);
@@ -25,6 +27,7 @@ import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
+from biasseg.metrics.lesion_metrics import LESION_TABLE_COLUMNS, lesion_table
 from biasseg.run_files import subject_table
 
 COLUMNS = ("subject", "class", "dice", "volume_ref_ml", "volume_pred_ml", "volume_pred_soft_ml", "volume_pred_soft_near_ml",
@@ -91,6 +94,10 @@ class WandbDashboard(pl.Callback):
             "val/bland_altman": wandb.plot.scatter(table, "mean_volume_ml", "soft_delta_v_ml",
                                                    title="Bland–Altman: soft ΔV against mean volume (ml)"),
         }
+        if pl_module.validation_lesions is not None and pl_module.val_lesions is not None:  # one row per lesion
+            lesions = lesion_table(pl_module.validation_lesions, names, pl_module.class_names, pl_module.val_lesions.settings)
+            lesion_rows = [[row[c] for c in LESION_TABLE_COLUMNS] for row in lesions]
+            logged["val/lesions"] = wandb.Table(columns=list(LESION_TABLE_COLUMNS), data=lesion_rows)
         last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         if pl_module.validation_previews and (trainer.current_epoch % self.every_n_epochs == 0 or last_epoch):
             logged["val/overlays"] = overlay_images(pl_module.validation_previews, trainer.current_epoch)
