@@ -129,6 +129,9 @@ class Case:
     label maps in ``raters`` ``(R, W, H, D)``; then ``label`` is their majority vote,
     ``probabilities`` their mean (one-hot) and ``expected_volume_ml`` their mean volume.
 
+    Where ``probabilities`` are known its validation subject carries the foreground's
+    ``label_distribution`` ``(C − 1, W, H, D)`` (per-lesion expected volumes).
+
     A case preprocessed from a file (``data=folder``) also keeps the annotation as it was
     given: ``original_grid`` (its affine and shape), ``original_label`` ``(W, H, D)`` on it and,
     with several raters, ``original_raters`` ``(R, W, H, D)`` (``original_label`` is then their
@@ -184,6 +187,8 @@ class Case:
             name=self.name,
             expected_volume_ml=[float(v) for v in expected],
         )
+        if self.probabilities is not None and self.original_grid is None:  # the label distribution q of the foreground
+            subject["label_distribution"] = torch.from_numpy(np.asarray(self.probability_maps()[1:], dtype=np.float32))
         if self.raters is not None:  # one channel per rater
             raters = torch.from_numpy(np.asarray(self.rater_maps(), dtype=np.int64))
             subject.add_image(tio.LabelMap(tensor=raters, affine=self.affine), "raters")

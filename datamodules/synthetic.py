@@ -48,6 +48,7 @@ class SyntheticDataModule(SegmentationDataModule):
         uncertainty: label uncertainty sigma in mm (0 = none).
         uncertainty_kind: ``"boundary"`` (per-structure shift) or ``"voxel"`` (independent).
         noise_std: image noise relative to a contrast of 1.
+        structure_gap_mm: least surface-to-surface distance between two spheres in mm (None: 4 × uncertainty + 2).
         raters: annotations per subject (0 = one label, as from one rater). Rater ``k`` draws
             its label from the same uncertainty model around spheres whose radius is shifted by
             ``rater_offsets_mm[k]`` (cycled): one over-segments, one under-segments, one draws
@@ -69,6 +70,7 @@ class SyntheticDataModule(SegmentationDataModule):
         uncertainty: float = 1.0,
         uncertainty_kind: str = "boundary",
         noise_std: float = 0.1,
+        structure_gap_mm: float | None = None,
         raters: int = 0,
         rater_offsets_mm: Sequence[float] = (1.5, -1.5, 0.0),
         seed: int = 0,
@@ -89,6 +91,7 @@ class SyntheticDataModule(SegmentationDataModule):
             sigma_mm=float(uncertainty),
             kind=uncertainty_kind,
             noise_std=float(noise_std),
+            gap_mm=None if structure_gap_mm is None else float(structure_gap_mm),
         )
         if int(raters) < 0 or (int(raters) > 0 and not rater_offsets_mm):
             raise InputError(f"data.raters must be >= 0 and needs data.rater_offsets_mm, got {raters} and {list(rater_offsets_mm)}")

@@ -92,11 +92,13 @@ def place_structures(
     radius_mm: tuple[float, float],
     num_classes: int,
     sigma_mm: float,
+    gap_mm: float | None = None,
 ) -> list[Structure]:
-    """Non-overlapping spheres fully inside the field of view (rejection sampling)."""
+    """Non-overlapping spheres fully inside the field of view (rejection sampling), at least
+    ``gap_mm`` apart surface to surface (None: ``4 sigma + 2`` mm, so their q barely overlap)."""
     extent = np.array(shape) * np.array(spacing_mm)
     margin = sigma_mm + 1.0  # to the field of view's edge; q's tails beyond it are cut off
-    gap = 4.0 * sigma_mm + 2.0  # between two spheres' surfaces, so their q barely overlap
+    gap = 4.0 * sigma_mm + 2.0 if gap_mm is None else float(gap_mm)
     structures: list[Structure] = []
     for _ in range(200 * max(num_structures, 1)):
         if len(structures) == num_structures:
@@ -169,6 +171,7 @@ def generate_case(
     kind: str = "boundary",
     noise_std: float = 0.1,
     image_blur_mm: float = 0.5,
+    gap_mm: float | None = None,
 ) -> SyntheticCase:
     """Generate one case (see module docstring).
 
@@ -182,7 +185,7 @@ def generate_case(
         raise InputError("the uncertainty sigma must be >= 0 mm")
     shape = tuple(int(s) for s in shape)
     spacing_mm = tuple(float(s) for s in spacing_mm)
-    structures = place_structures(rng, shape, spacing_mm, num_structures, radius_mm, num_classes, sigma_mm)
+    structures = place_structures(rng, shape, spacing_mm, num_structures, radius_mm, num_classes, sigma_mm, gap_mm)
     distances = structure_distances(shape, spacing_mm, structures)
     q = structure_probabilities(distances, structures, sigma_mm)
     edge = float(np.hypot(sigma_mm, image_blur_mm))

@@ -385,7 +385,8 @@ class SegmentationModule(pl.LightningModule):
             raters,
         )
         if self.val_lesions is not None:
-            self.val_lesions.update(probabilities, label, spacing, int(subject["subject_index"]))
+            expected = subject.get("label_distribution") if grid is None and self.regions is None else None
+            self.val_lesions.update(probabilities, label, spacing, int(subject["subject_index"]), expected)
 
     def on_validation_epoch_end(self) -> None:
         rows, fitted = per_subject(self.val_metrics) if self.regions is None else per_region_subject(self.val_metrics)

@@ -63,3 +63,18 @@ def test_generation_is_seeded_and_multiclass():
 def test_impossible_geometry_is_a_clear_error():
     with pytest.raises(ValueError, match="no structure"):
         generate_case(np.random.default_rng(0), (8, 8, 4), SPACING, 1, (30.0, 40.0))
+
+
+def test_structures_keep_the_configured_gap_and_stay_one_lesion_each():
+    from biasseg.metrics.lesions import LesionSettings, lesion_rows
+
+    case = generate_case(np.random.default_rng(1), (64, 64, 48), (1.0, 1.0, 1.0), 12, (1.0, 10.0), sigma_mm=0.0, gap_mm=12.0)
+    structures = case.structures
+    assert len(structures) == 12
+    for i, a in enumerate(structures):
+        for b in structures[i + 1:]:
+            assert np.linalg.norm(np.subtract(a.centre_mm, b.centre_mm)) - a.radius_mm - b.radius_mm > 12.0
+    # noise-free labels: every sphere (radius >= 1 mm: at least its nearest voxel centre) is one
+    # BraTS reference lesion — dilated by 3 voxels, none merge
+    rows = lesion_rows(case.label == 1, case.label == 1, case.probabilities[1], (1, 1, 1), LesionSettings())
+    assert len(rows) == 12

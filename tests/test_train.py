@@ -58,6 +58,8 @@ def test_run_writes_metrics_and_subjects(loss, tmp_path):
     for row in rows:
         own = [float(r["volume_ref_ml"]) for r in lesions if r["subject"] == row["subject"] and r["kind"] == "reference"]
         assert sum(own) == pytest.approx(float(row["volume_ref_ml"]))
+        expected = [float(r["volume_expected_ml"]) for r in lesions if r["subject"] == row["subject"]]
+        assert sum(expected) == pytest.approx(float(row["volume_expected_ml"]), rel=1e-4)  # q split among the lesions
     assert {"val/lesion_f1", "val/lesion_volume_bias_ml", "val/lesion_volume_bias_ml_smallest"} <= set(metrics)
 
 

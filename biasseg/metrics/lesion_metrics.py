@@ -97,7 +97,8 @@ class LesionMetrics(Metric):
 def lesion_epoch_summary(rows: torch.Tensor | np.ndarray, settings: LesionSettings, subjects: Sequence[int] = ()) -> dict[str, float]:
     """The logged lesion values: the means over subjects (and classes) of each subject's
     :func:`lesion_summary` (a subject with no lesion on either side has no F1 or Dice), the mean
-    soft-volume error over all reference lesions (``lesion_volume_bias_ml``, ml) and over those
+    soft-volume error over all reference lesions (``lesion_volume_bias_ml``, ml; against the
+    expected volume where it is known, ``lesion_expected_volume_bias_ml``) and over those
     of the smallest size bin that holds any (``lesion_volume_bias_ml_smallest``), per size bin
     the sensitivity and soft-volume error (``lesion_sensitivity/<bin>ml``,
     ``lesion_volume_bias_ml/<bin>ml``), and the false positives per scan. ``subjects``: every
@@ -119,6 +120,9 @@ def lesion_epoch_summary(rows: torch.Tensor | np.ndarray, settings: LesionSettin
     summary["lesion_volume_bias_ml"] = float(error[reference].mean()) if reference.any() else math.nan
     summary["lesion_hard_volume_bias_ml"] = (float((column["volume_pred_ml"] - column["volume_ref_ml"])[reference].mean())
                                              if reference.any() else math.nan)
+    known = reference & np.isfinite(column["volume_expected_ml"])  # generated data: the label distribution is known
+    summary["lesion_expected_volume_bias_ml"] = (float((column["volume_pred_soft_ml"] - column["volume_expected_ml"])[known].mean())
+                                                 if known.any() else math.nan)
     bins = column["size_bin"][reference]
     smallest = int(bins.min()) if len(bins) else None
     summary["lesion_volume_bias_ml_smallest"] = float(error[reference][bins == smallest].mean()) if smallest is not None else math.nan
