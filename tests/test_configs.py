@@ -18,7 +18,7 @@ from biasseg.pipelines.train import build_model
 from datamodules import SegmentationDataModule
 from lightning_modules import SegmentationModule
 
-GROUPS = ["data", "model", "loss", "trainer", "logger", "callbacks", "experiment"]
+GROUPS = ["data", "model", "loss", "trainer", "logger", "callbacks", "experiment", "lesions"]
 
 
 def options(group: str) -> list[str]:

@@ -194,3 +194,14 @@ def test_argmax_masks_equal_argmax_ties_included():
     probabilities[:, 0, 0, 1] = torch.tensor([0.1, 0.4, 0.4, 0.1])
     expected = probabilities.argmax(0)[None] == torch.arange(1, 4).view(-1, 1, 1, 1)
     assert torch.equal(argmax_masks(probabilities), expected)
+
+
+@pytest.mark.parametrize("option, expected", [("default", ("overlap", 3, 0.0)), ("brats", ("overlap", 3, 0.05)),
+                                              ("iou", ("iou", 0, 0.0)), ("none", None)])
+def test_every_lesions_option_composes_into_settings(option, expected, tmp_path):
+    from helpers import compose_config
+    from omegaconf import OmegaConf
+
+    cfg = compose_config([f"lesions={option}"], tmp_path)
+    settings = lesion_settings(OmegaConf.to_container(cfg.lesions), 10.0)
+    assert (None if settings is None else (settings.match, settings.dilation_voxels, settings.min_volume_ml)) == expected
