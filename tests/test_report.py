@@ -382,3 +382,11 @@ def test_runs_and_checkpoints_from_before_the_package_read_under_current_names(t
     assert read_run(tmp_path).loss == {"_target_": "biasseg.losses.SoftDiceLoss", "batch_dice": True}
     built = instantiate_section({"_target_": "losses.SoftDiceLoss", "batch_dice": True}, "loss", "old.ckpt")
     assert isinstance(built, SoftDiceLoss) and built.batch_dice
+
+
+def test_old_class_paths_and_the_replaced_poly_schedule_read_as_current():
+    from biasseg.renamed_targets import current_targets
+
+    old = {"_target_": "losses.SoftDiceLoss", "scheduler": {"_target_": "torch.optim.lr_scheduler.PolynomialLR", "power": 0.9}}
+    assert current_targets(old) == {"_target_": "biasseg.losses.SoftDiceLoss",
+                                    "scheduler": {"_target_": "lightning_modules.poly_schedule.poly_lr", "power": 0.9}}

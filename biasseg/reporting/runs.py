@@ -119,7 +119,7 @@ def read_run(path: Path) -> Run:
     run.max_epochs = int(max_epochs) if isinstance(max_epochs, (int, float)) else None
     run.data = current_targets(plain(_resolved(config, "data")) or {})
     model = plain(_resolved(config, "model"))
-    run.model = model if isinstance(model, dict) else {}
+    run.model = current_targets(model) if isinstance(model, dict) else {}
     run.loss = current_targets(plain(_resolved(config, "loss")) or {})
     run.choices, run.added_keys = _choices(path), _added_keys(path)
     target = str(run.loss.get("_target_", "")) if isinstance(run.loss, dict) else ""
