@@ -5,8 +5,8 @@
     python evaluate.py 'ckpt_path=logs/study/high_uncertainty/ce/seed*/checkpoints/last.ckpt'   # a deep ensemble
     python evaluate.py ckpt_path=…/hypernet.ckpt alpha=0.3     # a Tversky hypernetwork at one α
 
-Writes ``metrics.json``, ``subjects.csv`` and ``calibration.csv`` (the format of training's
-validation) into ``logs/evaluate/runs/<timestamp>/``; the post-hoc remedies' temperature
+Writes ``metrics.json``, ``subjects.csv``, ``lesions.csv`` (``lesions=…``, :mod:`biasseg.metrics.lesions`)
+and ``calibration.csv`` (the format of training's validation) into ``logs/evaluate/runs/<timestamp>/``; the post-hoc remedies' temperature
 and threshold are fitted on the evaluated subjects, as in training's validation.
 
 Which data, read how: without ``data=…`` the checkpoint's own data config, with its split

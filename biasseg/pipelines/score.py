@@ -11,8 +11,8 @@ per class, on the label's grid); a label map ``<case>.nii.gz`` / ``.nii`` (hard 
 as probabilities 0 and 1). Soft volumes and calibration are meaningful only from the first two. The
 scores are training's validation measures, from the same code: per subject Dice, reference,
 argmax, soft and near-structure soft volume (ml, from the label's spacing), calibration and
-the post-hoc remedies; written as ``metrics.json``, ``subjects.csv``, ``calibration.csv`` and
-``figures/`` into ``logs/score/runs/<timestamp>/``. Class names come from the ``dataset.json``
+the post-hoc remedies, and lesion by lesion (``lesions=…``, :mod:`biasseg.metrics.lesions`); written
+as ``metrics.json``, ``subjects.csv``, ``lesions.csv``, ``calibration.csv`` and ``figures/`` into ``logs/score/runs/<timestamp>/``. Class names come from the ``dataset.json``
 beside ``labels`` (nnU-Net or Decathlon) where there is one; a broken one is refused, naming it.
 Where it declares nnU-Net region labels (``labels`` with lists, ``regions_class_order``), every
 case is scored per region, as training scores a region model: soft maps hold one independent
