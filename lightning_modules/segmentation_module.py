@@ -17,7 +17,7 @@ from torch import nn
 from biasseg.errors import InputError
 from biasseg.losses.regions import region_loss
 from biasseg.metrics import SubjectSegmentationMetrics, per_subject, summarize
-from biasseg.metrics.lesion_metrics import LesionMetrics, lesion_epoch_summary
+from biasseg.metrics.lesion_metrics import LesionMetrics, lesion_epoch_summary, lesion_table
 from biasseg.metrics.lesions import lesion_settings
 from biasseg.metrics.region_metrics import RegionMetrics, per_region_subject
 from biasseg.metrics.volume_quote import (
@@ -241,6 +241,13 @@ class SegmentationModule(pl.LightningModule):
         """Measure lesions at every validation with these settings (configs/lesions/), or not (None)."""
         settings = lesion_settings(config, self.hparams.soft_volume_margin_mm)
         self.val_lesions = None if settings is None else LesionMetrics(settings, self.regions)
+
+    def lesion_table(self, subject_names: Sequence[str]) -> list[dict] | None:
+        """The last validation's lesions as ``lesions.csv`` rows (subjects named by index), or None
+        without lesion measures."""
+        if self.val_lesions is None or self.validation_lesions is None:
+            return None
+        return lesion_table(self.validation_lesions, subject_names, self.class_names, self.val_lesions.settings)
 
     @property
     def activation(self) -> str:

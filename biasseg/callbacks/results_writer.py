@@ -12,7 +12,6 @@ import pytorch_lightning as pl
 from rich.console import Console
 from rich.table import Table
 
-from biasseg.metrics.lesion_metrics import lesion_table
 from biasseg.run_files import write_results
 
 log = logging.getLogger(__name__)
@@ -48,11 +47,9 @@ class ResultsWriter(pl.Callback):
             "calibration_verdict": pl_module.calibration_verdict,
             **{f"val/{k}": v for k, v in pl_module.validation_summary.items()},
         }
-        lesions = pl_module.validation_lesions
-        write_results(self.output_dir, metrics, rows, trainer.datamodule.val_subject_names, pl_module.class_names,
-                      pl_module.validation_reliability,
-                      None if lesions is None or pl_module.val_lesions is None else
-                      lesion_table(lesions, trainer.datamodule.val_subject_names, pl_module.class_names, pl_module.val_lesions.settings))
+        names = trainer.datamodule.val_subject_names
+        write_results(self.output_dir, metrics, rows, names, pl_module.class_names, pl_module.validation_reliability,
+                      pl_module.lesion_table(names))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.print_summary(trainer, pl_module)

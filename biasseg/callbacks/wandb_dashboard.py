@@ -27,7 +27,7 @@ import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
-from biasseg.metrics.lesion_metrics import LESION_TABLE_COLUMNS, lesion_table
+from biasseg.metrics.lesion_metrics import LESION_TABLE_COLUMNS
 from biasseg.run_files import subject_table
 
 COLUMNS = ("subject", "class", "dice", "volume_ref_ml", "volume_pred_ml", "volume_pred_soft_ml", "volume_pred_soft_near_ml",
@@ -94,10 +94,10 @@ class WandbDashboard(pl.Callback):
             "val/bland_altman": wandb.plot.scatter(table, "mean_volume_ml", "soft_delta_v_ml",
                                                    title="Bland–Altman: soft ΔV against mean volume (ml)"),
         }
-        if pl_module.validation_lesions is not None and pl_module.val_lesions is not None:  # one row per lesion
-            lesions = lesion_table(pl_module.validation_lesions, names, pl_module.class_names, pl_module.val_lesions.settings)
-            lesion_rows = [[row[c] for c in LESION_TABLE_COLUMNS] for row in lesions]
-            logged["val/lesions"] = wandb.Table(columns=list(LESION_TABLE_COLUMNS), data=lesion_rows)
+        lesions = pl_module.lesion_table(names)
+        if lesions is not None:  # one row per lesion
+            logged["val/lesions"] = wandb.Table(columns=list(LESION_TABLE_COLUMNS),
+                                                data=[[row[c] for c in LESION_TABLE_COLUMNS] for row in lesions])
         last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         if pl_module.validation_previews and (trainer.current_epoch % self.every_n_epochs == 0 or last_epoch):
             logged["val/overlays"] = overlay_images(pl_module.validation_previews, trainer.current_epoch)

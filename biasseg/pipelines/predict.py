@@ -248,7 +248,7 @@ def predict(cfg: DictConfig) -> Path:
     if not os.access(output, os.W_OK | os.X_OK):
         raise InputError(f"output={output}: not writable by you")
     rows, lesion_rows = [], []
-    for index, (name, files) in enumerate(tqdm(cases.items(), desc="Predicting", unit="case")):
+    for name, files in tqdm(cases.items(), desc="Predicting", unit="case"):
         probabilities = predict_case(trained, load_case(files))
         reference = nib.load(files[0])
         segmentation = trained.module.exported_labels(torch.from_numpy(probabilities)).numpy()
@@ -263,7 +263,7 @@ def predict(cfg: DictConfig) -> Path:
         if lesions is not None:  # every predicted lesion (no reference here), on the input's grid
             spacing = np.linalg.norm(reference.affine[:3, :3], axis=0)
             found = subject_lesion_rows(torch.from_numpy(probabilities), None, spacing, lesions, trained.module.regions)
-            table = lesion_table(np.concatenate([np.full((len(found), 1), index), found], axis=1), list(cases), class_names, lesions)
+            table = lesion_table(np.concatenate([np.zeros((len(found), 1)), found], axis=1), [name], class_names, lesions)
             lesion_rows += [{key: row[key] for key in PREDICTED_LESION_COLUMNS} for row in table]
         for c, class_name in enumerate(class_names, start=1):
             mask, soft = (masks[c - 1], probabilities[c - 1]) if regions else (segmentation == c, probabilities[c])
