@@ -45,7 +45,7 @@ def voxelwise_groups(labels: np.ndarray) -> VoxelGroups:
     """Every voxel its own group; the draws are ``labels`` ``(M, …)``, ``q`` their frequency."""
     draws = labels.reshape(len(labels), -1).astype(np.float64)
     size = draws.shape[1]
-    return VoxelGroups(np.ones(size), draws.mean(0), draws, np.ones(size, bool), 0.001)
+    return VoxelGroups(np.ones(size), draws.mean(0), draws, np.ones(size, bool), 0.001, np.zeros(size, int))
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -120,7 +120,7 @@ def three_groups(kind: str) -> VoxelGroups:
     else:  # nested shells: a draw's boundary falls at a random depth
         depth = np.random.default_rng(0).random(24)[:, None]
         draws = counts * (depth < q)
-    return VoxelGroups(counts, q, draws, np.ones(3, bool), 0.001)
+    return VoxelGroups(counts, q, draws, np.ones(3, bool), 0.001, np.zeros(3, int))
 
 
 @pytest.mark.parametrize("kind", ["voxel", "boundary"])

@@ -46,7 +46,8 @@ class VoxelGroups:
     ``counts`` ``(G,)`` voxels per group; ``probability`` ``(G,)`` their mean foreground
     probability ``q_g``; ``draws`` ``(M, G)`` foreground voxels per group in each label draw;
     ``free`` ``(G,)`` groups whose prediction is optimised (the others are held at ``q_g``);
-    ``voxel_ml`` one voxel's volume in ml.
+    ``voxel_ml`` one voxel's volume in ml; ``part`` ``(G,)`` the part a free group was built
+    from (``boundary``: its structure's index; ``voxel``: 0) and −1 for the certain groups.
     """
 
     counts: np.ndarray
@@ -54,6 +55,7 @@ class VoxelGroups:
     draws: np.ndarray
     free: np.ndarray
     voxel_ml: float
+    part: np.ndarray
 
     @property
     def num_voxels(self) -> float:
@@ -81,16 +83,19 @@ def fixed_groups(q: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 
 
 def assemble(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], fixed, voxel_ml: float) -> VoxelGroups:
-    """:class:`VoxelGroups` from free parts ``(counts, probability, draws (M, G))`` and the
-    fixed groups of :func:`fixed_groups` (their draws repeated); empty groups dropped."""
+    """:class:`VoxelGroups` from free parts ``(counts, probability, draws (M, G))`` (part ``i``'s
+    groups get ``part`` ``i``) and the fixed groups of :func:`fixed_groups` (their draws
+    repeated); empty groups dropped."""
     num_draws = parts[0][2].shape[0]
     fixed_counts, fixed_probability, fixed_totals = fixed
     counts = np.concatenate([fixed_counts, *(c for c, _, _ in parts)])
     probability = np.concatenate([fixed_probability, *(q for _, q, _ in parts)])
     draws = np.concatenate([np.tile(fixed_totals, (num_draws, 1)), *(k for _, _, k in parts)], axis=1)
-    free = np.arange(len(counts)) >= 2
+    part = np.concatenate([[-1, -1], *(np.full(len(c), i) for i, (c, _, _) in enumerate(parts))]).astype(np.int64)
+    free = part >= 0
     keep = counts > 0
-    return VoxelGroups(counts[keep], probability[keep], draws[:, keep].astype(np.float64), free[keep], float(voxel_ml))
+    return VoxelGroups(counts[keep], probability[keep], draws[:, keep].astype(np.float64), free[keep], float(voxel_ml),
+                       part[keep])
 
 
 def probability_map_groups(
@@ -122,6 +127,21 @@ def latin_shifts(num_draws: int, num_structures: int, sigma_mm: float, rng: np.r
     return np.stack([rng.permutation(quantiles) for _ in range(num_structures)], axis=1)
 
 
+def nearest_surface(distances: np.ndarray, radii_mm: np.ndarray, sigma_mm: float
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``boundary`` kind, per voxel (flattened): ``owner`` the structure whose surface is
+    nearest, ``d`` the distance (mm) to its centre, ``z = (r − d) / σ`` and ``q = Φ(z)`` (±∞ and
+    0/1 at σ = 0). ``distances`` ``(K, …)`` as :func:`boundary_groups`."""
+    distances = np.asarray(distances, dtype=np.float64).reshape(len(radii_mm), -1)
+    owner = np.argmin(distances - radii_mm[:, None], axis=0)
+    d = distances[owner, np.arange(distances.shape[1])]
+    r = radii_mm[owner]
+    if sigma_mm > 0:
+        z = (r - d) / sigma_mm
+        return owner, d, z, ndtr(z)
+    return owner, d, np.where(d < r, np.inf, -np.inf), (d < r).astype(np.float64)
+
+
 def boundary_groups(
     distances: np.ndarray,
     radii_mm: Sequence[float],
@@ -137,23 +157,14 @@ def boundary_groups(
     structure whose surface is nearest, and only that one's shift moves its label (the
     generator keeps 4σ + 2 mm between surfaces, so the shells' tails barely overlap)."""
     radii = np.asarray(radii_mm, dtype=np.float64)
-    distances = np.asarray(distances, dtype=np.float64).reshape(len(radii), -1)
-    signed = distances - radii[:, None]
-    owner = np.argmin(signed, axis=0)
-    d = distances[owner, np.arange(distances.shape[1])]
-    r = radii[owner]
-    if sigma_mm > 0:
-        z = (r - d) / sigma_mm
-        q = ndtr(z)
-    else:
-        z = np.where(d < r, np.inf, -np.inf)
-        q = (d < r).astype(np.float64)
+    owner, d, z, q = nearest_surface(distances, radii, sigma_mm)
     shifts = latin_shifts(num_draws, len(radii), sigma_mm, rng)
     edges = np.linspace(-CERTAIN_Z, CERTAIN_Z, bins + 1)
     parts = []
     for s in range(len(radii)):
         mine = (owner == s) & (np.abs(z) <= CERTAIN_Z)
-        if not mine.any():
+        if not mine.any():  # kept empty, so that part s is structure s
+            parts.append((np.zeros(0), np.zeros(0), np.zeros((num_draws, 0))))
             continue
         order = np.argsort(d[mine], kind="stable")
         d_sorted, q_sorted = d[mine][order], q[mine][order]
@@ -164,7 +175,7 @@ def boundary_groups(
         inside = np.searchsorted(d_sorted, radii[s] + shifts[:, s], side="left")  # voxels with d < r + δ
         draws = np.clip(inside[:, None] - starts[None, :], 0, counts[None, :])
         parts.append((counts, probability, draws))
-    if not parts:  # σ = 0: every voxel is certain
+    if not parts:  # no structures
         parts.append((np.zeros(0), np.zeros(0), np.zeros((num_draws, 0))))
     return assemble(parts, fixed_groups(q, z), voxel_ml)
 
