@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Copy every finished study run's record, without its checkpoints, into results/study_runs/:
-# .hydra/ (the config), metrics.json, subjects.csv, calibration.csv and csv/metrics.csv (the
-# history), enough for report.py to report the run again and small enough to commit.
+# .hydra/ (the config), metrics.json, subjects.csv, calibration.csv, lesions.csv (where written) and
+# csv/metrics.csv (the history), enough for report.py to report the run again and small enough to commit.
 #
 #   bash scripts/keep_study_records.sh [STUDY_DIR (logs/study)] [RECORDS_DIR (results/study_runs)]
 #
@@ -20,6 +20,7 @@ while IFS= read -r metrics; do
     cp -r "$run/.hydra" "$target/"
     cp "$run/metrics.json" "$run/subjects.csv" "$run/calibration.csv" "$target/"
     cp "$run/csv/metrics.csv" "$target/csv/"
+    if [ -f "$run/lesions.csv" ]; then cp "$run/lesions.csv" "$target/"; fi
     kept=$((kept + 1))
 done < <(python - "$study" <<'PY'
 import json, pathlib, sys

@@ -81,6 +81,7 @@ def test_report_cli_compares_the_losses_of_a_sweep(sweep, tmp_path):
     assert all(f"]({p.name})" in text for p in pictures)
     assert text.count("| complete |") == 4
     assert "### The volume to quote" in text  # coverage and width per loss and task
+    assert "### Lesions" in text and (output / "lesion_bias_vs_radius_train.png").is_file()  # from each run's lesions.csv
     assert 0.0 <= float(rows["ce"]["interval_coverage_mean"]) <= 1.0 and math.isfinite(float(rows["ce"]["quote_relative_volume_bias_mean"]))
 
 

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from biasseg.reporting.grouping import group_runs
+from biasseg.reporting.lesion_report import lesion_section
 from biasseg.reporting.markdown import report_markdown
 from biasseg.reporting.plots import write_figures
 from biasseg.reporting.runs import find_run_dirs, read_run
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     figures, notes = write_figures(groups, rows, theory, output)
     notes += theory.notes + [f"{run.path}: {w}" for run in runs for w in run.warnings]
     report = output / "report.md"
-    report.write_text(report_markdown(rows, groups, excluded, figures, notes, output))
+    report.write_text(report_markdown(rows, groups, excluded, figures, notes, output, lesion_section(groups, theory)))
     if args.logger == "wandb":
         run_id = upload_report(rows, per_subject, figures, output, project=args.wandb_project)
         print(f"wandb report run: {run_id}", file=sys.stderr)

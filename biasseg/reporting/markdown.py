@@ -189,8 +189,8 @@ def _link(path: Path, folder: Path) -> str:
 
 
 def report_markdown(rows: list[Row], groups: list[Group], excluded: list[Run], figures: list,
-                    notes: list[str], folder: Path) -> str:
-    """The whole report.md text."""
+                    notes: list[str], folder: Path, lesions: list[str] = ()) -> str:
+    """The whole report.md text; ``lesions``: the lines of the lesion tables, if any."""
     main = [r for r in rows if r["class"] == ALL_CLASSES]
     text = ["# Loss comparison", ""]
     if excluded:
@@ -224,6 +224,7 @@ def report_markdown(rows: list[Row], groups: list[Group], excluded: list[Run], f
                  "total mean volume, minus 1: the one to quote, since a noisy rater mean of a small structure inflates "
                  "the mean of per-subject ratios (Jensen's inequality)."), "",
                  markdown_table(rated, RATER_COLUMNS), ""]
+    text += list(lesions)
     for task in dict.fromkeys(r["task"] for r in main):
         text += [f"### {task}", "", task_paragraph(task, [r for r in main if r["task"] == task], groups), ""]
     text += ["## Figures", ""]

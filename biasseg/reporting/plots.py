@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from biasseg.reporting.grouping import Group  # noqa: E402
+from biasseg.reporting.lesion_report import lesion_bias_figure  # noqa: E402
 from biasseg.reporting.statistics import mean_sd, pooled_reliability  # noqa: E402
 from biasseg.reporting.table import ALL_CLASSES, measured_relative_bias  # noqa: E402
 from biasseg.reporting.theory_link import Theory  # noqa: E402
@@ -298,6 +299,12 @@ def write_figures(groups: list[Group], rows: list[dict], theory: Theory, folder:
         drawn.append(("bias_vs_steps", "Volume bias during training",
                       "soft volume vs expected (or reference) at every validation; line: mean over seeds, faint: each seed",
                       bias_vs_steps(task, members)))
+        lesion_figure = lesion_bias_figure(task, members, theory, loss_colours(groups))
+        if lesion_figure is not None:
+            drawn.append(("lesion_bias_vs_radius", "Per-lesion volume bias vs lesion radius",
+                          "soft volume vs expected per reference lesion (faint: each lesion of each seed); markers: bin "
+                          "means, mean ± sd over seeds; dashed: the theory's bin means on the same validation cases",
+                          lesion_figure))
         for name, title, caption, figure in drawn:
             if figure is None:
                 notes.append(f"{task}: no {title.lower()} (the runs lack the files it needs)")

@@ -40,6 +40,8 @@ class Run:
     metrics: dict = field(default_factory=dict)
     subjects: dict[str, dict[str, float]] = field(default_factory=dict)
     calibration: list[dict[str, float | str]] | None = None
+    lesion_config: dict = field(default_factory=dict)  # the config's lesions section
+    lesions: list[dict[str, str]] = field(default_factory=list)  # lesions.csv rows, as read
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # val key -> [(step, value)], from csv/metrics.csv
     problem: str | None = None
     warnings: list[str] = field(default_factory=list)
@@ -121,6 +123,8 @@ def read_run(path: Path) -> Run:
     model = plain(_resolved(config, "model"))
     run.model = current_targets(model) if isinstance(model, dict) else {}
     run.loss = current_targets(plain(_resolved(config, "loss")) or {})
+    lesions = plain(_resolved(config, "lesions"))
+    run.lesion_config = lesions if isinstance(lesions, dict) else {}
     run.choices, run.added_keys = _choices(path), _added_keys(path)
     target = str(run.loss.get("_target_", "")) if isinstance(run.loss, dict) else ""
     run.loss_name = run.choices.get("loss") or target.rsplit(".", 1)[-1] or "?"
@@ -184,6 +188,12 @@ def _read_results(run: Run) -> str | None:
             run.calibration = read_calibration(calibration_path)
         except (OSError, ValueError, KeyError, csv.Error) as error:
             run.warnings.append(f"unreadable calibration.csv, left out of the reliability diagram ({error})")
+    lesions_path = run.path / "lesions.csv"
+    if lesions_path.is_file():
+        try:
+            run.lesions = read_lesions(lesions_path)
+        except (OSError, ValueError, csv.Error) as error:
+            run.warnings.append(f"unreadable lesions.csv, left out of the lesion tables ({error})")
     return None
 
 
@@ -228,6 +238,19 @@ def read_history(path: Path) -> dict[str, list[tuple[int, float]]]:
             if not math.isnan(value) and not math.isnan(step):
                 history.setdefault(key, []).append((int(step), value))
     return history
+
+
+LESION_REPORT_COLUMNS = ("kind", "detected", "size_bin_ml", "volume_pred_soft_ml", "volume_expected_ml")
+
+
+def read_lesions(path: Path) -> list[dict[str, str]]:
+    """lesions.csv rows as read (strings), checked to have :data:`LESION_REPORT_COLUMNS`."""
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in LESION_REPORT_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"no column {', '.join(missing)}")
+        return list(reader)
 
 
 def read_calibration(path: Path) -> list[dict[str, float | str]]:

@@ -4,7 +4,8 @@
 and returns ``{"relative_soft": float, "relative_hard": float}`` (bias relative to the
 expected volume) or None. ``theory.run_bias_curve(config)``, where it exists, returns
 ``{"sigma": [...], "relative_soft": [...], "relative_hard": [...]}`` (σ in mm, the config's
-uncertainty kind) or None. Both are imported lazily: a missing function, a failing call or
+uncertainty kind) or None. ``theory.predicted_lesion_rows(config)`` returns the per-lesion rows
+of the loss's optimum on each validation case, or None. All are imported lazily: a missing function, a failing call or
 an unexpected result means "no prediction", noted once, never a failed report.
 """
 
@@ -15,6 +16,7 @@ import math
 import sys
 from collections.abc import Callable
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from biasseg.reporting.grouping import Group
@@ -24,16 +26,19 @@ from biasseg.reporting.runs import Run
 def run_config(run: Run) -> DictConfig:
     """The parts of a run's config the theory needs (resolved, plain values)."""
     return OmegaConf.create({"task_name": run.task_name, "seed": run.seed, "data": run.data, "loss": run.loss,
-                             "model": run.model, "trainer": {"max_epochs": run.max_epochs}})
+                             "model": run.model, "lesions": run.lesion_config or None,
+                             "trainer": {"max_epochs": run.max_epochs}})
 
 
 class Theory:
-    """Cached access to ``theory.predicted_volume_bias`` and ``theory.run_bias_curve``."""
+    """Cached access to ``theory.predicted_volume_bias``, ``theory.run_bias_curve`` and
+    ``theory.predicted_lesion_rows``."""
 
     def __init__(self, enabled: bool = True, log: Callable[[str], None] | None = None) -> None:
         self.log = log or (lambda message: print(message, file=sys.stderr))
         self.notes: list[str] = []
-        self._functions: dict[str, Callable | None] = {"predicted_volume_bias": None, "run_bias_curve": None}
+        self._functions: dict[str, Callable | None] = {"predicted_volume_bias": None, "run_bias_curve": None,
+                                                          "predicted_lesion_rows": None}
         self._cache: dict[tuple[str, str], object] = {}
         if not enabled:
             self.notes.append("theory predictions turned off (--no-theory)")
@@ -79,12 +84,21 @@ class Theory:
             return None
         return {k: v if len(v) == len(curve["sigma"]) else [math.nan] * len(curve["sigma"]) for k, v in curve.items()}
 
+    def lesions(self, group: Group) -> np.ndarray | None:
+        """The theory's per-lesion rows (:data:`biasseg.metrics.lesions.LESION_COLUMNS`) over the
+        group's validation cases, or None."""
+        result = self._call("predicted_lesion_rows", group)
+        if not result:
+            return None
+        return np.concatenate([np.asarray(rows, dtype=np.float64) for rows in result])
+
     def _call(self, name: str, group: Group) -> object:
         function = self._functions[name]
         if function is None:
             return None
         run = group.runs[0]
-        key = (name, json.dumps({"data": run.data, "loss": run.loss, "model": run.model}, sort_keys=True, default=str))
+        key = (name, json.dumps({"data": run.data, "loss": run.loss, "model": run.model, "lesions": run.lesion_config},
+                                sort_keys=True, default=str))
         if key not in self._cache:
             self.log(f"theory: {name} for {group.task} / {group.loss} …")
             try:
