@@ -93,6 +93,8 @@ else
             done
         done
     done
+    # 8. lesions (issue 21): per-lesion volume bias against lesion radius, and detection by size
+    add "$study/multi_lesion" "ce softdice softdice_batch ce_softdice" "$seeds" experiment=multi_lesion
 fi
 
 if [ "$mode" = list ]; then
