@@ -44,6 +44,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 from scipy import ndimage
 
 from biasseg.errors import InputError
@@ -97,9 +98,10 @@ class LesionSettings:
 
 
 def lesion_settings(config: Mapping | None, margin_mm: float) -> LesionSettings | None:
-    """The checked ``lesions`` config (configs/lesions/), or None where it is absent or
-    ``enabled: false``; the regions' margin is the near-structure margin (``margin_mm``)."""
-    config = dict(config or {})
+    """The checked ``lesions`` config (configs/lesions/; a DictConfig or plain mapping), or None
+    where it is absent or ``enabled: false``; the regions' margin is the near-structure margin
+    (``margin_mm``)."""
+    config = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config or {})
     if not config.pop("enabled", bool(config)):
         return None
     known = {f.name for f in fields(LesionSettings)} - {"margin_mm"}

@@ -226,7 +226,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     log.info(f"volume calibration: {note}")
     origin["volume_calibration"] = {"method": method if calibration is not None else trained.module.volume_quote["method"],
                                     "stored": calibration is not None, "note": note}
-    trained.module.measure_lesions(OmegaConf.to_container(cfg.lesions) if cfg.get("lesions") is not None else None)
+    trained.module.measure_lesions(cfg.get("lesions"))
     writer = ResultsWriter(cfg.paths.output_dir, fields=origin)
     trainer = build_trainer(cfg.trainer, [writer], [])
     trainer.validate(trained.module, datamodule=datamodule, verbose=False)  # every value is in metrics.json

@@ -41,7 +41,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torchio as tio
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from biasseg.cli import CONFIGS, check_command_line
@@ -227,7 +227,7 @@ def predict(cfg: DictConfig) -> Path:
     in_channels = int(trained.module.hparams.in_channels)
     class_names = trained.module.class_names
     cases = find_cases(source, in_channels)
-    lesions = lesion_settings(OmegaConf.to_container(cfg.lesions) if cfg.get("lesions") is not None else None,
+    lesions = lesion_settings(cfg.get("lesions"),
                               float(trained.module.hparams.soft_volume_margin_mm))
     check_output(output, source, cases, bool(cfg.save_probabilities), bool(cfg.get("overwrite", False)), lesions is not None)
     problems = []

@@ -42,7 +42,7 @@ import hydra
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from biasseg.callbacks.validation_figures import reliability_figure, volumes_figure
 from biasseg.cli import CONFIGS, check_command_line
@@ -191,7 +191,7 @@ def score(cfg: DictConfig) -> dict[str, float]:
     channels = None if num_classes is None else num_classes - (regions is not None)  # regions have no background channel
     what = "regions" if regions is not None else "classes"
     metric, cases = None, []
-    settings = lesion_settings(OmegaConf.to_container(cfg.lesions) if cfg.get("lesions") is not None else None,
+    settings = lesion_settings(cfg.get("lesions"),
                                float(cfg.soft_volume_margin_mm))
     lesions = None if settings is None else LesionMetrics(settings, regions)
     for index, (name, (prediction, label_path)) in enumerate(pairs.items()):

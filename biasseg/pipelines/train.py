@@ -75,7 +75,7 @@ def build_model(cfg: DictConfig, datamodule: SegmentationDataModule) -> Segmenta
         class_names=datamodule.class_names,
         sliding_window=datamodule.sliding_window_settings(),
         volume_quote=OmegaConf.to_container(cfg.volume_quote) if cfg.get("volume_quote") is not None else None,
-        lesions=OmegaConf.to_container(cfg.lesions) if cfg.get("lesions") is not None else None,
+        lesions=cfg.get("lesions"),
     )
 
 

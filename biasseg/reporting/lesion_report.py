@@ -19,6 +19,7 @@ from biasseg.metrics.lesions import LESION_COLUMNS
 from biasseg.reporting.grouping import Group
 from biasseg.reporting.markdown import markdown_table, number
 from biasseg.reporting.runs import to_float
+from biasseg.reporting.statistics import mean_sd
 from biasseg.reporting.theory_link import Theory
 from biasseg.theory.lesions import equivalent_radius_mm
 
@@ -72,21 +73,15 @@ def _runs_with_lesions(group: Group) -> list:
     return [run for run in group.runs if run.lesions]
 
 
-def _mean_and_sd(values: list[float]) -> tuple[float, float]:
-    """Mean and sd (0 for one value) of the finite ``values``; NaN for none."""
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
-        return math.nan, math.nan
-    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
-
-
-def _mean_sd(values: list[float]) -> str:
-    """``"+m ± s"`` in percent over runs (the sd left out for one run); empty for none."""
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
+def _formatted(values: list[float], as_percent: bool) -> str:
+    """``"mean ± sd"`` over runs of the finite ``values`` (sd left out for one run; empty for
+    none): in percent with a sign, or as a number of 3 significant digits."""
+    mean, sd = mean_sd(values)
+    if math.isnan(mean):
         return ""
-    mean, sd = _mean_and_sd(finite)
-    return f"{mean * 100:+.1f}" + (f" ± {sd * 100:.1f}" if len(finite) > 1 else "")
+    if as_percent:
+        return f"{mean * 100:+.1f}" + ("" if math.isnan(sd) else f" ± {sd * 100:.1f}")
+    return number(mean) + ("" if math.isnan(sd) else f" ± {number(sd)}")
 
 
 def _theory_bins(theory: Theory, group: Group) -> np.ndarray | None:
@@ -114,8 +109,8 @@ def lesion_bias_figure(task: str, members: list[Group], theory: Theory, colours:
             radius, bias = reference_points(run.lesions)
             ax.scatter(radius, bias * 100, s=4, alpha=0.15, color=colour)
             per_run.append(binned_means(radius, bias))
-        mean, sd = np.array([_mean_and_sd(list(values)) for values in zip(*per_run)]).T
-        ax.errorbar(centres, mean * 100, yerr=sd * 100, marker="o", capsize=3, color=colour,
+        mean, sd = np.array([mean_sd(values) for values in zip(*per_run)]).T
+        ax.errorbar(centres, mean * 100, yerr=np.nan_to_num(sd) * 100, marker="o", capsize=3, color=colour,
                     label=f"{group.loss} ({len(per_run)} runs)")
         predicted = _theory_bins(theory, group)
         if predicted is not None:
@@ -142,12 +137,12 @@ def lesion_section(groups: list[Group], theory: Theory) -> list[str]:
         runs = _runs_with_lesions(group)
         f1 = [f1_by_size(run.lesions) for run in runs]
         detection.append({"task": group.task, "loss": group.loss, "runs": len(runs),
-                          **{name: _f1_mean_sd([f.get(name, math.nan) for f in f1]) for name in size_bins}})
+                          **{name: _formatted([f.get(name, math.nan) for f in f1], as_percent=False) for name in size_bins}})
         per_run = [binned_means(*reference_points(run.lesions)) for run in runs]
         predicted = _theory_bins(theory, group)
         row = {"task": group.task, "loss": group.loss, "runs": len(runs)}
         for b, name in enumerate(radius_bin_names()):
-            measured = _mean_sd([values[b] for values in per_run])
+            measured = _formatted([values[b] for values in per_run], as_percent=True)
             row[name] = f"{measured} ({predicted[b] * 100:+.1f})" if measured and predicted is not None else measured
         bias.append(row)
     key_columns = [_column("Task", "task"), _column("Loss", "loss"), _column("Runs", "runs")]
@@ -163,10 +158,3 @@ def lesion_section(groups: list[Group], theory: Theory) -> list[str]:
 
 def _column(header: str, key: str) -> tuple:
     return header, key, lambda row: str(row[key])
-
-
-def _f1_mean_sd(values: list[float]) -> str:
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
-        return ""
-    return number(float(np.mean(finite))) + (f" ± {number(float(np.std(finite, ddof=1)))}" if len(finite) > 1 else "")

@@ -65,9 +65,7 @@ def predicted_lesion_rows(run_config: DictConfig | Mapping) -> list[np.ndarray] 
     run's lesion settings; ``None`` where the loss or data are not modelled (as
     :func:`biasseg.theory.predicted_volume_bias`) or the run measured no lesions."""
     config = run_config if isinstance(run_config, DictConfig) else OmegaConf.create(dict(run_config))
-    lesions = config.get("lesions")
-    settings = lesion_settings(OmegaConf.to_container(lesions) if lesions is not None else None,
-                               float(config.model.get("soft_volume_margin_mm", 10.0)))
+    settings = lesion_settings(config.get("lesions"), float(config.model.get("soft_volume_margin_mm", 10.0)))
     spec = run_loss_spec(config)
     if settings is None or spec is None or not issubclass(get_class(config.data._target_), SyntheticDataModule):
         return None
