@@ -176,3 +176,47 @@ def test_the_dataset_json_beside_the_labels_is_read_strictly(folders, tmp_path):
     description.write_text(json.dumps({"labels": {"background": 0, "box": 1, "rim": 2}}))
     with pytest.raises(DatasetError, match=r"case_000.npz: 2 classes, 3 expected \(dataset.json declares them\)"):
         score(config(tmp_path, npz, labels))
+
+
+def box(mask, corner, size):
+    mask[tuple(slice(c, c + s) for c, s in zip(corner, size))] = 1
+
+
+def test_known_missed_false_split_and_merged_lesions_are_counted_and_measured(tmp_path):
+    """score.py on a crafted case: lesion A found (shifted a voxel), B missed, C split in two,
+    D and E (apart beyond the dilation) joined by one predicted component, one false positive.
+    BraTS 2023's rule: 5 reference lesions, 4 detected, 1 false positive, 5 predicted
+    components; each of D and E gets the whole joining component, counted half for each."""
+    labels, predictions = tmp_path / "labels", tmp_path / "predictions"
+    labels.mkdir(), predictions.mkdir()
+    reference, prediction = np.zeros((48, 40, 24), np.uint8), np.zeros((48, 40, 24), np.uint8)
+    box(reference, (2, 2, 2), (4, 4, 4)), box(prediction, (2, 2, 3), (4, 4, 4))            # A: 64 voxels, 48 overlap
+    box(reference, (2, 30, 2), (3, 3, 3))                                                   # B: missed
+    box(reference, (15, 2, 10), (10, 3, 3))                                                 # C: 90 voxels
+    box(prediction, (15, 2, 10), (4, 3, 3)), box(prediction, (21, 2, 10), (4, 3, 3))        # ... found as 2 × 36
+    box(reference, (30, 20, 5), (3, 3, 3)), box(reference, (30, 32, 5), (3, 3, 3))          # D, E: 9 voxels apart
+    box(prediction, (30, 20, 5), (3, 15, 3))                                                # one component over both
+    box(prediction, (42, 2, 18), (3, 3, 3))                                                 # false positive
+    affine = np.eye(4)  # 1 mm voxels: 0.001 ml
+    nib.save(nib.Nifti1Image(reference, affine), labels / "case_000.nii.gz")
+    nib.save(nib.Nifti1Image(prediction, affine), predictions / "case_000.nii.gz")
+    result = subprocess.run([sys.executable, str(ROOT / "score.py"), f"predictions={predictions}", f"labels={labels}",
+                             f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "run" / "lesions.csv") as handle:
+        lesions = list(csv.DictReader(handle))
+    assert len(lesions) == 6  # reference lesions in scan order (A, B, C, D, E), then the false positive
+    a, b, c, d, e, fp = lesions
+    assert [r["kind"] for r in (a, b, c, d, e, fp)] == ["reference"] * 5 + ["false_positive"]
+    assert [int(r["detected"]) for r in (a, b, c, d, e)] == [1, 0, 1, 1, 1]
+    assert [float(r["components"]) for r in (a, b, c, d, e, fp)] == [1, 0, 2, 0.5, 0.5, 1]
+    expected_volumes = {"volume_ref_ml": [64, 27, 90, 27, 27, 0], "volume_pred_ml": [64, 0, 72, 135, 135, 27]}
+    for column, voxels in expected_volumes.items():
+        assert [float(r[column]) for r in (a, b, c, d, e, fp)] == pytest.approx([v / 1000 for v in voxels])
+    assert [float(r["dice"]) for r in (a, b, c, d, e, fp)] == pytest.approx(
+        [2 * 48 / 128, 0, 2 * 72 / 162, 2 * 27 / 162, 2 * 27 / 162, 0])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["val/lesion_sensitivity"] == pytest.approx(4 / 5)
+    assert metrics["val/lesion_false_positives_per_scan"] == 1
+    assert metrics["val/lesion_f1"] == pytest.approx(2 * 4 / (2 * 4 + 1 + 1))
+    assert metrics["val/lesion_count_difference"] == 0  # 5 predicted components, 5 reference lesions

@@ -139,6 +139,11 @@ LESION_TABLE_COLUMNS = ("subject", "class", "lesion", "kind", "detected", "compo
                         "centre_x", "centre_y", "centre_z")
 
 
+def _count(value: float) -> int | float:
+    """A lesion's component count as written: whole, or a share (a component joining n lesions is 1/n of each)."""
+    return int(value) if float(value).is_integer() else round(value, 4)
+
+
 def lesion_table(rows: torch.Tensor | np.ndarray, subject_names: Sequence[str], class_names: Sequence[str],
                  settings: LesionSettings) -> list[dict]:
     """``lesions.csv``'s rows: subject and class by name, ``kind`` (``reference``, or
@@ -152,7 +157,7 @@ def lesion_table(rows: torch.Tensor | np.ndarray, subject_names: Sequence[str], 
         table.append({
             "subject": subject_names[int(value["subject_index"])], "class": class_names[int(value["class"]) - 1],
             "lesion": int(value["lesion"]), "kind": "reference" if value["reference"] else "false_positive",
-            "detected": int(value["detected"]), "components": int(value["components"]),
+            "detected": int(value["detected"]), "components": _count(value["components"]),
             **{key: value[key] for key in ("dice", "volume_ref_ml", "volume_pred_ml", "volume_pred_soft_ml", "volume_expected_ml")},
             "size_bin_ml": bins[int(value["size_bin"])],
             **{key: round(value[key], 2) for key in ("centre_x", "centre_y", "centre_z")},

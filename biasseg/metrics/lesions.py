@@ -17,7 +17,8 @@ and the class's soft map ``p`` (all ``(W, H, D)``, same grid, ``spacing_mm`` in 
     dilated by ``dilation_voxels`` belongs to it; the lesion's Dice is between the lesion and
     the union of those components (whole components). A reference lesion with none is missed
     (Dice 0); a predicted component that touches no dilated reference lesion is a false
-    positive (Dice 0).
+    positive (Dice 0). A component touching n lesions belongs to each (all of its volume) and
+    counts 1/n in each one's ``components``: a split lesion shows 2, a merged pair 0.5 and 0.5.
   - ``iou`` (Metrics Reloaded / panoptica's naive threshold matching): a predicted component and
     a reference lesion are a pair when their IoU is at least ``iou_threshold`` (panoptica's
     ``>=``), best IoU first, one-to-one; no merging by dilation.
@@ -31,8 +32,8 @@ and the class's soft map ``p`` (all ``(W, H, D)``, same grid, ``spacing_mm`` in 
 
 Per subject (:func:`lesion_summary`): lesion-wise sensitivity (detected / reference lesions),
 false positives, lesion F1 ``2 TP / (2 TP + FN + FP)`` (ISLES'22), the absolute lesion-count
-difference ``|#predicted − #reference|`` (ISLES'22, counted on components after the size
-threshold) and BraTS 2023's lesion-wise Dice ``Σ Dice / (#reference + #false positives)``.
+difference ``|#predicted − #reference|`` (ISLES'22: predicted components against reference
+lesions, after the size threshold) and BraTS 2023's lesion-wise Dice ``Σ Dice / (#reference + #false positives)``.
 Size bins (``size_bins_ml``, edges in ml) group lesions by their reference volume (false
 positives by their hard volume).
 """
@@ -235,13 +236,15 @@ def lesion_rows(prediction: np.ndarray, reference: np.ndarray, probability: np.n
     expected_sums = (np.bincount(regions[inside], weights=np.asarray(expected)[inside], minlength=count)
                      if expected is not None else np.full(count, np.nan))
     centres = _centres(units, count - 1)
+    # a component matched to n lesions counts 1/n for each, so the rows' components sum to the prediction's
+    shares = np.bincount([j for m in matched for j in m], minlength=n_pred + 1).astype(np.float64)
     rows = []
     for k in range(1, n_ref + 1):
         components_k = np.array(sorted(matched[k - 1]), dtype=np.int32)
         hard = int(pred_sizes[components_k].sum())
         dice = 2 * int(intersections[k, components_k].sum()) / (hard + ref_sizes[k])
         volume = ref_sizes[k] * voxel_ml
-        rows.append([class_index, k, 1, float(hard > 0), len(components_k), dice, volume, hard * voxel_ml,
+        rows.append([class_index, k, 1, float(hard > 0), float(np.sum(1.0 / shares[components_k])), dice, volume, hard * voxel_ml,
                      soft[k] * voxel_ml, expected_sums[k] * voxel_ml, settings.size_bin(volume), *centres[k - 1]])
     for i, j in enumerate(false_positives):
         unit = n_ref + 1 + i
@@ -259,7 +262,7 @@ def lesion_summary(rows: np.ndarray) -> dict[str, float]:
     reference = column["reference"] == 1
     n_ref, n_fp = int(reference.sum()), int((~reference).sum())
     detected = int(column["detected"][reference].sum())
-    n_pred_components = int(column["components"].sum())  # a component matched to two lesions counts twice
+    n_pred_components = round(float(column["components"].sum()))  # shared components count 1/n per lesion
     scored = n_ref + n_fp
     return {
         "lesions_reference": float(n_ref),
