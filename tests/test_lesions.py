@@ -1,11 +1,14 @@
 """Lesion-wise measures (biasseg/metrics/lesions.py, lesion_metrics.py): components, BraTS 2023
 and IoU matching, per-lesion volumes, the epoch summary; cross-checked against panoptica."""
 
+import csv
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_RUN, compose_config
 
 from biasseg.errors import InputError
 from biasseg.metrics.lesion_metrics import (
@@ -17,6 +20,7 @@ from biasseg.metrics.lesion_metrics import (
     subject_lesion_rows,
 )
 from biasseg.metrics.lesions import LESION_COLUMNS, LesionSettings, lesion_rows, lesion_settings, lesion_summary
+from biasseg.pipelines.train import train
 
 
 def cube(mask, corner, size):
@@ -211,13 +215,6 @@ def test_short_multi_lesion_training_writes_lesions_csv_and_logs_lesion_keys(tmp
     """experiment=multi_lesion as a user runs it, cut to a few steps: lesions.csv has the
     documented columns, every reference lesion its expected volume, and the lesion keys are
     in metrics.json and the logged history."""
-    import csv
-    import json
-
-    from helpers import TINY_RUN, compose_config
-
-    from biasseg.pipelines.train import train
-
     cfg = compose_config(["experiment=multi_lesion", "data.num_train=2", "data.num_val=2", *TINY_RUN,
                           "trainer.check_val_every_n_epoch=1", "logger=csv", "callbacks.validation_figures=null"], tmp_path)
     train(cfg)
