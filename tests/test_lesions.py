@@ -203,11 +203,8 @@ def test_argmax_masks_equal_argmax_ties_included():
 @pytest.mark.parametrize("option, expected", [("default", ("overlap", 3, 0.0)), ("brats", ("overlap", 3, 0.05)),
                                               ("iou", ("iou", 0, 0.0)), ("none", None)])
 def test_every_lesions_option_composes_into_settings(option, expected, tmp_path):
-    from helpers import compose_config
-    from omegaconf import OmegaConf
-
     cfg = compose_config([f"lesions={option}"], tmp_path)
-    settings = lesion_settings(OmegaConf.to_container(cfg.lesions), 10.0)
+    settings = lesion_settings(cfg.lesions, 10.0)  # the DictConfig as the pipelines pass it
     assert (None if settings is None else (settings.match, settings.dilation_voxels, settings.min_volume_ml)) == expected
 
 
