@@ -8,10 +8,12 @@
   weight decay 3e-5), ``zero_grad(set_to_none=True)``;
 * ``loss``: the loss alone, forward + backward, on detached logits of the same shape and
   dtype (bf16 under ``--precision bf16``) that require grad;
-* ``log``: the host time of ``SegmentationModule.training_step``'s ``self.log("train/loss",
-  on_step, on_epoch, prog_bar)`` -- the only metric computed during training
-  (``SubjectSegmentationMetrics`` runs in validation only) -- measured inside a real
-  ``pl.Trainer`` run (below) by wrapping ``module.log``;
+* ``log``: the per-step cost of recording the training loss -- the only metric computed
+  during training (``SubjectSegmentationMetrics`` runs in validation only). The module sums
+  the loss on the device every step (``SegmentationModule.training_step``'s ``epoch_loss +=``,
+  replicated and timed here like the loss) and calls ``self.log("train/loss")`` once per epoch
+  (``on_train_epoch_end``); the host time of every ``self.log`` call of a real ``pl.Trainer``
+  run (below, by wrapping ``module.log``) is divided by its steps and added;
 * ``fraction = (loss + log) / step``. The bare step is the denominator, not the Lightning
   step, which is longer (loop, hooks, progress bar, data) and would make the fraction look
   smaller; the Lightning step time is reported beside it. ``log`` is host time: on CUDA it
@@ -289,7 +291,7 @@ def lightning_run(loss, args, device, features, patch, warmup: int, count: bool)
     steps_counted = probe.counted_steps or 1
     return {
         "lightning_step": probe.step_seconds(),
-        "log": log_seconds[warmup:],
+        "log_per_step": sum(log_seconds) / total_steps,  # every self.log call of the run, spread over its steps
         "syncs_per_step": sum(probe.sites.values()) / steps_counted if count else None,
         "sites": {k: v / steps_counted for k, v in probe.sites.most_common(6)},
     }
@@ -368,26 +370,36 @@ def main() -> None:
                 value = loss(logits, y)
             value.backward()
 
+        epoch_loss = torch.zeros(2, device=device)
+        with torch.no_grad():
+            loss_value = loss(logits_value, y)
+
+        def bookkeeping(value=loss_value) -> None:  # SegmentationModule.training_step's per-step loss sum
+            nonlocal epoch_loss
+            epoch_loss += torch.stack([value.float() * x.shape[0], value.new_tensor(float(x.shape[0]))])
+
         def repeat(fn, n=args.steps):
             return lambda: [fn() for _ in range(n)]
 
         common.timed(repeat(full_step, args.warmup), device)
         common.timed(repeat(loss_only, args.warmup), device)
-        step_s, loss_s = [], []
+        step_s, loss_s, sum_s = [], [], []
         for r in range(args.rounds):
             pair = [(full_step, step_s), (loss_only, loss_s)]
             for fn, out in pair if r % 2 == 0 else pair[::-1]:
                 out.append(common.timed(repeat(fn), device) / args.steps)
-        results[name] = {"step": common.median(step_s), "loss": common.median(loss_s), "step_runs": step_s}
+            sum_s.append(common.timed(repeat(bookkeeping), device) / args.steps)
+        results[name] = {"step": common.median(step_s), "loss": common.median(loss_s), "step_runs": step_s,
+                         "loss_sum": common.median(sum_s)}
 
     # --- (b) real Trainer: log time, syncs, Lightning step time --------------------------
     for name, loss in losses.items():
         if args.no_lightning:
-            results[name].update(log=0.0, lightning=float("nan"), syncs=None, sites={})
+            results[name].update(log=results[name]["loss_sum"], lightning=float("nan"), syncs=None, sites={})
             continue
         run = lightning_run(loss, args, device, features, patch, args.warmup, count=True)
         results[name].update(
-            log=common.median(run["log"]),
+            log=results[name]["loss_sum"] + run["log_per_step"],
             lightning=common.median(run["lightning_step"]),
             syncs=run["syncs_per_step"] if device.type == "cuda" else None,
             proxy=run["syncs_per_step"] if device.type != "cuda" else None,

@@ -215,7 +215,36 @@ def main() -> None:
             "step memory = peak allocated during the model's steps minus the resting allocation "
             "(both models' weights + optimiser states stay resident)"
         )
+    flops = step_flops(step_fns[names[0]])
+    achieved = flops * medians[names[0]] / 1e12
+    peak = PEAK_TFLOPS.get(args.precision, {}).get(device_name(device))
+    print(f"MFU: {flops / 1e12:.3g} TFLOP per step (torch.utils.flop_counter, forward + backward), ours achieves "
+          f"{achieved:.3g} TFLOP/s" + (f" = {achieved / peak:.3f} of the device's {peak:g} dense peak" if peak else
+                                       " (no known dense peak for this device: MFU not computed)"))
     common.emit_ratio("train_step", medians[names[0]], medians[names[1]], "steps/s", 0.95, higher_is_better=True)
+
+
+# dense tensor-core peak TFLOP/s by precision and device-name fragment (NVIDIA data sheets, SXM)
+PEAK_TFLOPS = {"bf16": {"H100": 989.0, "H200": 989.0, "A100": 312.0}, "32": {"H100": 67.0, "H200": 67.0, "A100": 19.5}}
+
+
+def device_name(device: torch.device) -> str | None:
+    """The :data:`PEAK_TFLOPS` key that names this device, or None (e.g. a CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((key for key in PEAK_TFLOPS["bf16"] if key in name), None)
+
+
+def step_flops(step) -> float:
+    """Floating-point operations of one training step (matmul/convolution FLOPs, counted by
+    ``torch.utils.flop_counter.FlopCounterMode``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
+import biasseg.resolvers  # noqa: F401  (the configs' resolvers, also registered by hydra_plugins/)
 from biasseg.config_keys import all_keys
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the checkout's configs/ (the install is editable)

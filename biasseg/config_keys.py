@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 from omegaconf import DictConfig
 
-EXECUTION_DATA_KEYS = ("num_workers", "pin_memory", "val_batch_size")  # data.<key>: how, not what, is computed
+EXECUTION_DATA_KEYS = ("num_workers", "pin_memory", "val_batch_size", "val_accumulate")  # data.<key>: how, not what, is computed
 
 
 def flatten(node: object, prefix: str = "") -> dict[str, object]:

@@ -132,6 +132,8 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         val_weighting: sliding-window blending: ``"hann"``, ``"gaussian"`` or ``"constant"``.
         val_mirror_axes: test-time mirroring: the probabilities of every flip over these axes
             (0, 1, 2 = W, H, D) are averaged (nnU-Net: all three, 8 passes); empty = none.
+        val_accumulate: where sliding-window inference sums the probability map: ``"auto"``
+            (the device, the CPU when the device cannot hold it), ``"device"`` or ``"cpu"``.
         pin_memory: pin training batches for faster host-to-GPU copies.
         label_mode: ``"hard"`` trains on the (drawn) label map; ``"soft"`` on the label's class
             probabilities where the source knows them (synthetic, MNI152), as SoftSeg (Gros et
@@ -154,6 +156,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         val_batch_size: int = 2,
         val_weighting: str = "hann",
         val_mirror_axes: Sequence[int] = (),
+        val_accumulate: str = "auto",
         pin_memory: bool = True,
         label_mode: str = "hard",
         train_rater: str | int = "random",
@@ -194,6 +197,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
         self.val_batch_size = int(val_batch_size)
         self.val_weighting = val_weighting
         self.val_mirror_axes = [int(a) for a in val_mirror_axes]
+        self.val_accumulate = val_accumulate  # checked by lightning_modules.SlidingWindow
         if not set(self.val_mirror_axes) <= {0, 1, 2} or len(set(self.val_mirror_axes)) != len(self.val_mirror_axes):
             raise InputError(f"data.val_mirror_axes must be distinct axes among 0, 1, 2, got {list(val_mirror_axes)}")
         self.pin_memory = pin_memory
@@ -322,6 +326,7 @@ class SegmentationDataModule(pl.LightningDataModule, abc.ABC):
             "batch_size": self.val_batch_size,
             "weighting": self.val_weighting,
             "mirror_axes": list(self.val_mirror_axes),
+            "accumulate": self.val_accumulate,
         }
 
     def inference_settings(self) -> dict:

@@ -29,6 +29,7 @@ from biasseg.renamed_targets import current_targets
 from datamodules.cases import NORMALISATION_SCHEMES
 from datamodules.image_files import MEMORY_SHARE, physical_memory_bytes
 from datamodules.segmentation import NORMALISATIONS, SegmentationDataModule
+from lightning_modules.sliding_window import ACCUMULATIONS
 
 AUGMENTATIONS = (
     tio.RandomFlip, tio.RandomAffine, tio.RandomElasticDeformation, tio.RandomAnisotropy, tio.RandomGamma, tio.RandomNoise,
@@ -37,7 +38,7 @@ AUGMENTATIONS = (
 MODULE_ARGUMENTS = ("in_channels", "num_classes", "features", "deep_supervision", "sliding_window", "class_names",
                     "preview_subjects", "soft_volume_margin_mm", "hypernet", "strides", "kernel_sizes", "regions",
                     "regions_class_order")
-WINDOW_ARGUMENTS = ("patch_size", "overlap", "batch_size", "weighting", "mirror_axes")
+WINDOW_ARGUMENTS = ("patch_size", "overlap", "batch_size", "weighting", "mirror_axes", "accumulate")
 
 
 def _loss_class(cls: type) -> bool:
@@ -142,6 +143,8 @@ def window_problem(window: object, features: list[int]) -> str | None:
     mirror = window.get("mirror_axes", [])
     if not (isinstance(mirror, (list, tuple)) and len(set(mirror)) == len(mirror) and all(_integer(a, 0, 2) for a in mirror)):
         return f"sliding_window.mirror_axes must be distinct axes among 0, 1, 2, got {str(mirror)[:40]}"
+    if window.get("accumulate", "auto") not in ACCUMULATIONS:
+        return f"sliding_window.accumulate must be one of {list(ACCUMULATIONS)}, got {str(window.get('accumulate'))[:40]}"
     overlap = window.get("overlap", 0.5)
     if not (isinstance(overlap, (int, float)) and 0 <= overlap < 1):
         return f"sliding_window.overlap must be in [0, 1), got {str(overlap)[:40]}"

@@ -1,4 +1,5 @@
-"""Whole-volume sliding-window inference, accumulated on the model's device.
+"""Whole-volume sliding-window inference, accumulated on the model's device (or on the CPU
+where the device cannot hold the whole probability map).
 
 Patch locations are the grid of TorchIO's ``GridSampler`` (:func:`grid_locations`, tested
 equal to it; the same grid as its ``GridAggregator``);
@@ -9,10 +10,17 @@ weights: ``hann`` (TorchIO's window), ``gaussian`` (σ = patch / 8 as nnU-Net, e
 ``constant``.
 Probabilities, not logits, are blended (softmax per patch first), so the blended map stays a
 probability map whose soft volume is meaningful.
+
+Accumulation (``accumulate``): the blended map ``(C, W, H, D)`` and its weights stay on the
+device (``device``), or are summed on the CPU, each batch of patches copied there (``cpu``:
+nnU-Net's fallback; a CT of 512×512×300 with 3 classes needs about 1.3 GB for them).
+``auto`` (the default) keeps them on the device unless they would take more than half of the
+device memory free at the first batch, or their allocation runs out of memory.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +31,8 @@ import torch.nn.functional as F
 from biasseg.errors import InputError
 
 WEIGHTINGS = ("hann", "gaussian", "constant")
+ACCUMULATIONS = ("auto", "device", "cpu")
+DEVICE_SHARE = 0.5  # accumulate=auto: the map and its weights may take this share of the free device memory
 
 
 def blending_window(patch_size: Sequence[int], weighting: str, device: torch.device) -> torch.Tensor:
@@ -79,6 +89,7 @@ def sliding_window_probabilities(
     weighting: str = "hann",
     activation: str = "softmax",
     mirror_axes: Sequence[int] = (),
+    accumulate: str = "auto",
 ) -> torch.Tensor:
     """Class probabilities ``(C, W, H, D)`` for a whole image ``(channels, W, H, D)``.
 
@@ -87,7 +98,8 @@ def sliding_window_probabilities(
     back. Everything stays on ``image``'s device. ``activation``: ``softmax`` over the classes,
     or ``sigmoid`` per channel (region outputs). ``mirror_axes`` (of ``W, H, D``): each patch's
     probabilities are the mean over every flip of those axes (test-time mirroring, nnU-Net's
-    ``use_mirroring``; 2^k forward passes).
+    ``use_mirroring``; 2^k forward passes). ``accumulate``: where the map is summed (module
+    docstring); the result lies there, on the CPU after a fallback.
     """
     patch_size = tuple(int(p) for p in patch_size)
     shape = image.shape[1:]
@@ -101,7 +113,7 @@ def sliding_window_probabilities(
     locations = grid_locations(tuple(padded_shape), patch_size, grid_overlap(patch_size, overlap))
     window = blending_window(patch_size, weighting, image.device)
     output: torch.Tensor | None = None
-    weights = torch.zeros(padded_shape, device=image.device)
+    weights = torch.empty(0)
     for start in range(0, len(locations), batch_size):
         chunk = locations[start : start + batch_size]
         patches = torch.stack([image[:, i0:i1, j0:j1, k0:k1] for i0, j0, k0, i1, j1, k1 in chunk])
@@ -113,9 +125,14 @@ def sliding_window_probabilities(
             probabilities = mirrored if probabilities is None else probabilities + mirrored
         probabilities = probabilities / (2 ** len(mirror_axes))
         if output is None:
-            output = torch.zeros(probabilities.shape[1], *padded_shape, device=image.device)
-        for p, (i0, j0, k0, i1, j1, k1) in zip(probabilities, chunk):
-            output[:, i0:i1, j0:j1, k0:k1] += p * window
+            output, weights = accumulators(probabilities.shape[1], tuple(padded_shape), image.device, accumulate)
+            if output.device != window.device:
+                window = window.to(output.device)
+        blended = probabilities * window
+        if blended.device != output.device:
+            blended = blended.to(output.device)
+        for p, (i0, j0, k0, i1, j1, k1) in zip(blended, chunk):
+            output[:, i0:i1, j0:j1, k0:k1] += p
             weights[i0:i1, j0:j1, k0:k1] += window
     assert output is not None
     output /= weights
@@ -130,6 +147,27 @@ def sliding_window_probabilities(
     return output
 
 
+def accumulators(classes: int, shape: tuple[int, ...], device: torch.device, accumulate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The zeroed map ``(classes, *shape)`` and weights ``shape`` (float32), on ``device`` or on
+    the CPU as ``accumulate`` says (module docstring)."""
+    if accumulate not in ACCUMULATIONS:
+        raise InputError(f"sliding-window accumulate must be one of {ACCUMULATIONS}, got {accumulate!r}")
+    cpu = torch.device("cpu")
+    if device.type == "cpu" or accumulate == "cpu":
+        return torch.zeros(classes, *shape, device=cpu), torch.zeros(shape, device=cpu)
+    if accumulate == "auto" and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the allocator's cache is free to us
+        if 4 * (classes + 1) * math.prod(shape) > DEVICE_SHARE * free:
+            return accumulators(classes, shape, device, "cpu")
+    try:
+        return torch.zeros(classes, *shape, device=device), torch.zeros(shape, device=device)
+    except torch.OutOfMemoryError:
+        if accumulate == "device":
+            raise
+        return accumulators(classes, shape, device, "cpu")
+
+
 @dataclass(frozen=True)
 class SlidingWindow:
     """Sliding-window settings; call with an image ``(channels, W, H, D)`` and a predictor."""
@@ -139,6 +177,7 @@ class SlidingWindow:
     batch_size: int = 2
     weighting: str = "hann"
     mirror_axes: tuple[int, ...] = ()
+    accumulate: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mirror_axes", tuple(int(a) for a in self.mirror_axes))
@@ -146,8 +185,12 @@ class SlidingWindow:
             raise InputError(f"sliding-window weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if not 0.0 <= self.overlap < 1.0:
             raise InputError(f"sliding-window overlap must be in [0, 1), got {self.overlap}")
+        if self.accumulate not in ACCUMULATIONS:
+            raise InputError(f"sliding-window accumulate (data.val_accumulate; accumulate= of predict.py) must be one of "
+                             f"{ACCUMULATIONS}, got {self.accumulate!r}")
 
     def __call__(self, image: torch.Tensor, predict: Callable[[torch.Tensor], torch.Tensor], activation: str = "softmax") -> torch.Tensor:
         return sliding_window_probabilities(
-            image, predict, self.patch_size, self.overlap, self.batch_size, self.weighting, activation, self.mirror_axes
+            image, predict, self.patch_size, self.overlap, self.batch_size, self.weighting, activation, self.mirror_axes,
+            self.accumulate,
         )

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torchio as tio
 
+from biasseg.errors import InputError
 from lightning_modules import SlidingWindow, UNet3D, sliding_window_probabilities
 
 
@@ -113,3 +114,19 @@ def test_mirroring_averages_the_flipped_predictions():
     mirrored = sliding_window_probabilities(image, position_dependent, (8, 6, 4), weighting="constant", mirror_axes=[0])
     plain = torch.sigmoid(ramp[0, 0]).expand(8, 6, 4)
     assert torch.allclose(mirrored[1], (plain + plain.flip(0)) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("weighting", ["hann", "gaussian"])
+def test_accumulating_on_the_cpu_gives_the_same_map(weighting):
+    """The CPU fallback (accumulate=cpu; auto where the device cannot hold the map) sums the
+    same blended patches in the same order: the same map to 1e-5, returned on the CPU."""
+    torch.manual_seed(0)
+    net = UNet3D(1, 3, [4, 8]).eval()
+    image = torch.randn(1, 37, 30, 18)
+    maps = {how: SlidingWindow((16, 16, 8), weighting=weighting, accumulate=how)(image, net)
+            for how in ("device", "cpu", "auto")}
+    for how in ("cpu", "auto"):
+        assert maps[how].device.type == "cpu" and maps[how].shape == (3, 37, 30, 18)
+        assert torch.allclose(maps[how], maps["device"], atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match=r"accumulate \(data.val_accumulate; accumulate= of predict.py\) must be one of"):
+        SlidingWindow((16, 16, 8), accumulate="gpu")

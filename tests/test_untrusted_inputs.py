@@ -149,12 +149,16 @@ def test_hyper_parameters_cannot_size_allocations(trained, tmp_path):
     def not_a_window(checkpoint):
         checkpoint["hyper_parameters"]["sliding_window"] = "big"
 
+    def unknown_accumulation(checkpoint):
+        checkpoint["hyper_parameters"]["sliding_window"]["accumulate"] = "disk"
+
     def unknown_loss_argument(checkpoint):
         checkpoint["run_config"]["loss"]["from_the_future"] = 1
 
     for change, message in ((absurd_features, "documented type and range"), (huge_features, "weights do not fit"),
                             (huge_window, "would need about"),
                             (not_a_window, "sliding_window must be a mapping"),
+                            (unknown_accumulation, "sliding_window.accumulate must be one of"),
                             (unknown_loss_argument, "cannot be built by this version of biasseg")):
         crafted = modified_checkpoint(trained / "checkpoints" / "last.ckpt", tmp_path / f"{change.__name__}.ckpt", change)
         started = time.perf_counter()

@@ -21,7 +21,6 @@ LIBRARY_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric",
 # message fragments that are noise in every biasseg run, with why
 NOISE = (
     "💡 Tip:",  # Lightning advertising its services
-    "The `srun` command is available on your system but is not used",  # biasseg picks its SLURM path itself
     "LeafSpec",  # a deprecation inside Lightning's own pytree helpers
     "does not have many workers",  # validation loads whole subjects one per step on purpose
     "Your `IterableDataset` has `__len__` defined",  # the patch stream's length is exact per worker

@@ -194,7 +194,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         config.validate = sorted(folds)
     datamodule = instantiate(config) if cfg.get("data") is not None else instantiate_section(config, "data", source)
     window = {"overlap": datamodule.val_patch_overlap, "batch_size": datamodule.val_batch_size, "weighting": datamodule.val_weighting,
-              "mirror_axes": list(cfg.mirror_axes) if cfg.get("mirror_axes") is not None else datamodule.val_mirror_axes}
+              "mirror_axes": list(cfg.mirror_axes) if cfg.get("mirror_axes") is not None else datamodule.val_mirror_axes,
+              "accumulate": datamodule.val_accumulate}
     trained = load_ensemble(checkpoints, sliding_window=window, alpha=cfg.get("alpha"))  # the model's own patch
     if trained.inference_settings:  # written by every train.py run; the model's preprocessing, never this data's own
         datamodule.adopt_preprocessing(trained.inference_settings, source)

@@ -220,7 +220,7 @@ def predict(cfg: DictConfig) -> Path:
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"device={cfg.device}, but this machine has no usable CUDA device; use device=cpu or auto")
     source, output = Path(cfg.input).expanduser().resolve(), Path(cfg.output).expanduser().resolve()
-    window = {k: (list(cfg[k]) if k == "mirror_axes" else cfg[k]) for k in ("overlap", "batch_size", "mirror_axes")
+    window = {k: (list(cfg[k]) if k == "mirror_axes" else cfg[k]) for k in ("overlap", "batch_size", "mirror_axes", "accumulate")
               if cfg.get(k) is not None}
     checkpoints = read_checkpoints(cfg.ckpt_path)
     trained = load_ensemble(checkpoints, sliding_window=window or None, alpha=cfg.get("alpha"))

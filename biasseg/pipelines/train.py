@@ -36,10 +36,6 @@ from lightning_modules.checkpoints import load_untrusted, read_checkpoint
 
 log = logging.getLogger(__name__)
 
-# hydra/launcher=slurm asks for trainer.devices GPUs per node, none when the trainer runs on the CPU
-OmegaConf.register_new_resolver(
-    "gpus_per_node", lambda accelerator, devices: 0 if str(accelerator) == "cpu" else devices, replace=True
-)
 
 def instantiate_all(group: DictConfig | None) -> list:
     """Instantiate every ``_target_`` entry of a callbacks/logger group (null entries skipped)."""
