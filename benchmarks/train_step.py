@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps per round (default 5; quick 3)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last_3d weights and input (both)")
     parser.add_argument("--no-cudnn-benchmark", action="store_true", help="leave cudnn.benchmark off (both)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both forward passes (model.compile=true); compile time reported apart")
     args = parser.parse_args()
 
     features = args.features or common.ints("8,16,32,64" if args.quick else common.NNUNET_FEATURES)
@@ -148,7 +150,7 @@ def main() -> None:
     print(common.describe_environment(device, args.precision))
     print(
         f"features {features} | patch {patch} | batch {args.batch} | in {args.in_channels} | classes {args.classes} "
-        f"| channels_last {args.channels_last} | cudnn.benchmark {torch.backends.cudnn.benchmark}"
+        f"| channels_last {args.channels_last} | compile {args.compile} | cudnn.benchmark {torch.backends.cudnn.benchmark}"
     )
     print(f"parameters: ours {n_ours:,} | peer {n_peer:,}; modules: ours {census_ours} | peer {census_peer}")
     print(f"same function (our weights copied into PlainConvUNet, float32, CPU): max |Δ logits| = {max_diff:.3g}")
@@ -168,9 +170,11 @@ def main() -> None:
         net.to(device=device, memory_format=memory_format).train()
         optimizer = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
 
-        def step(net=net, optimizer=optimizer) -> None:
+        forward = torch.compile(net.forward) if args.compile else net
+
+        def step(forward=forward, optimizer=optimizer) -> None:
             with common.autocast(device, args.precision):
-                loss = loss_fn(net(x), y)
+                loss = loss_fn(forward(x), y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -181,6 +185,7 @@ def main() -> None:
         for _ in range(n):
             step_fns[name]()
 
+    first_step = {name: common.timed(lambda name=name: run(name, 1), device) for name in nets}  # compiles, with --compile
     for name in nets:
         common.timed(lambda name=name: run(name, warmup), device)
 
@@ -208,7 +213,9 @@ def main() -> None:
         if device.type == "cuda":
             row.append(common.gib(work_memory[name]))
         rows.append(row)
-    print(f"{rounds} rounds x {steps} steps per model after {warmup} warm-up steps, rounds alternated")
+    print(f"{rounds} rounds x {steps} steps per model after {warmup} warm-up steps, rounds alternated; first step "
+          + ", ".join(f"{name} {seconds:.3g} s" for name, seconds in first_step.items())
+          + (" (torch.compile's compilation: the first step minus a median step)" if args.compile else ""))
     common.print_table(headers, rows)
     if device.type == "cuda":
         print(

@@ -150,6 +150,8 @@ class SegmentationModule(pl.LightningModule):
             (cross-fitting folds over the validation subjects), ``target`` (what the quote is
             calibrated to: ``reference``, the label; ``raters_mean``, the raters' mean map and
             volume, several raters only; ``auto``, the raters' mean where there are several).
+        compile: ``torch.compile`` the network's training forward pass (opt-in; the first
+            steps pay the compilation; weights, checkpoints and inference are unchanged).
         lesions: lesion-wise measures at every validation (:mod:`biasseg.metrics.lesions`,
             configs/lesions/), or None; like ``volume_quote`` a measurement setting, not stored
             in the hyper-parameters.
@@ -184,9 +186,10 @@ class SegmentationModule(pl.LightningModule):
         regions_class_order: Sequence[int] | None = None,
         volume_quote: Mapping[str, Any] | None = None,
         lesions: Mapping[str, Any] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "volume_quote", "lesions"])
+        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler", "volume_quote", "lesions", "compile"])
         self.volume_quote = quote_settings(volume_quote)
         self.hypernet = hypernet_settings(hypernet, loss)
         self.regions = None if regions is None else [[int(v) for v in r] for r in regions]
@@ -198,6 +201,9 @@ class SegmentationModule(pl.LightningModule):
         self.net = UNet3D(in_channels, outputs, features, deep_supervision, conditioned=self.hypernet is not None,
                           strides=strides, kernel_sizes=kernel_sizes)
         self.loss = loss
+        # opt-in torch.compile of the training forward pass: a compiled function, not a module, so
+        # the weights, checkpoints and inference stay those of self.net
+        self.compiled_forward = torch.compile(self.net.forward) if compile else None
         self.predictor: Predictor | None = None  # evaluate.py: an ensemble's or folds' predictor; None = this network
         self.epoch_loss = torch.zeros(2)  # this epoch's (Σ loss × batch size, Σ batch size) on this rank
         self.epoch_loss_epoch: int | None = None  # the epoch epoch_loss belongs to
@@ -304,11 +310,12 @@ class SegmentationModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         image = batch["image"][tio.DATA]
         label = batch["label"][tio.DATA]
+        forward = self.compiled_forward or self.net
         if self.hypernet is None:
-            loss = self.compute_loss(self.net(image), label)
+            loss = self.compute_loss(forward(image), label)
         else:
             alpha = self.training_alpha()
-            loss = self.compute_loss(self.net(image, alpha), label, alpha=alpha, beta=1 - alpha)
+            loss = self.compute_loss(forward(image, alpha), label, alpha=alpha, beta=1 - alpha)
         # summed on the device, logged as the epoch mean in on_train_epoch_end: a per-step value
         # would make Lightning read the loss back to the host (a synchronisation) every step
         self.epoch_loss += torch.stack([loss.detach().float() * image.shape[0], loss.new_tensor(float(image.shape[0]))])

@@ -98,6 +98,20 @@ def test_resume_from_last_checkpoint_matches_an_uninterrupted_run(tmp_path):
     assert checkpoint["run_config"]["ckpt_path"] == str(last)
 
 
+@pytest.mark.slow
+def test_a_compiled_training_writes_the_same_checkpoint_contents(tmp_path):
+    """model.compile=true compiles the training forward pass only: the run trains, its
+    checkpoint holds the plain network's weights (loadable without compiling) and no compile flag."""
+    plain, compiled = tmp_path / "plain", tmp_path / "compiled"
+    train(compose_config(TINY, plain))
+    train(compose_config(TINY + ["model.compile=true"], compiled))
+    a, b = (torch.load(run / "checkpoints" / "last.ckpt", weights_only=True) for run in (plain, compiled))
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert "compile" not in b["hyper_parameters"]
+    assert b["run_config"]["model"]["compile"] is True
+    assert json.loads((compiled / "metrics.json").read_text())["global_step"] == 4
+
+
 def test_last_checkpoint_is_the_latest_epoch_even_without_improvement(tmp_path):
     # "best" = lowest Dice: after epoch 0 it rarely improves, yet last.ckpt must follow every epoch
     train(compose_config(TINY + ["trainer.max_epochs=3", "callbacks.model_checkpoint.mode=min"], tmp_path))

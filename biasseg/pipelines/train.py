@@ -80,7 +80,7 @@ def build_model(cfg: DictConfig, datamodule: SegmentationDataModule) -> Segmenta
 RESUME_INDEPENDENT = (
     "ckpt_path", "auto_resume", "logger", "callbacks", "paths", "hparams_search", "optimized_metric", "volume_bias_penalty",
     "volume_bias_key", "trainer.max_epochs", "trainer.max_steps", "trainer.devices", "trainer.num_nodes",
-    "trainer.accelerator", "trainer.strategy", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "trainer.accelerator", "trainer.strategy", "model.compile", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.check_val_every_n_epoch", "trainer.log_every_n_steps", "trainer.num_sanity_val_steps", "volume_quote", "lesions",
     *(f"data.{key}" for key in EXECUTION_DATA_KEYS),
 )
