@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, TINY
+from helpers import ROOT, TINY, TINY_RUN
 from single_process import assert_distributed_run_matches_one_process
 from wandb_files import wandb_records
 
@@ -145,6 +145,79 @@ def test_a_sweep_through_the_slurm_launcher_runs_each_point_as_a_job(tmp_path):
     assert report.returncode == 0, report.stderr[-3000:]
     with open(sweep / "report" / "results.csv") as handle:
         assert sorted(r["loss"] for r in csv.DictReader(handle)) == ["ce", "softdice"]
+
+
+def sweep_command(sweep: Path, *overrides: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=slurm", *overrides, f"hydra.sweep.dir={sweep}"]
+
+
+def test_a_request_the_partition_cannot_hold_is_refused_before_submitting(tmp_path):
+    """The launcher's defaults (8 CPUs, 64 GB per job) on the 2-CPU partition: refused in one
+    line naming the key and what fits, within seconds, and nothing is submitted."""
+    queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    started = time.time()
+    result = subprocess.run(sweep_command(tmp_path / "sweep", "hydra.launcher.partition=debug", "loss=ce,softdice", *TINY),
+                            cwd=tmp_path, capture_output=True, text=True, env=environment(), timeout=120)
+    assert time.time() - started < 60
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    cpus = re.search(r"(\d+) CPUs per node", errors[0] if errors else "")
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert errors[0].startswith("error: hydra.launcher.cpus_per_task=8 > ") and " in partition debug; use hydra.launcher." \
+        "cpus_per_task=" in errors[0] and cpus, errors[0]
+    assert not (tmp_path / "sweep" / ".submitit").exists()
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split() == queued
+    # what the line says fits, fits as far as the CPUs go: the next misfit named is the memory
+    fitted = subprocess.run(sweep_command(tmp_path / "sweep", "hydra.launcher.partition=debug",
+                                          f"hydra.launcher.cpus_per_task={cpus.group(1)}", "loss=ce", *TINY),
+                            cwd=tmp_path, capture_output=True, text=True, env=environment(), timeout=120)
+    assert fitted.returncode == 1 and "error: hydra.launcher.mem_gb=64 > " in fitted.stderr, fitted.stderr[-2000:]
+
+
+def test_a_waiting_sweep_prints_each_jobs_state_and_pending_reason_then_one_line_per_job(tmp_path):
+    """A job holding both CPUs keeps the sweep's jobs pending: their reason is printed while
+    they wait; once it is cancelled they run, and the sweep ends with one line per job."""
+    blocker = subprocess.run(["sbatch", "--parsable", "-p", "debug", "-c", "2", "--time=10", f"--output={tmp_path / 'blocker.out'}",
+                              "--wrap", "sleep 300"], capture_output=True, text=True, timeout=60).stdout.strip()
+    try:
+        wait_for(lambda: job_state(blocker) == "RUNNING", 60, f"the blocking job {blocker} to start")
+        sweep = tmp_path / "sweep"
+        process = subprocess.Popen(
+            sweep_command(sweep, *SMALL_JOB, "hydra.launcher.timeout_min=15", "hydra.launcher.poll_s=1",
+                          "hydra.launcher.report_every_s=5", "loss=ce,softdice", *TINY, *QUIET),
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment())
+        lines = []
+        for line in process.stdout:  # the launcher logs to the console as it goes
+            lines.append(line)
+            if re.search(r"job \d+_\d: PENDING \((Resources|Priority)\); log .*_log\.out; run .*sweep/\d", line):
+                break
+        subprocess.run(["scancel", blocker], timeout=30)
+        lines += process.stdout.readlines()
+        assert process.wait(timeout=600) == 0, "".join(lines)[-3000:]
+    finally:
+        subprocess.run(["scancel", blocker], timeout=30)
+    output = "".join(lines)
+    assert re.search(r"PENDING \((Resources|Priority)\)", output), output[-3000:]
+    assert re.search(r"job \d+_0: RUNNING", output), output[-3000:]
+    final = re.findall(r"job (\d+_\d): COMPLETED +(\S+) +val/dice (0\.\d{4})", output)
+    assert sorted(Path(run).name for _, run, _ in final) == ["0", "1"], output[-3000:]
+
+
+def test_a_failing_jobs_error_reaches_the_terminal(tmp_path):
+    """A job that fails (its dataset folder does not exist) ends FAILED, and the terminal shows
+    its run directory and the end of its log, with the job's own error line."""
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        sweep_command(sweep, *SMALL_JOB, "hydra.launcher.timeout_min=15", "hydra.launcher.poll_s=1", "data=folder",
+                      f"data.root={tmp_path / 'no_such_dataset'}", *TINY_RUN),
+        cwd=tmp_path, capture_output=True, text=True, env=environment(), timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    # one sweep point: submitit submits a plain job (id N), not an array (N_0)
+    assert re.search(rf"job \d+(?:_0)? ended FAILED; run {re.escape(str(sweep / '0'))}; the end of \S+_log\.err:", output), output[-3000:]
+    assert "no_such_dataset" in output.split("ended FAILED", 1)[1], output[-3000:]
+    assert re.search(r"job \d+(?:_0)?: FAILED +\S+ +val/dice —", output), output[-3000:]
+    assert re.search(r"error: 1 of 1 job\(s\) failed: \d+", result.stderr) and "Traceback" not in output, output[-3000:]
 
 
 def test_a_job_past_its_time_limit_is_requeued_by_submitit_and_ends_as_an_uninterrupted_run(tmp_path):
