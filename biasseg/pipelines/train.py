@@ -4,7 +4,7 @@
     python train.py loss=softdice trainer.max_epochs=5
     python train.py -m loss=ce,softdice seed=0,1,2
 
-Configuration: configs/train.yaml and its groups (see README.md).
+Configuration: configs/train.yaml and its groups (see docs/configuration.md).
 """
 
 from __future__ import annotations
