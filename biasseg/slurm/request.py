@@ -173,13 +173,19 @@ def sbatch_refusal(params: Mapping[str, object], partition: str) -> str | None:
 
 
 def request_problem(params: Mapping[str, object]) -> str | None:
-    """Why the request cannot run on its partition (one line), or None when it fits.
-    :class:`CannotQuery` when SLURM cannot be asked."""
+    """Why the request cannot run on its partition (one line), or None when it fits (with
+    several partitions, ``a,b``, when it fits one of them). :class:`CannotQuery` when SLURM
+    cannot be asked."""
     names, default = partition_names()
-    name = str(params.get("partition") or default or "")
-    if not name:
+    requested = str(params.get("partition") or default or "")
+    if not requested:
         return "hydra.launcher.partition is not set and the cluster has no default partition; " \
                f"use one of: {', '.join(names)}"
-    if name not in names:
-        return f"hydra.launcher.partition={name}: no such partition; use one of: {', '.join(names) or '(none)'}"
-    return misfit(params, read_partition(name)) or sbatch_refusal(params, name)
+    wanted = [name.strip() for name in requested.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in names]
+    if unknown:
+        return f"hydra.launcher.partition={requested}: no such partition {', '.join(unknown)}; use one of: {', '.join(names) or '(none)'}"
+    misfits = [misfit(params, read_partition(name)) for name in wanted]
+    if all(misfits):
+        return misfits[0]
+    return sbatch_refusal(params, requested)
