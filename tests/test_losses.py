@@ -521,3 +521,12 @@ def test_bad_inputs_are_rejected():
         SoftDiceLoss(generalised="inverse")
     with pytest.raises(ValueError, match="gamma"):
         UnifiedFocalLoss(gamma=1.0)
+
+
+def test_one_vs_rest_log_odds_are_log_p_over_the_rest():
+    from biasseg.losses.soft_dice import one_vs_rest_log_odds
+
+    for classes in (2, 4):  # two classes take a shortcut (the other logit); more the log-sum-exp of the others
+        logits = torch.randn(2, classes, 3, 4, 5, dtype=torch.float64) * 4
+        p = torch.softmax(logits, 1)
+        torch.testing.assert_close(one_vs_rest_log_odds(logits), torch.log(p) - torch.log(1 - p))

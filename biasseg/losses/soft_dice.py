@@ -156,9 +156,10 @@ class SoftDiceLoss(nn.Module):
         """``[TP, FP, FN]`` (and ``Σy`` for the generalised weights) over ``dims``; ``log_odds``
         (one-vs-rest, like ``probs``) for the calibrated surrogate."""
         if self.calibrated_surrogate:
-            # φ(m) = log2(1 + e^−m) = softplus(−m) / ln 2, finite for any logit
-            tp = (target * (1 - F.softplus(-log_odds) / math.log(2))).sum(dims)
-            fp = ((1 - target) * F.softplus(log_odds) / math.log(2)).sum(dims)
+            # φ(m) = log2(1 + e^−m) = softplus(−m) / ln 2, finite for any logit; softplus(−m) = softplus(m) − m
+            softplus = F.softplus(log_odds)
+            tp = (target * (1 - (softplus - log_odds) / math.log(2))).sum(dims)
+            fp = ((1 - target) * softplus / math.log(2)).sum(dims)
             fn = target.sum(dims) - tp
         elif self.squared:
             tp = (probs * target).sum(dims)
@@ -203,9 +204,9 @@ class SoftDiceLoss(nn.Module):
         if self.squared and alpha != beta:
             raise InputError(f"squared needs alpha == beta; got {alpha}, {beta}")
         logits = logits.float()
-        probs = torch.softmax(logits, dim=1)
         target = class_probabilities(logits, target)
         log_odds = one_vs_rest_log_odds(logits) if self.calibrated_surrogate else None
+        probs = logits if self.calibrated_surrogate else torch.softmax(logits, dim=1)  # the surrogate reads log-odds only
         if not self.include_background:
             probs, target = probs[:, 1:], target[:, 1:]
             log_odds = None if log_odds is None else log_odds[:, 1:]
@@ -241,5 +242,7 @@ class SoftDiceLoss(nn.Module):
 
 def one_vs_rest_log_odds(logits: torch.Tensor) -> torch.Tensor:
     """``log p_c − log Σ_{k≠c} p_k = logit_c − logsumexp_{k≠c} logit_k`` per class, ``(B, C, …)``."""
+    if logits.shape[1] == 2:  # the other class's logit alone
+        return logits - logits.flip(1)
     others = torch.stack([torch.logsumexp(torch.cat([logits[:, :c], logits[:, c + 1 :]], 1), 1) for c in range(logits.shape[1])], 1)
     return logits - others
