@@ -113,7 +113,7 @@ def sliding_window_probabilities(
     locations = grid_locations(tuple(padded_shape), patch_size, grid_overlap(patch_size, overlap))
     window = blending_window(patch_size, weighting, image.device)
     output: torch.Tensor | None = None
-    weights = torch.empty(0)
+    weights = summed_window = torch.empty(0)
     for start in range(0, len(locations), batch_size):
         chunk = locations[start : start + batch_size]
         patches = torch.stack([image[:, i0:i1, j0:j1, k0:k1] for i0, j0, k0, i1, j1, k1 in chunk])
@@ -126,14 +126,11 @@ def sliding_window_probabilities(
         probabilities = probabilities / (2 ** len(mirror_axes))
         if output is None:
             output, weights = accumulators(probabilities.shape[1], tuple(padded_shape), image.device, accumulate)
-            if output.device != window.device:
-                window = window.to(output.device)
-        blended = probabilities * window
-        if blended.device != output.device:
-            blended = blended.to(output.device)
+            summed_window = window.to(output.device)  # blending stays on the device; the sums may not
+        blended = (probabilities * window).to(output.device)
         for p, (i0, j0, k0, i1, j1, k1) in zip(blended, chunk):
             output[:, i0:i1, j0:j1, k0:k1] += p
-            weights[i0:i1, j0:j1, k0:k1] += window
+            weights[i0:i1, j0:j1, k0:k1] += summed_window
     assert output is not None
     output /= weights
     if any(missing):
