@@ -48,11 +48,16 @@ def flatten(section: object, prefix: str = "") -> dict[str, str]:
             if not (isinstance(value, dict) and not value)}
 
 
+MODEL_KEYS_OUTSIDE_THE_TASK = ("model.hypernet", "model.loss", "model.compile", "model.in_channels", "model.num_classes")
+
+
 def data_signature(run: Run) -> dict[str, str]:
     """What defines a task: the data settings, the model and optimiser, the training length."""
     signature = {k: v for k, v in flatten(run.data).items() if k.split(".")[0] not in EXECUTION_DATA_KEYS}
-    # a Tversky hypernetwork is a method compared on the task, named by its loss (reporting.runs)
-    signature.update({k: v for k, v in flatten(run.model, "model.").items() if not k.startswith("model.hypernet")})
+    # a Tversky hypernetwork is a method compared on the task, named by its loss (reporting.runs);
+    # model.loss is the loss (its own signature), compile an execution setting, the channels the data's
+    signature.update({k: v for k, v in flatten(run.model, "model.").items()
+                      if not k.startswith(MODEL_KEYS_OUTSIDE_THE_TASK)})
     signature["max_epochs"] = json.dumps(run.max_epochs)
     return signature
 
