@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "UNKNOWN")
 FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 LOG_TAIL_LINES = 20
+UNKNOWN_POLLS = 6  # a job gone from the queue that accounting does not know either has ended after this many polls
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Watched:
     state: str = "SUBMITTED"
     reason: str = ""
     ended: bool = False
+    unknown_polls: int = 0  # polls in a row with the job neither queued nor accounted
 
 
 def queue_states(job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
@@ -90,8 +92,9 @@ def watch(jobs: Sequence[Any], run_dirs: Sequence[Path], poll_s: float = 10.0, r
             state, reason = held.get(item.job.job_id, (None, ""))
             if state is None:  # SLURM's queue no longer holds it: accounting (sacct, through submitit)
                 state = base_state(item.job.watcher.get_state(item.job.job_id, mode="force"))
-                if state == "UNKNOWN" and item.job.paths.result_pickle.exists():  # no accounting: submitit's result file
-                    state = "ENDED"
+                item.unknown_polls = item.unknown_polls + 1 if state == "UNKNOWN" else 0
+                if state == "UNKNOWN" and (item.job.paths.result_pickle.exists() or item.unknown_polls >= UNKNOWN_POLLS):
+                    state = "ENDED"  # no accounting (sacct): left the queue, with or without submitit's result file
                 item.ended = state not in ACTIVE_STATES
             if (state, reason) != (item.state, item.reason):
                 item.state, item.reason = state, reason
