@@ -77,6 +77,12 @@ def first_comment(path: Path) -> str:
     return ""
 
 
+def group_defaults(primary: str) -> list[tuple[str, object]]:
+    """``(group, default option)`` of ``configs/<primary>.yaml``'s defaults list, in order."""
+    defaults = OmegaConf.load(CONFIGS / f"{primary}.yaml").get("defaults", [])
+    return [(k, v) for entry in defaults if isinstance(entry, (dict, DictConfig)) for k, v in entry.items()]
+
+
 def help_text(primary: str) -> str:
     """``--help`` for ``configs/<primary>.yaml``: its keys, its groups' options, the keys of
     each group's default option."""
@@ -84,9 +90,7 @@ def help_text(primary: str) -> str:
              "", "== Keys ==", ""]
     width = 34
     lines += [f"  {key:<{width}} {comment}" for key, comment in commented_keys(CONFIGS / f"{primary}.yaml")]
-    defaults = OmegaConf.load(CONFIGS / f"{primary}.yaml").get("defaults", [])
-    groups = [(k, v) for entry in defaults if isinstance(entry, (dict, DictConfig)) for k, v in entry.items()]
-    for group, default in groups:
+    for group, default in group_defaults(primary):
         folder = CONFIGS / group
         if not folder.is_dir() or group in ("paths", "hydra"):
             continue

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from biasseg.cli import CONFIGS, commented_keys, first_comment, option_keys
+from biasseg.cli import CONFIGS, commented_keys, first_comment, group_defaults, option_keys
 
 PRIMARIES = ("train", "evaluate", "predict", "score", "theory")  # the entry points' primary configs
 # nested option folders, with the key they fill; data/loader is merged into every data option
@@ -27,12 +25,6 @@ def _cell(text: object) -> str:
 def _table(rows: list[tuple[str, str]], headers: tuple[str, str]) -> list[str]:
     lines = [f"| {headers[0]} | {headers[1]} |", "| --- | --- |"]
     return lines + [f"| `{_cell(key)}` | {_cell(comment)} |" for key, comment in rows]
-
-
-def _defaults(primary: Path) -> dict[str, object]:
-    """A primary config's group defaults, ``{group: option}``."""
-    entries = OmegaConf.load(primary).get("defaults", [])
-    return {str(k): v for entry in entries if not isinstance(entry, str) for k, v in dict(entry).items()}
 
 
 def _group_folders() -> list[tuple[str, Path]]:
@@ -51,7 +43,7 @@ def reference_markdown() -> str:
              "Each entry point's own keys (`python <entry point>.py --help` prints the same); its groups follow below.", ""]
     for primary in PRIMARIES:
         path = CONFIGS / f"{primary}.yaml"
-        defaults = {g: o for g, o in _defaults(path).items() if g not in ("_self_", "hydra", "paths")}
+        defaults = {g: o for g, o in group_defaults(primary) if g not in ("hydra", "paths")}
         lines += [f"### `{primary}.py`", "", first_comment(path), ""]
         if defaults:
             lines += ["Groups (default option): " + ", ".join(f"`{g}` ({o or 'none'})" for g, o in defaults.items()), ""]

@@ -2,7 +2,7 @@
 
 ``train.py`` and the other entry points import this module; Hydra's compose API (tests, a
 notebook, the lightning-hydra-template's way) imports it through the ``hydra_plugins``
-package :mod:`hydra_plugins.biasseg_resolvers`, because Hydra imports every module there
+package :mod:`hydra_plugins.biasseg`, because Hydra imports every module there
 before it composes anything. So every config group composes and instantiates outside a Hydra
 run too.
 """

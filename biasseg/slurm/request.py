@@ -40,16 +40,19 @@ class Partition:
     max_nodes: int | None  # None: unlimited
 
 
-def _run(command: list[str]) -> str:
+def _run(command: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    """``command``'s result; :class:`CannotQuery` when it is missing, does not answer, or (with
+    ``check``) fails."""
     if shutil.which(command[0]) is None:
         raise CannotQuery(f"{command[0]} is not installed")
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=QUERY_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise CannotQuery(f"{' '.join(command[:2])} did not answer in {QUERY_TIMEOUT_S} s") from None
-    if done.returncode != 0:
-        raise CannotQuery(f"{' '.join(command[:3])}: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
-    return done.stdout
+    if check and done.returncode != 0:
+        said = (done.stderr or done.stdout).strip().splitlines()
+        raise CannotQuery(f"{' '.join(command[:3])}: {said[-1] if said else f'exit status {done.returncode}'}")
+    return done
 
 
 def slurm_minutes(text: str) -> float | None:
@@ -74,7 +77,7 @@ def gpu_count(gres: str) -> int:
 def partition_names() -> tuple[list[str], str | None]:
     """Every partition, and the default one (``scontrol show partition``)."""
     names, default = [], None
-    for line in _run(["scontrol", "show", "partition", "-o"]).splitlines():
+    for line in _run(["scontrol", "show", "partition", "-o"]).stdout.splitlines():
         fields = dict(re.findall(r"(\w+)=(\S*)", line))
         if "PartitionName" in fields:
             names.append(fields["PartitionName"])
@@ -85,9 +88,9 @@ def partition_names() -> tuple[list[str], str | None]:
 
 def read_partition(name: str) -> Partition:
     """The partition's limits and the largest of its nodes (CPUs, memory, GPUs)."""
-    line = _run(["scontrol", "show", "partition", name, "-o"]).strip()
+    line = _run(["scontrol", "show", "partition", name, "-o"]).stdout.strip()
     fields = dict(re.findall(r"(\w+)=(\S*)", line))
-    nodes = [row.split("|") for row in _run(["sinfo", "-h", "-N", "-p", name, "-o", "%N|%c|%m|%G"]).splitlines() if row]
+    nodes = [row.split("|") for row in _run(["sinfo", "-h", "-N", "-p", name, "-o", "%N|%c|%m|%G"]).stdout.splitlines() if row]
     max_nodes = fields.get("MaxNodes", "UNLIMITED")
     return Partition(
         name=name,
@@ -158,13 +161,7 @@ def sbatch_options(params: Mapping[str, object], partition: str) -> list[str]:
 
 def sbatch_refusal(params: Mapping[str, object], partition: str) -> str | None:
     """What ``sbatch --test-only`` refuses in this request (nothing is submitted), or None."""
-    command = ["sbatch", "--test-only", *sbatch_options(params, partition), "--wrap", "true"]
-    if shutil.which("sbatch") is None:
-        raise CannotQuery("sbatch is not installed")
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=QUERY_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise CannotQuery(f"sbatch --test-only did not answer in {QUERY_TIMEOUT_S} s") from None
+    done = _run(["sbatch", "--test-only", *sbatch_options(params, partition), "--wrap", "true"], check=False)
     if done.returncode == 0:
         return None
     said = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
